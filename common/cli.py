@@ -1,0 +1,154 @@
+"""Command-line plumbing shared by every stage script.
+
+Every refusal is one stderr line ``<script>: error: <message>`` with exit code 2 and no traceback
+(SPEC §7); `run` turns `UsageError` (and its subclasses raised by data/checkpoint code) into that.
+Flag families are argparse parents, so a flag means the same thing in every script.
+"""
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "caformer")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class UsageError(Exception):
+    """A bad input the user can fix: reported in one line, exit code 2."""
+
+
+def script_name():
+    return Path(sys.argv[0]).name or "sophon"
+
+
+def run(main):
+    """Run a script's main(), mapping user errors to one line + exit 2."""
+    try:
+        code = main()
+    except UsageError as err:
+        print(f"{script_name()}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without the usage dump: errors become UsageError (one line, exit 2)."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+# ---- value types: each rejects with a message that names the problem --------------------------
+
+def pos_int(text):
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def nonneg_int(text):
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def pos_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text}")
+    return value
+
+
+def fraction(text):
+    value = pos_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return value
+
+
+def _int(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def comma_list(item_type, choices=None):
+    """A comma list parsed item by item, duplicates dropped in order."""
+
+    def parse(text):
+        items = []
+        for raw in text.split(","):
+            raw = raw.strip()
+            if not raw:
+                raise argparse.ArgumentTypeError(f"empty item in {text!r}")
+            if choices is not None and raw not in choices:
+                raise argparse.ArgumentTypeError(f"unknown item {raw!r} (choose from {', '.join(choices)})")
+            value = item_type(raw)
+            if value not in items:
+                items.append(value)
+        return items
+
+    parse.__name__ = f"comma list of {getattr(item_type, '__name__', 'items')}"
+    return parse
+
+
+def default_data_root():
+    env = os.environ.get("SOPHON_DATA_ROOT")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1] / "datasets"
+
+
+# ---- flag families -----------------------------------------------------------------------------
+
+def common_flags(*, arch, orig_dataset, bs, seed, image_size=None, inherit=False):
+    """Flags every script has. With inherit=True (stages 2-3) arch/orig_dataset/image_size default
+    to None, meaning 'from the parent checkpoint'."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--arch", choices=ARCHS, default=None if inherit else arch)
+    p.add_argument("--data_root", type=Path, default=default_data_root(),
+                   help="dataset root (env SOPHON_DATA_ROOT, else datasets/ in the repo)")
+    p.add_argument("--orig_dataset", default=None if inherit else orig_dataset,
+                   help="original domain (the task the model keeps)")
+    p.add_argument("--image_size", type=pos_int, default=None if inherit else image_size,
+                   help="resize every domain to N x N (CPU-scale runs use 32)")
+    p.add_argument("--subset", type=pos_int, default=None, help="cap training samples per domain")
+    p.add_argument("--test_subset", type=pos_int, default=None, help="cap test samples per domain")
+    p.add_argument("--bs", type=pos_int, default=bs, help="batch size")
+    p.add_argument("--seed", type=nonneg_int, default=seed)
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--num_workers", type=nonneg_int, default=0, help="JPEG decoding workers")
+    p.add_argument("--out_dir", type=Path, default=None, help="run folder (default runs/<project>/<stage>/<time>_<arch>_<dataset>)")
+    p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue that run in place")
+    p.add_argument("--cache_dir", type=Path, default=None,
+                   help="keep decoded, resized datasets here so later runs skip decoding")
+    return p
+
+
+def restricted_flag(default=None):
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--dataset", "--datasets", dest="dataset", default=default,
+                   help="restricted domain (the task fine-tuning must not learn)")
+    return p
+
+
+def speed_flags():
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--amp", choices=("auto", "off"), default="auto",
+                   help="bf16 autocast on CUDA when supported (never on CPU)")
+    p.add_argument("--channels_last", action="store_true", help="channels_last memory format on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model on CUDA")
+    return p
+
+
+def build_parser(doc, parents):
+    return Parser(description=(doc or "").strip().splitlines()[0], parents=parents,
+                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

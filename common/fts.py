@@ -1,0 +1,130 @@
+"""Fine-tuning suppression (FTS): simulate a fine-tuner, then penalise what it learns.
+
+First-order and step by step: each inner step adapts a *learner* (a copy of the model made once, whose
+weights are refreshed from the model at every episode) with a real torch optimiser, evaluates the query
+loss at the adapted weights, and adds that gradient to the model's `.grad` straight away. Nothing is kept
+between steps but the learner and its optimiser state, so memory does not grow with `adaptation_steps`,
+and the model's own BatchNorm statistics are never touched (the learner's are overwritten each episode).
+
+A re-initialised head's query gradient goes nowhere: that head is the simulated attacker's, not the
+model's, so the model's head only receives FTS gradient from episodes that keep it.
+"""
+import copy
+import itertools
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common.cli import comma_list, pos_float, pos_int
+from common.finetune import SCOPES, scope_params
+from common.models import head_param_names, reinit_head
+from common.train import make_optimizer
+
+FTS_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
+HEAD_POLICIES = ("reinit", "keep")
+
+
+@dataclass(frozen=True)
+class FineTuner:
+    """One simulated fine-tuner: the attacker an FTS episode imitates."""
+    optimizer: str = "sgd"
+    lr: float = 1e-4
+    head: str = "reinit"
+    scope: str = "all"
+
+
+class FineTunerSampler:
+    """Draws one simulated fine-tuner per episode, uniformly over every configured combination."""
+
+    def __init__(self, optimizers, lrs, heads, scopes, seed):
+        self.choices = [FineTuner(o, float(lr), h, s) for o, lr, h, s in itertools.product(optimizers, lrs, heads, scopes)]
+        self.rng = random.Random(seed)
+
+    def sample(self):
+        return self.choices[0] if len(self.choices) == 1 else self.rng.choice(self.choices)
+
+    def state_dict(self):
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state):
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+
+def support_query_split(n, gen):
+    """Random split of a batch: query = n // 10 samples, support = the rest.
+
+    At least two query samples: the query pass runs in train mode, where BatchNorm cannot normalise a
+    single sample (SPEC says max(1, n // 10); the two agree from n = 20 up).
+    """
+    perm = torch.randperm(n, generator=gen)
+    q = max(2, n // 10)
+    return perm[q:], perm[:q]
+
+
+class FTS:
+    """The FTS inner loop over a fixed learner; `query_loss(net, x_uint8, y)` is the FTE loss."""
+
+    def __init__(self, model, query_loss, to_input, precision, seed):
+        self.learner = copy.deepcopy(model)
+        self.learner_fwd = precision.maybe_compile(self.learner)
+        self.query_loss = query_loss
+        self.to_input = to_input
+        self.precision = precision
+        self.gen = torch.Generator().manual_seed(seed)
+        self.head_names = head_param_names(model)
+
+    def episode(self, model, batches, finetuner, weight):
+        """Run one simulated fine-tuning over `batches` [(x_uint8, y)], adding weight * dQuery/dW to
+        model grads (which must exist). Returns the summed query loss as a 0-d tensor (no host sync)."""
+        learner = self.learner
+        with torch.no_grad():
+            for dst, src in zip(learner.parameters(), model.parameters()):
+                dst.copy_(src)
+            for dst, src in zip(learner.buffers(), model.buffers()):
+                dst.copy_(src)
+        if finetuner.head == "reinit":
+            reinit_head(learner, self.gen)
+        trainable, bn_eval = scope_params(learner, finetuner.scope)
+        inner = make_optimizer(finetuner.optimizer, trainable, finetuner.lr)
+        learner.train()
+        for m in bn_eval:
+            m.eval()
+        pairs = [(lp, mp) for (name, lp), mp in zip(learner.named_parameters(), model.parameters())
+                 if not (finetuner.head == "reinit" and name in self.head_names)]
+        learner_params = [lp for lp, _ in pairs]
+        device = next(model.parameters()).device
+        total = torch.zeros((), device=device)
+        for x, y in batches:
+            support, query = support_query_split(len(y), self.gen)
+            xs = self.to_input(x[support])
+            ys = y[support].to(device, non_blocking=True)
+            with self.precision.autocast():
+                support_loss = F.cross_entropy(self.learner_fwd(xs).float(), ys)
+            grads = torch.autograd.grad(support_loss, trainable)
+            for p, g in zip(trainable, grads):
+                p.grad = g
+            inner.step()
+            with self.precision.autocast():
+                q_loss = self.query_loss(self.learner_fwd, x[query], y[query])
+            q_grads = torch.autograd.grad(q_loss, learner_params)
+            for (_, mp), g in zip(pairs, q_grads):
+                mp.grad.add_(g, alpha=weight)
+            total += q_loss.detach()
+        for p in trainable:
+            p.grad = None
+        return total
+
+
+def fts_flags(parser, head_default):
+    parser.add_argument("--fts_optimizers", default=["sgd"], type=comma_list(str, FTS_OPTIMIZERS),
+                        help=f"simulated fine-tuners' optimisers, sampled per episode ({', '.join(FTS_OPTIMIZERS)})")
+    parser.add_argument("--fts_lrs", default=None, type=comma_list(pos_float), help="simulated fine-tuners' learning rates (default: [--fast_lr])")
+    parser.add_argument("--fts_head", default=[head_default], type=comma_list(str, HEAD_POLICIES),
+                        help="reinit: the simulated fine-tuner starts from a new head; keep: from the model's")
+    parser.add_argument("--fts_scope", default=["all"], type=comma_list(str, SCOPES),
+                        help="all layers, or the head only (body frozen)")
+    parser.add_argument("--fts_envs", default=1, type=pos_int, help="fine-tuners per outer step, gradients averaged")
+

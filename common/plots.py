@@ -1,0 +1,152 @@
+"""Plots derived from a run's CSVs (Agg backend), so a running or crashed job can be plotted too.
+
+    python -m common.plots RUN_DIR     # regenerate RUN_DIR/plots/*.png
+"""
+import csv
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+START_STYLE = {"sophon": ("tab:red", "-"), "normal": ("tab:blue", "--"), "scratch": ("tab:gray", ":"),
+               "irreversible": ("tab:red", "-"), "backdoored": ("tab:blue", "--")}
+
+
+def read_csv(path):
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _save(fig, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_stage1(run_dir):
+    rows = read_csv(Path(run_dir) / "metrics.csv")
+    if not rows:
+        return []
+    keys = [k for k in rows[0] if k not in ("epoch", "seconds", "train_loss")]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [int(r["epoch"]) for r in rows]
+    ax1.plot(epochs, [_num(r["train_loss"]) for r in rows], marker="o")
+    ax1.set(xlabel="epoch", ylabel="train loss", title="stage 1 training loss")
+    for k in keys:
+        ax2.plot(epochs, [_num(r[k]) for r in rows], marker="o", label=k)
+    ax2.set(xlabel="epoch", ylabel="%", title="stage 1 accuracy")
+    ax2.legend()
+    return [_save(fig, Path(run_dir) / "plots" / "stage1.png")]
+
+
+def plot_stage2(run_dir):
+    run_dir = Path(run_dir)
+    rows = read_csv(run_dir / "metrics.csv")
+    out = []
+    if rows:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        loops = [int(r["loop"]) for r in rows]
+        kept = [r.get("rolled_back") in ("0", "", None) for r in rows]
+        for ax, key, title in ((axes[0], "fts_loss", "FTS loss (query, adapted weights)"),
+                               (axes[1], "ntr_loss", "NTR loss (original domain)")):
+            ax.plot(loops, [_num(r[key]) for r in rows], lw=0.8)
+            rb = [(l, _num(r[key])) for l, r, k in zip(loops, rows, kept) if not k]
+            if rb:
+                ax.scatter(*zip(*rb), color="tab:orange", s=8, label="rolled back")
+                ax.legend()
+            ax.set(xlabel="outer loop", title=title)
+        evals = [(l, _num(r["orig_test_acc"])) for l, r in zip(loops, rows) if _num(r["orig_test_acc"]) is not None]
+        if evals:
+            axes[2].plot(*zip(*evals), marker="o")
+        axes[2].set(xlabel="outer loop", ylabel="%", title="original-domain test accuracy")
+        out.append(_save(fig, run_dir / "plots" / "stage2_training.png"))
+    tests = read_csv(run_dir / "finetune_tests.csv")
+    if tests:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        by_loop = defaultdict(list)
+        for r in tests:
+            by_loop[(int(r["loop"]), r.get("kind", "periodic"))].append((int(r["epoch"]), _num(r["test_acc"])))
+        cmap = plt.get_cmap("viridis")
+        for i, ((loop, kind), pts) in enumerate(sorted(by_loop.items())):
+            ax.plot(*zip(*pts), marker=".", color="black" if kind == "final" else cmap(i / max(1, len(by_loop) - 1)),
+                    label=f"loop {loop}" + (" (final)" if kind == "final" else ""))
+        ax.set(xlabel="fine-tuning epoch", ylabel="restricted test accuracy (%)",
+               title="periodic fine-tune tests")
+        ax.legend(fontsize=7)
+        out.append(_save(fig, run_dir / "plots" / "stage2_finetune_tests.png"))
+    return out
+
+
+def plot_grid(run_dir, metric_keys=("test_acc",)):
+    """One figure per strategy (attack family); a panel per (optimizer, lr, batch size); mean over seeds."""
+    run_dir = Path(run_dir)
+    rows = read_csv(run_dir / "metrics.csv")
+    if not rows:
+        return []
+    out = []
+    for key in metric_keys:
+        curves = defaultdict(lambda: defaultdict(list))  # strategy -> (opt, lr, bs, start, seed) -> pts
+        for r in rows:
+            v = _num(r.get(key))
+            if v is not None:
+                curves[r["strategy"]][(r["optimizer"], r["lr"], r["batch_size"], r["start"], r["seed"])].append(
+                    (int(r["epoch"]), v))
+        for strategy, cells in curves.items():
+            panels = sorted({k[:3] for k in cells}, key=lambda p: (p[0], float(p[1]), int(p[2])))
+            cols = min(3, len(panels))
+            nrows = (len(panels) + cols - 1) // cols
+            fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
+            for ax, panel in zip(axes.flat, panels):
+                starts = sorted({k[3] for k in cells if k[:3] == panel})
+                for start in starts:
+                    series = [dict(pts) for k, pts in cells.items() if k[:3] == panel and k[3] == start]
+                    epochs = sorted(set().union(*series))
+                    mean = [sum(s[e] for s in series if e in s) / sum(e in s for s in series) for e in epochs]
+                    color, style = START_STYLE.get(start, (None, "-"))
+                    ax.plot(epochs, mean, style, color=color, marker=".", label=f"{start} (n={len(series)})")
+                    if len(series) > 1:
+                        lo = [min(s[e] for s in series if e in s) for e in epochs]
+                        hi = [max(s[e] for s in series if e in s) for e in epochs]
+                        ax.fill_between(epochs, lo, hi, color=color, alpha=0.15)
+                ax.set(title=f"{panel[0]} lr={float(panel[1]):g} bs={panel[2]}", xlabel="epoch", ylabel=f"{key} (%)")
+                ax.legend(fontsize=8)
+            for ax in list(axes.flat)[len(panels):]:
+                ax.axis("off")
+            fig.suptitle(f"fine-tuning attack: {strategy}")
+            out.append(_save(fig, run_dir / "plots" / f"{key}_{strategy}.png"))
+    return out
+
+
+def plot_run(run_dir):
+    """Every plot of a run folder, chosen by its metrics.csv header."""
+    run_dir = Path(run_dir)
+    header = read_csv(run_dir / "metrics.csv")[:1]
+    if not header:
+        return []
+    if "loop" in header[0]:
+        return plot_stage2(run_dir)
+    if "start" in header[0]:
+        keys = [k for k in ("test_acc", "asr", "untargeted_asr", "ra") if k in header[0]]
+        return plot_grid(run_dir, keys)
+    return plot_stage1(run_dir)
+
+
+if __name__ == "__main__":
+    for p in plot_run(sys.argv[1]):
+        print(p)

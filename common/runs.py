@@ -1,0 +1,278 @@
+"""Run folders: resolved config, streamed metrics, summary, log, and interrupt handling.
+
+runs/<project>/<stage>/<YYYYmmdd-HHMMSS>_<arch>_<dataset>/ holds config.json, metrics.csv, summary.json,
+plots/, log.txt and checkpoints/. A folder holding another run is never overwritten.
+"""
+import csv
+import datetime
+import json
+import logging
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common.checkpoints import REPO_ROOT
+from common.cli import UsageError
+
+log = logging.getLogger("sophon")
+
+
+def default_run_dir(project, stage, arch, dataset):
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = REPO_ROOT / "runs" / project / stage
+    path = base / f"{stamp}_{arch}_{dataset}"
+    n = 1
+    while path.exists():  # two runs started in the same second
+        n += 1
+        path = base / f"{stamp}-{n}_{arch}_{dataset}"
+    return path
+
+
+def check_out_dir(out_dir):
+    """Refuse a folder that already holds a run (or anything else): runs are never overwritten."""
+    out_dir = Path(out_dir).resolve()
+    if (out_dir / "config.json").exists():
+        raise UsageError(f"--out_dir {out_dir} already holds a run; continue it with --resume {out_dir} "
+                         f"or choose a new folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise UsageError(f"--out_dir {out_dir} is not empty; choose a new folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out_dir {out_dir} is a file")
+    return out_dir
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions():
+    import numpy
+    import torch
+    import torchvision
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "torchvision": torchvision.__version__, "numpy": numpy.__version__}
+    try:
+        import timm
+        versions["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def config_of(args, **extra):
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config.update(extra)
+    return config
+
+
+class Run:
+    """An open run folder. Create with `Run.start(...)` or `Run.resume(...)`."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.ckpt_dir = self.path / "checkpoints"
+        self.plots_dir = self.path / "plots"
+
+    @classmethod
+    def start(cls, path, config):
+        run = cls(path)
+        run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        run.plots_dir.mkdir(exist_ok=True)
+        full = {"config": config, "argv": sys.argv, "git_commit": git_commit(), "versions": package_versions(),
+                "started": datetime.datetime.now().isoformat(timespec="seconds")}
+        write_json(run.path / "config.json", full)
+        run._setup_logging()
+        log.info("run folder %s", run.path)
+        log.info("config %s", json.dumps(config, default=str))
+        return run
+
+    @classmethod
+    def open_existing(cls, path):
+        run = cls(path)
+        run._setup_logging()
+        log.info("resuming run %s", run.path)
+        return run
+
+    @property
+    def finished(self):
+        return (self.path / "summary.json").exists() and (self.ckpt_dir / "final.pt").exists()
+
+    def _setup_logging(self):
+        log.setLevel(logging.INFO)
+        for h in list(log.handlers):
+            log.removeHandler(h)
+            h.close()
+        fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(self.path / "log.txt")):
+            handler.setFormatter(fmt)
+            log.addHandler(handler)
+        log.propagate = False
+
+    def log_note(self, note):
+        log.warning("NOTE: %s", note)
+
+    def csv(self, name, header):
+        return CSVLog(self.path / name, header)
+
+    def write_summary(self, summary):
+        write_json(self.path / "summary.json", summary)
+
+
+def read_run_config(run_dir):
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UsageError(f"--resume {run_dir}: no config.json there, so it is not a run folder")
+    return json.loads(path.read_text())["config"]
+
+
+def apply_resume(args, argv_given, run_dir, skip=("resume", "out_dir", "device", "num_workers", "cache_dir")):
+    """The resumed run's config is authoritative; a repeated flag must equal it."""
+    config = read_run_config(run_dir)
+    for key, value in config.items():
+        if key in skip or not hasattr(args, key):
+            continue
+        mine = getattr(args, key)
+        mine = str(mine) if isinstance(mine, Path) else mine
+        if key in argv_given and mine != value:
+            raise UsageError(f"--{key} {mine} differs from the resumed run's {value} ({run_dir}/config.json)")
+        setattr(args, key, Path(value) if key in ("data_root", "model_path", "path", "normal_path", "baseline_path") and value else value)
+    if args.out_dir is not None and Path(args.out_dir).resolve() != Path(run_dir).resolve():
+        raise UsageError(f"--out_dir {args.out_dir} differs from --resume {run_dir}; omit it")
+    args.out_dir = Path(run_dir).resolve()
+
+
+def given_flags(parser, argv=None):
+    """Dest names of the flags present on the command line (for resume's equality check)."""
+    argv = sys.argv[1:] if argv is None else argv
+    given = set()
+    for action in parser._actions:
+        if any(a == opt or a.startswith(opt + "=") for a in argv for opt in action.option_strings):
+            given.add(action.dest)
+    return given
+
+
+def write_json(path, obj):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class CSVLog:
+    """A CSV with a fixed header, appended and flushed row by row so a running job can be plotted."""
+
+    def __init__(self, path, header):
+        self.path, self.header = Path(path), list(header)
+        if not self.path.exists():
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(self.header)
+
+    def append(self, row):
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([_cell(row.get(k)) for k in self.header])
+
+    def rows(self):
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def rewrite(self, rows):
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(self.header)
+            for row in rows:
+                w.writerow([_cell(row.get(k)) for k in self.header])
+        os.replace(tmp, self.path)
+
+    def keep(self, predicate):
+        """Drop rows (e.g. those after a resumed checkpoint's position)."""
+        self.rewrite([r for r in self.rows() if predicate(r)])
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+class Interrupts:
+    """SIGINT/SIGTERM set a flag checked at loop boundaries; a second signal exits at once.
+
+    Installed explicitly, because a job started with `&` from a script inherits SIGINT as ignored.
+    """
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            os._exit(130)
+        self.requested = True
+        log.info("signal %s received: stopping at the next boundary (again to exit now)", signal.Signals(signum).name)
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def lap(self):
+        now = time.perf_counter()
+        elapsed, self.start = now - self.start, now
+        return elapsed
+
+
+def open_run(args, project, stage, dataset, config):
+    """Start the run folder (after every check has passed) or reopen it for --resume."""
+    if args.resume is not None:
+        return Run.open_existing(args.out_dir)
+    out = check_out_dir(args.out_dir) if args.out_dir is not None else default_run_dir(project, stage, args.arch, dataset)
+    return Run.start(out, config)
+
+
+def preflight_resume(parser, args, project_stage):
+    """Resume rules before anything else runs; returns True when the run is already finished."""
+    if args.resume is None:
+        if args.out_dir is not None:
+            check_out_dir(args.out_dir)
+        return False
+    run_dir = Path(args.resume).resolve()
+    apply_resume(args, given_flags(parser), run_dir)
+    if (run_dir / "summary.json").exists() and (run_dir / "checkpoints" / "final.pt").exists():
+        print(f"{project_stage}: run {run_dir} is already finished; nothing to resume")
+        return True
+    return False
+
+
+def guarded(run, stage, body):
+    """Run `body()`; a fault that stops the run is logged, summary.json written, exit code 1."""
+    try:
+        return body()
+    except Exception as err:  # the run folder must say why it stopped
+        log.exception("run stopped by a fault")
+        run.write_summary({"stage": stage, "error": f"{type(err).__name__}: {err}"})
+        return 1
+
+
+def close_run(run, stage, summary, test_samples, checkpoint=None):
+    """summary.json with the keys every stage shares, then the plots."""
+    from common.plots import plot_run
+    summary = {"stage": stage, **summary, "test_samples": test_samples}
+    if checkpoint is not None:
+        summary["checkpoint"] = str(Path(checkpoint).resolve())
+    run.write_summary(summary)
+    for path in plot_run(run.path):
+        log.info("plot %s", path)
+    log.info("summary %s", run.path / "summary.json")
+    return summary

@@ -1,0 +1,139 @@
+"""Device, precision, optimisers, and the plain training / evaluation loops."""
+import contextlib
+import random
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.cli import UsageError
+from common.data import epoch_batches
+
+# One table for attacks and simulated fine-tuners: torch defaults except lr (SPEC §9).
+OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, {}),
+    "momentum": (torch.optim.SGD, {"momentum": 0.9}),
+    "adam": (torch.optim.Adam, {}),
+    "adamw": (torch.optim.AdamW, {}),
+    "rmsprop": (torch.optim.RMSprop, {}),
+    "adagrad": (torch.optim.Adagrad, {}),
+    "adadelta": (torch.optim.Adadelta, {}),
+}
+ATTACK_WEIGHT_DECAY = {"sgd": 1e-4, "momentum": 1e-4}
+
+
+def make_optimizer(name, params, lr, *, attack=False):
+    cls, kwargs = OPTIMIZERS[name]
+    kwargs = dict(kwargs, lr=lr)
+    if attack and name in ATTACK_WEIGHT_DECAY:
+        kwargs["weight_decay"] = ATTACK_WEIGHT_DECAY[name]
+    return cls(params, **kwargs)
+
+
+def resolve_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: MPS is not available")
+    return torch.device(name)
+
+
+class Precision:
+    """Speed options resolved once: bf16 autocast and channels_last on CUDA only."""
+
+    def __init__(self, device, amp="off", channels_last=False, compile=False):
+        self.device = device
+        cuda = device.type == "cuda"
+        self.amp = cuda and amp == "auto" and torch.cuda.is_bf16_supported()
+        self.channels_last = cuda and channels_last
+        self.compile = cuda and compile
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, model):
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def maybe_compile(self, model):
+        return torch.compile(model) if self.compile else model
+
+    def describe(self):
+        return f"amp={'bf16' if self.amp else 'off'} channels_last={self.channels_last} compile={self.compile}"
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def progress(iterable=None, **kwargs):
+    return tqdm(iterable, disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
+
+
+@torch.no_grad()
+def predict(model, domain, device, precision, bs=256, pixel_fn=None, indices=None):
+    """Predicted labels for every sample (or `indices`) of a domain, in order; no sample dropped."""
+    was_training = model.training
+    model.eval()
+    idx_all = torch.arange(len(domain)) if indices is None else indices
+    preds = []
+    for start in range(0, len(idx_all), bs):
+        idx = idx_all[start:start + bs]
+        x = domain.to_input(domain.images[idx], device, pixel_fn, precision.channels_last)
+        with precision.autocast():
+            preds.append(model(x).argmax(1).cpu())
+    model.train(was_training)
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
+
+
+def accuracy(model, domain, device, precision, bs=256):
+    """Top-1 accuracy in percent over every sample of the domain."""
+    preds = predict(model, domain, device, precision, bs)
+    return 100.0 * (preds == domain.labels).sum().item() / max(len(domain), 1)
+
+
+def train_epoch(model, domain, optimizer, device, precision, bs, gen, params=None, bn_eval_modules=(), desc="train"):
+    """One epoch of CE training; returns (mean loss, train accuracy %) from on-the-fly batch figures."""
+    model.train()
+    for m in bn_eval_modules:
+        m.eval()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    for idx in progress(list(epoch_batches(len(domain), bs, gen)), desc=desc, leave=False):
+        x = domain.to_input(domain.images[idx], device, None, precision.channels_last)
+        y = domain.labels[idx].to(device, non_blocking=True)
+        with precision.autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(idx)
+    return (total_loss / max(seen, 1)).item(), 100.0 * correct.item() / max(seen, 1)
+
+
+class AccuracyEval:
+    """Picklable evaluator (grid workers get a copy): {"test_acc": %} on a domain's every sample."""
+
+    def __init__(self, domain, bs=256, key="test_acc"):
+        self.domain, self.bs, self.key = domain, bs, key
+
+    def __call__(self, model, device, precision):
+        return {self.key: accuracy(model, self.domain, device, precision, self.bs)}

@@ -1,0 +1,91 @@
+"""SOPHON stage 3: fine-tune the sophon, normal and scratch models on the restricted domain and compare.
+
+    python sophon_orig/stage3_eval/finetune_test.py --start sophon --path path_to_ckpt
+    python sophon_orig/stage3_eval/finetune_test.py --strategies direct_all,initfc_all --optimizers momentum,adam \
+        --lrs 1e-4,1e-3 --seeds 0,1 --jobs 2
+"""
+from functools import partial
+
+from common import cli
+from common.checkpoints import inherit, load_checkpoint, resolve_checkpoint
+from common.data import check_name, check_subset_caps, load_domain
+from common.finetune import expand_grid, grid_flags, scratch_verdicts
+from common.runs import Interrupts, close_run, config_of, guarded, open_run, preflight_resume
+from common.stage3 import Cell, Grid, GridContext, write_report
+from common.train import AccuracyEval, resolve_device, seed_everything
+
+STAGE = "sophon_orig/stage3_eval"
+MODEL_PATH = None  # sophon checkpoint (.pt or run folder); None: newest under runs/sophon_orig/stage2_train
+NORMAL_PATH = None  # normal checkpoint; None: the sophon checkpoint's parent, else the newest stage-1 run
+STARTS = ("sophon", "normal", "scratch")
+EPOCHS = 20
+FINETUNE_LR = 1e-4
+BS = 200
+SEED = 0
+
+
+def parse_args(argv=None):
+    common = cli.common_flags(arch=None, orig_dataset=None, bs=BS, seed=SEED, inherit=True)
+    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(None), grid_flags(EPOCHS, FINETUNE_LR, BS),
+                                        cli.speed_flags()])
+    parser.add_argument("--start", type=cli.comma_list(str, STARTS), default=list(STARTS),
+                        help="start models to fine-tune (any of sophon,normal,scratch)")
+    parser.add_argument("--path", "--model_path", dest="path", default=MODEL_PATH, help="sophon checkpoint or run folder")
+    parser.add_argument("--normal_path", default=NORMAL_PATH, help="normal (stage-1) checkpoint or run folder")
+    return parser, parser.parse_args(argv)
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    interrupts = Interrupts()
+    if preflight_resume(parser, args, STAGE):
+        return 0
+    sophon_path = resolve_checkpoint(args.path, "sophon_orig", "stage2_train", "--path")
+    sophon = load_checkpoint(sophon_path)
+    inherit(args, sophon, sophon_path, ("arch", "orig_dataset", "image_size"))
+    args.dataset = args.dataset or sophon["dataset"]
+    check_name(args.dataset)
+    starts = {"sophon": sophon["model"], "scratch": None}
+    normal_path = None
+    if "normal" in args.start:
+        normal_path = resolve_checkpoint(args.normal_path or sophon["parent"], "sophon_orig", "stage1_pretrain", "--normal_path")
+        normal = load_checkpoint(normal_path)
+        if normal["arch"] != args.arch or normal["num_classes"] != sophon["num_classes"]:
+            raise cli.UsageError(f"--normal_path {normal_path} is a {normal['arch']} with {normal['num_classes']} "
+                                 f"classes; the sophon model is a {args.arch} with {sophon['num_classes']}")
+        starts["normal"] = normal["model"]
+    load = partial(load_domain, args.dataset, args.data_root, image_size=args.image_size, download=args.download,
+                   cache_dir=args.cache_dir, num_workers=args.num_workers)
+    train, test = load(train=True, cap=args.subset), load(train=False, cap=args.test_subset)
+    check_subset_caps(args, [train, test])
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    attacks = expand_grid(args)
+    cells = [Cell(start, attack) for attack in attacks for start in args.start]
+    config = config_of(args, stage=STAGE, parent=str(sophon_path), path=str(sophon_path),
+                       normal_path=str(normal_path) if normal_path else None)
+    run = open_run(args, "sophon_orig", "stage3_eval", args.dataset, config)
+    if train.note:
+        run.log_note(train.note)
+    context = GridContext(args.arch, sophon["num_classes"], {k: v for k, v in starts.items() if k in args.start},
+                          train, AccuracyEval(test), args.amp, args.channels_last)
+    grid = Grid(run, context, cells, ["test_acc"], device)
+
+    def body():
+        if not grid.execute(args.jobs, args.devices, interrupts):
+            print(f"interrupted; continue with --resume {run.path}")
+            return 130
+        results = grid.results()
+        verdicts = scratch_verdicts(results) if {"sophon", "scratch"} <= set(args.start) else []
+        close_run(run, STAGE, {"dataset": args.dataset, "results": results, "verdicts": verdicts}, len(test))
+        report = write_report(run, f"Fine-tuning {args.arch} on {args.dataset}: sophon vs normal vs scratch", results,
+                              verdicts, sorted(run.plots_dir.glob("*.png")),
+                              notes=[f"sophon: {sophon_path}", f"normal: {normal_path}", f"test samples: {len(test)}"])
+        print(report.read_text())
+        return 0
+
+    return guarded(run, STAGE, body)
+
+
+if __name__ == "__main__":
+    cli.run(main)
