@@ -271,6 +271,10 @@ class Stage2:
                    "finetune_restrict_test_acc": None if final_test is None else final_test["test_acc"],
                    "loops_completed": self.loop, "stopped_early": stopped_early,
                    "final_orig": final_orig, "final_finetune": final_test}
+        if "orig_asr" in final_orig:
+            summary.update(orig_asr=final_orig["orig_asr"],
+                           restrict_asr_after_finetune=None if final_test is None else final_test["asr"],
+                           restrict_clean_acc_after_finetune=None if final_test is None else final_test["test_acc"])
         atomic_save(self.checkpoint(summary), self.run.ckpt_dir / "final.pt")
         self.save_last()
         return summary
@@ -298,3 +302,68 @@ def _to_device(obj, device):
     if isinstance(obj, list):
         return [_to_device(v, device) for v in obj]
     return obj
+
+
+@dataclass
+class Stage2Setup:
+    parent: object
+    ckpt: dict
+    orig_train: object
+    orig_test: object
+    restr_train: object
+    restr_test: object
+    device: object
+    precision: object
+    model: object
+    config: dict
+
+
+def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image_size")):
+    """Every check of a stage-2 run, before its folder exists: parent checkpoint, inherited flags, data."""
+    from functools import partial
+
+    from common.checkpoints import inherit, load_checkpoint, model_from_checkpoint, resolve_checkpoint
+    from common.cli import UsageError
+    from common.data import check_name, check_subset_caps, load_domain
+    from common.runs import config_of
+    from common.train import Precision, resolve_device, seed_everything
+
+    parent = resolve_checkpoint(args.model_path, project, "stage1_pretrain")
+    ckpt = load_checkpoint(parent)
+    inherit(args, ckpt, parent, inherited)
+    check_name(args.dataset)
+    if args.dataset == args.orig_dataset:
+        raise UsageError(f"restricted --dataset {args.dataset} equals the original domain; choose another")
+    load = partial(load_domain, root=args.data_root, image_size=args.image_size, download=args.download,
+                   cache_dir=args.cache_dir, num_workers=args.num_workers)
+    domains = [load(name, train=train, cap=args.subset if train else args.test_subset)
+               for name in (args.orig_dataset, args.dataset) for train in (True, False)]
+    check_subset_caps(args, domains)
+    device = resolve_device(args.device)
+    precision = Precision(device, args.amp, args.channels_last, args.compile)
+    seed_everything(args.seed)
+    model = precision.prepare(model_from_checkpoint(ckpt, parent))
+    config = config_of(args, stage=stage, parent=str(parent), model_path=str(parent))
+    return Stage2Setup(parent, ckpt, *domains, device, precision, model, config)
+
+
+def run_stage2_script(args, interrupts, project, stage, s, task):
+    """Open the run folder, train, close; returns the exit code."""
+    from common.runs import close_run, guarded, open_run
+
+    run = open_run(args, project, "stage2_train", args.dataset, s.config)
+    for note in {d.note for d in (s.orig_train, s.restr_train) if d.note}:
+        run.log_note(note)
+    meta = dict(arch=args.arch, dataset=args.dataset, stage=stage, parent=s.parent, config=s.config)
+    stage2 = Stage2(args, run, s.model, task, s.device, s.precision, meta)
+
+    def body():
+        if args.resume is not None and (run.ckpt_dir / "last.pt").exists():
+            stage2.load_last()
+        summary = stage2.train(interrupts)
+        if summary == 130:
+            return 130
+        close_run(run, stage, summary, len(s.restr_test), run.ckpt_dir / "final.pt")
+        return 0
+
+    return guarded(run, stage, body)

@@ -163,10 +163,22 @@ class Grid:
         return out
 
 
-def _fmt(value, digits=2):
+VERDICT_LEGEND = (
+    "epochs to scratch final: first epoch (0 = before fine-tuning) at which the protected curve reaches the "
+    "scratch model's final accuracy, fastest seed; never = not within the epochs run. auc ratio: area under "
+    "the protected curve over the reference's, mean and std over seeds (SOPHON: < 1 = learns slower than "
+    "scratch; backdoor ASR: > 1 = the backdoor outlives the plain one). epochs asr above 50: per seed, the "
+    "first epoch with ASR below 50% (never = it never drops).")
+
+
+def _fmt(value, none="n/a"):
     if value is None:
-        return "never"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+        return none
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.2f}"
+    if isinstance(value, list):
+        return ", ".join(_fmt(v, none) for v in value)
+    return str(value)
 
 
 def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",), notes=()):
@@ -174,16 +186,12 @@ def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",)
     lines = [f"# {title}", ""]
     lines += list(notes) + ([""] if notes else [])
     if verdicts:
-        lines += ["## Verdict per attack (protected model vs reference)", "",
-                  "epochs to reference final = first epoch at which the protected curve reaches the reference's final "
-                  "figure (fastest seed; never = not within the epochs run). AUC ratio < 1: the protected model "
-                  "learns slower than the reference.", "",
-                  "| strategy | optimizer | lr | bs | protected | reference | epochs to reference final | AUC ratio (mean ± std) | seeds |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for v in verdicts:
-            ratio = "n/a" if v["auc_ratio_mean"] is None else f"{v['auc_ratio_mean']:.3f} ± {v['auc_ratio_std']:.3f}"
-            lines.append(f"| {v['strategy']} | {v['optimizer']} | {v['lr']:g} | {v['batch_size']} | {v['protected']} | "
-                         f"{v['reference']} | {_fmt(v['epochs_to_scratch_final'])} | {ratio} | {v['seeds']} |")
+        columns = list(verdicts[0])
+        lines += ["## Verdict per attack", "", VERDICT_LEGEND, "",
+                  "| " + " | ".join(c.replace("_", " ") for c in columns) + " |",
+                  "| " + " | ".join("---" for _ in columns) + " |"]
+        lines += ["| " + " | ".join(_fmt(v.get(c), "never" if "epochs" in c else "n/a") for c in columns) + " |"
+                  for v in verdicts]
         lines.append("")
     for key in metric_keys:
         lines += [f"## {key}: epoch 0 -> final, mean over seeds", "",
@@ -200,3 +208,34 @@ def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",)
         lines += ["## Figures", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     (run.path / "report.md").write_text("\n".join(lines))
     return run.path / "report.md"
+
+
+def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, train, evaluator, config,
+                      metric_keys, verdict_fn, title, notes=(), extra_summary=None):
+    """Open the run folder, run every (start, attack) cell, write summary.json, plots and report.md."""
+    from common.finetune import expand_grid
+    from common.runs import close_run, guarded, open_run
+    from common.train import resolve_device, seed_everything
+
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    cells = [Cell(start, attack) for attack in expand_grid(args) for start in starts]
+    run = open_run(args, project, "stage3_eval", args.dataset, config)
+    if train.note:
+        run.log_note(train.note)
+    context = GridContext(args.arch, num_classes, starts, train, evaluator, args.amp, args.channels_last)
+    grid = Grid(run, context, cells, list(metric_keys), device)
+
+    def body():
+        if not grid.execute(args.jobs, args.devices, interrupts):
+            log.info("interrupted; continue with --resume %s", run.path)
+            return 130
+        results = grid.results()
+        verdicts = verdict_fn(results)
+        summary = {"dataset": args.dataset, "results": results, "verdicts": verdicts, **(extra_summary or {})}
+        close_run(run, stage, summary, len(evaluator.domain))
+        report = write_report(run, title, results, verdicts, sorted(run.plots_dir.glob("*.png")), metric_keys, notes)
+        print(report.read_text())
+        return 0
+
+    return guarded(run, stage, body)

@@ -6,12 +6,10 @@
 from functools import partial
 
 from common import cli
-from common.checkpoints import inherit, load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from common.data import check_name, check_subset_caps, load_domain
 from common.losses import FTE_LOSSES
-from common.runs import Interrupts, close_run, config_of, guarded, open_run, preflight_resume
-from common.stage2 import Stage2, Stage2Task, stage2_flags
-from common.train import AccuracyEval, Precision, resolve_device, seed_everything
+from common.runs import Interrupts, preflight_resume
+from common.stage2 import Stage2Task, run_stage2_script, setup_stage2, stage2_flags
+from common.train import AccuracyEval
 
 STAGE = "sophon_orig/stage2_train"
 MODEL_PATH = None  # stage-1 checkpoint (.pt or run folder); None: newest under runs/sophon_orig/stage1_pretrain
@@ -50,46 +48,14 @@ def main(argv=None):
     interrupts = Interrupts()
     if preflight_resume(parser, args, STAGE):
         return 0
-    parent = resolve_checkpoint(args.model_path, "sophon_orig", "stage1_pretrain")
-    ckpt = load_checkpoint(parent)
-    inherit(args, ckpt, parent, ("arch", "orig_dataset", "image_size"))
-    check_name(args.dataset)
-    if args.dataset == args.orig_dataset:
-        raise cli.UsageError(f"restricted --dataset {args.dataset} equals the original domain; choose another")
-    load = partial(load_domain, root=args.data_root, image_size=args.image_size, download=args.download,
-                   cache_dir=args.cache_dir, num_workers=args.num_workers)
-    orig_train, orig_test = load(args.orig_dataset, train=True, cap=args.subset), load(args.orig_dataset, train=False, cap=args.test_subset)
-    restr_train, restr_test = load(args.dataset, train=True, cap=args.subset), load(args.dataset, train=False, cap=args.test_subset)
-    check_subset_caps(args, [orig_train, orig_test, restr_train, restr_test])
-    device = resolve_device(args.device)
-    precision = Precision(device, args.amp, args.channels_last, args.compile)
-    seed_everything(args.seed)
-    model = precision.prepare(model_from_checkpoint(ckpt, parent))
-    config = config_of(args, stage=STAGE, parent=str(parent), model_path=str(parent))
-    run = open_run(args, "sophon_orig", "stage2_train", args.dataset, config)
-    for d in (orig_train, restr_train):
-        if d.note:
-            run.log_note(d.note)
-    fte = FTE_LOSSES[args.loss_type]
+    s = setup_stage2(args, "sophon_orig", STAGE)
+    fte, cl = FTE_LOSSES[args.loss_type], s.precision.channels_last
     task = Stage2Task(
-        query_loss=lambda net, x, y: fte(net(restr_train.to_input(x, device, None, precision.channels_last)),
-                                         y.to(device, non_blocking=True)),
-        restricted_train=restr_train, ntr_train=orig_train, loss_type=args.loss_type,
-        eval_orig=partial(AccuracyEval(orig_test, key="orig_test_acc"), device=device, precision=precision),
-        eval_restricted=partial(AccuracyEval(restr_test), device=device, precision=precision))
-    meta = dict(arch=args.arch, dataset=args.dataset, stage=STAGE, parent=parent, config=config)
-    stage2 = Stage2(args, run, model, task, device, precision, meta)
-
-    def body():
-        if args.resume is not None and (run.ckpt_dir / "last.pt").exists():
-            stage2.load_last()
-        summary = stage2.train(interrupts)
-        if summary == 130:
-            return 130
-        close_run(run, STAGE, summary, len(restr_test), run.ckpt_dir / "final.pt")
-        return 0
-
-    return guarded(run, STAGE, body)
+        query_loss=lambda net, x, y: fte(net(s.restr_train.to_input(x, s.device, None, cl)), y.to(s.device)),
+        restricted_train=s.restr_train, ntr_train=s.orig_train, loss_type=args.loss_type,
+        eval_orig=partial(AccuracyEval(s.orig_test, key="orig_test_acc"), device=s.device, precision=s.precision),
+        eval_restricted=partial(AccuracyEval(s.restr_test), device=s.device, precision=s.precision))
+    return run_stage2_script(args, interrupts, "sophon_orig", STAGE, s, task)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ from functools import partial
 from common import cli
 from common.checkpoints import inherit, load_checkpoint, resolve_checkpoint
 from common.data import check_name, check_subset_caps, load_domain
-from common.finetune import expand_grid, grid_flags, scratch_verdicts
-from common.runs import Interrupts, close_run, config_of, guarded, open_run, preflight_resume
-from common.stage3 import Cell, Grid, GridContext, write_report
-from common.train import AccuracyEval, resolve_device, seed_everything
+from common.finetune import grid_flags, scratch_verdicts
+from common.runs import Interrupts, config_of, preflight_resume
+from common.stage3 import run_stage3_script
+from common.train import AccuracyEval
 
 STAGE = "sophon_orig/stage3_eval"
 MODEL_PATH = None  # sophon checkpoint (.pt or run folder); None: newest under runs/sophon_orig/stage2_train
@@ -58,33 +58,15 @@ def main(argv=None):
                    cache_dir=args.cache_dir, num_workers=args.num_workers)
     train, test = load(train=True, cap=args.subset), load(train=False, cap=args.test_subset)
     check_subset_caps(args, [train, test])
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
-    attacks = expand_grid(args)
-    cells = [Cell(start, attack) for attack in attacks for start in args.start]
     config = config_of(args, stage=STAGE, parent=str(sophon_path), path=str(sophon_path),
                        normal_path=str(normal_path) if normal_path else None)
-    run = open_run(args, "sophon_orig", "stage3_eval", args.dataset, config)
-    if train.note:
-        run.log_note(train.note)
-    context = GridContext(args.arch, sophon["num_classes"], {k: v for k, v in starts.items() if k in args.start},
-                          train, AccuracyEval(test), args.amp, args.channels_last)
-    grid = Grid(run, context, cells, ["test_acc"], device)
-
-    def body():
-        if not grid.execute(args.jobs, args.devices, interrupts):
-            print(f"interrupted; continue with --resume {run.path}")
-            return 130
-        results = grid.results()
-        verdicts = scratch_verdicts(results) if {"sophon", "scratch"} <= set(args.start) else []
-        close_run(run, STAGE, {"dataset": args.dataset, "results": results, "verdicts": verdicts}, len(test))
-        report = write_report(run, f"Fine-tuning {args.arch} on {args.dataset}: sophon vs normal vs scratch", results,
-                              verdicts, sorted(run.plots_dir.glob("*.png")),
-                              notes=[f"sophon: {sophon_path}", f"normal: {normal_path}", f"test samples: {len(test)}"])
-        print(report.read_text())
-        return 0
-
-    return guarded(run, STAGE, body)
+    verdict_fn = scratch_verdicts if {"sophon", "scratch"} <= set(args.start) else (lambda results: [])
+    return run_stage3_script(
+        args, interrupts, "sophon_orig", STAGE, starts={k: starts[k] for k in args.start},
+        num_classes=sophon["num_classes"], train=train, evaluator=AccuracyEval(test), config=config,
+        metric_keys=["test_acc"], verdict_fn=verdict_fn,
+        title=f"Fine-tuning {args.arch} on {args.dataset}: sophon vs normal vs scratch",
+        notes=[f"sophon: {sophon_path}", f"normal: {normal_path}", f"test samples: {len(test)}"])
 
 
 if __name__ == "__main__":

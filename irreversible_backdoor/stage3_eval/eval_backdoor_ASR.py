@@ -1,0 +1,91 @@
+"""Irreversible-backdoor stage 3: does the backdoor survive clean fine-tuning on the restricted domain?
+
+Fine-tunes the irreversible model and the plain backdoored (stage-1) model under the same attacks and
+records, after every epoch, clean accuracy, ASR, untargeted ASR and RA on the restricted test split.
+
+    python irreversible_backdoor/stage3_eval/eval_backdoor_ASR.py
+    python irreversible_backdoor/stage3_eval/eval_backdoor_ASR.py --path <stage-2 run> --lrs 1e-4,1e-3,1e-2
+"""
+from functools import partial
+
+from common import cli
+from common.backdoor import BackdoorEval, check_trigger, persistence_verdicts, trigger_flags
+from common.checkpoints import inherit, load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from common.data import check_name, check_subset_caps, load_domain
+from common.finetune import grid_flags
+from common.runs import Interrupts, config_of, preflight_resume
+from common.stage3 import run_stage3_script
+from common.train import Precision, resolve_device
+
+STAGE = "irreversible_backdoor/stage3_eval"
+MODEL_PATH = None  # irreversible checkpoint; None: newest under runs/irreversible_backdoor/stage2_train
+BASELINE_PATH = None  # plain backdoored checkpoint; None: the irreversible model's parent, else newest stage 1
+STARTS = ("irreversible", "backdoored")
+EPOCHS = 100
+FINETUNE_LR = 1e-4
+BS = 64
+SEED = 0
+TRIGGER_FLAGS = ("trigger_size", "target_label", "poison_percent")
+
+
+def parse_args(argv=None):
+    common = cli.common_flags(arch=None, orig_dataset=None, bs=BS, seed=SEED, inherit=True)
+    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(None), trigger_flags(),
+                                        grid_flags(EPOCHS, FINETUNE_LR, BS), cli.speed_flags()])
+    parser.add_argument("--start", type=cli.comma_list(str, STARTS), default=list(STARTS),
+                        help="start models to fine-tune (any of irreversible,backdoored)")
+    parser.add_argument("--path", "--model_path", dest="path", default=MODEL_PATH, help="irreversible checkpoint or run folder")
+    parser.add_argument("--baseline_path", default=BASELINE_PATH, help="plain backdoored checkpoint or run folder")
+    return parser, parser.parse_args(argv)
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    interrupts = Interrupts()
+    if preflight_resume(parser, args, STAGE):
+        return 0
+    paths, ckpts = {}, {}
+    if "irreversible" in args.start:
+        paths["irreversible"] = resolve_checkpoint(args.path, "irreversible_backdoor", "stage2_train", "--path")
+        ckpts["irreversible"] = load_checkpoint(paths["irreversible"])
+    if "backdoored" in args.start:
+        parent = ckpts["irreversible"]["parent"] if "irreversible" in ckpts else None
+        paths["backdoored"] = resolve_checkpoint(args.baseline_path or parent, "irreversible_backdoor",
+                                                 "stage1_pretrain", "--baseline_path")
+        ckpts["backdoored"] = load_checkpoint(paths["backdoored"])
+    for start in args.start:
+        inherit(args, ckpts[start], paths[start], ("arch", "orig_dataset", "image_size") + TRIGGER_FLAGS)
+    restricted = ckpts.get("irreversible", {}).get("dataset")
+    args.dataset = args.dataset or restricted
+    if args.dataset is None:
+        raise cli.UsageError("--dataset is needed: a stage-1 checkpoint does not name a restricted domain")
+    check_name(args.dataset)
+    load = partial(load_domain, root=args.data_root, image_size=args.image_size, download=args.download,
+                   cache_dir=args.cache_dir, num_workers=args.num_workers)
+    train, test = load(args.dataset, train=True, cap=args.subset), load(args.dataset, train=False, cap=args.test_subset)
+    orig_test = load(args.orig_dataset, train=False, cap=args.test_subset)
+    check_subset_caps(args, [train, test, orig_test])
+    num_classes = next(iter(ckpts.values()))["num_classes"]
+    check_trigger(args.trigger_size, args.target_label, test.images.shape[-2:], num_classes)
+    device = resolve_device(args.device)
+    precision = Precision(device, args.amp, args.channels_last)
+    orig_eval = BackdoorEval(orig_test, args.trigger_size, args.target_label)
+    orig_before = {}
+    for start, ckpt in ckpts.items():
+        figures = orig_eval(precision.prepare(model_from_checkpoint(ckpt, paths[start])), device, precision)
+        orig_before[start] = {k: figures[k] for k in ("test_acc", "asr", "ra")}
+    config = config_of(args, stage=STAGE, parent=str(paths.get("irreversible")),
+                       path=str(paths.get("irreversible")), baseline_path=str(paths.get("backdoored")))
+    return run_stage3_script(
+        args, interrupts, "irreversible_backdoor", STAGE, starts={k: ckpts[k]["model"] for k in args.start},
+        num_classes=num_classes, train=train, evaluator=BackdoorEval(test, args.trigger_size, args.target_label),
+        config=config, metric_keys=["test_acc", "asr", "untargeted_asr", "ra"], verdict_fn=persistence_verdicts,
+        title=f"Backdoor persistence under clean fine-tuning of {args.arch} on {args.dataset}",
+        notes=[f"{k}: {v}" for k, v in paths.items()] + [
+            f"original domain ({args.orig_dataset}) before fine-tuning, {k}: clean {v['test_acc']:.2f}, "
+            f"ASR {v['asr']:.2f}, RA {v['ra']:.2f}" for k, v in orig_before.items()],
+        extra_summary={"orig_before": orig_before})
+
+
+if __name__ == "__main__":
+    cli.run(main)

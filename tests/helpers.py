@@ -1,0 +1,76 @@
+"""Helpers shared by the tests: script paths, subprocess/in-process runners, tiny models."""
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = {
+    "stage1": REPO / "sophon_orig" / "stage1_pretrain" / "train.py",
+    "stage2": REPO / "sophon_orig" / "stage2_train" / "algo.py",
+    "stage3": REPO / "sophon_orig" / "stage3_eval" / "finetune_test.py",
+}
+
+
+def script_argv(stage, *args):
+    return [sys.executable, str(SCRIPTS[stage]), *[str(a) for a in args]]
+
+
+def run_script(stage, *args, timeout=240):
+    """Run a stage script in a fresh process from a scratch folder (nothing may depend on the cwd)."""
+    cwd = tempfile.mkdtemp(prefix="sophon_cwd_")
+    return subprocess.run(script_argv(stage, *args), capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=dict(os.environ))
+
+
+def popen_script(stage, *args, log_path):
+    cwd = tempfile.mkdtemp(prefix="sophon_cwd_")
+    out = open(log_path, "w")
+    return subprocess.Popen(script_argv(stage, *args), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                            env=dict(os.environ)), out
+
+
+def load_script(stage):
+    """Import a stage script as a module (for in-process `main(argv)` calls)."""
+    spec = importlib.util.spec_from_file_location(f"_script_{stage}", SCRIPTS[stage])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tree_snapshot(folder):
+    """{relative path: (size, mtime_ns, sha1)} of every file under `folder`."""
+    folder = Path(folder)
+    snap = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            snap[str(p.relative_to(folder))] = (st.st_size, st.st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest())
+    return snap
+
+
+class TinyNet(nn.Module):
+    """conv + BatchNorm body and a Linear head named by `head_path`, small enough for unit tests."""
+    head_path = "fc"
+
+    def __init__(self, channels=3, width=4, classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+def linear_model(d, classes):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, classes))
+    model.head_path = "1"
+    return model
