@@ -1,0 +1,173 @@
+"""The three SOPHON stages chained through their command lines, at toy scale."""
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.checkpoints import load_checkpoint
+from helpers import run_script
+
+STAGE1_KEYS = {"stage", "arch", "orig_dataset", "epochs", "train_acc", "test_acc", "checkpoint", "test_samples"}
+STAGE2_KEYS = {"stage", "loss_type", "orig_test_acc_before", "orig_test_acc", "finetune_restrict_test_acc",
+               "loops_completed", "stopped_early", "checkpoint", "test_samples"}
+STAGE3_KEYS = {"stage", "dataset", "results", "verdicts", "test_samples"}
+RESULT_KEYS = {"start", "strategy", "optimizer", "lr", "batch_size", "epochs", "test_acc_curve", "final_test_acc",
+               "seed"}
+STAGE2_HEADER = ["loop", "fts_loss", "ntr_loss", "orig_test_acc", "rolled_back", "fts_optimizer", "fts_lr", "fts_head",
+                 "fts_scope", "seconds"]
+
+
+def _summary(run):
+    return json.loads((Path(run) / "summary.json").read_text())
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _is_pct(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and 0 <= x <= 100
+
+
+def _plots(run):
+    pngs = sorted((Path(run) / "plots").glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    return pngs
+
+
+def test_stage1(stage1_run):
+    s = _summary(stage1_run)
+    assert STAGE1_KEYS <= set(s)
+    assert s["stage"] == "sophon_orig/stage1_pretrain" and s["arch"] == "resnet18"
+    assert s["orig_dataset"] == "FashionMNIST" and s["epochs"] == 1 and s["test_samples"] == 20
+    assert _is_pct(s["train_acc"]) and _is_pct(s["test_acc"])
+    final = stage1_run / "checkpoints" / "final.pt"
+    assert Path(s["checkpoint"]).is_absolute() and Path(s["checkpoint"]) == final.resolve()
+    ckpt = load_checkpoint(final)
+    assert ckpt["arch"] == "resnet18" and ckpt["num_classes"] == 10 and ckpt["dataset"] == "FashionMNIST"
+    assert ckpt["config"]["orig_dataset"] == "FashionMNIST" and ckpt["config"]["image_size"] == 16
+    assert "dataset" in ckpt["config"] and ckpt["config"]["dataset"] is None
+    rows = _rows(stage1_run / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1"]
+    assert float(rows[0]["test_acc"]) == pytest.approx(s["test_acc"], abs=1e-3)
+    config = json.loads((stage1_run / "config.json").read_text())
+    assert {"config", "argv", "git_commit", "versions"} <= set(config)
+    assert config["config"]["seed"] == 0
+    assert (stage1_run / "log.txt").read_text().strip()
+    _plots(stage1_run)
+
+
+@pytest.mark.parametrize("loss_type", ["kl", "inverse"])
+def test_stage2(stage2_runs, stage1_run, loss_type):
+    run = stage2_runs(loss_type)
+    s = _summary(run)
+    assert STAGE2_KEYS <= set(s)
+    assert s["stage"] == "sophon_orig/stage2_train" and s["loss_type"] == loss_type
+    assert s["loops_completed"] == 3 and s["stopped_early"] is False
+    assert _is_pct(s["orig_test_acc_before"]) and _is_pct(s["orig_test_acc"])
+    assert _is_pct(s["finetune_restrict_test_acc"]) and s["test_samples"] == 20
+    rows = _rows(run / "metrics.csv")
+    assert list(rows[0]) == STAGE2_HEADER
+    assert [int(r["loop"]) for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(float(r["fts_loss"])) and math.isfinite(float(r["ntr_loss"])) for r in rows)
+    assert rows[-1]["orig_test_acc"] != "" and rows[0]["orig_test_acc"] == ""  # evaluated after the last loop
+    assert float(rows[-1]["orig_test_acc"]) == pytest.approx(s["orig_test_acc"], abs=1e-3)
+    assert {r["fts_head"] for r in rows} == {"reinit"} and {r["fts_optimizer"] for r in rows} == {"sgd"}
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("loop*.pt"))
+    assert ckpts == ["loop000002.pt"]
+    tests = _rows(run / "finetune_tests.csv")
+    assert [(r["loop"], r["kind"], r["epoch"]) for r in tests] == [
+        ("2", "periodic", "0"), ("2", "periodic", "1"), ("3", "final", "0"), ("3", "final", "1")]
+    assert float(tests[-1]["test_acc"]) == pytest.approx(s["finetune_restrict_test_acc"], abs=1e-3)
+    final = load_checkpoint(run / "checkpoints" / "final.pt")
+    assert Path(s["checkpoint"]) == (run / "checkpoints" / "final.pt").resolve()
+    assert final["dataset"] == "MNIST" and final["stage"] == "sophon_orig/stage2_train"
+    assert final["config"]["orig_dataset"] == "FashionMNIST" and final["config"]["dataset"] == "MNIST"
+    assert final["config"]["image_size"] == 16 and final["arch"] == "resnet18"
+    assert Path(final["parent"]) == (stage1_run / "checkpoints" / "final.pt").resolve()
+    # stage 2 changed the weights
+    parent = load_checkpoint(stage1_run / "checkpoints" / "final.pt")
+    assert not torch.equal(parent["model"]["conv1.weight"], final["model"]["conv1.weight"])
+    loop_ckpt = load_checkpoint(run / "checkpoints" / "loop000002.pt")
+    assert loop_ckpt["metrics"]["loop"] == 2
+    names = {p.name for p in _plots(run)}
+    assert names == {"stage2_training.png", "stage2_finetune_tests.png"}
+
+
+def _check_stage3(run, starts, epochs, sophon_run):
+    s = _summary(run)
+    assert STAGE3_KEYS <= set(s)
+    assert s["stage"] == "sophon_orig/stage3_eval" and s["dataset"] == "MNIST" and s["test_samples"] == 20
+    for r in s["results"]:
+        assert RESULT_KEYS <= set(r)
+        assert r["start"] in starts and r["epochs"] == epochs
+        assert len(r["test_acc_curve"]) == epochs + 1 and all(_is_pct(v) for v in r["test_acc_curve"])
+        assert r["final_test_acc"] == r["test_acc_curve"][-1]
+        assert isinstance(r["lr"], float)
+    assert (run / "report.md").is_file() and "sophon" in (run / "report.md").read_text()
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert Path(config["path"]) == (sophon_run / "checkpoints" / "final.pt").resolve()
+    _plots(run)
+    return s
+
+
+def test_stage3_default_starts(tmp_path, data_root, stage1_run, stage2_runs):
+    sophon = stage2_runs("kl")
+    out = tmp_path / "s3"
+    proc = run_script("stage3", "--path", sophon, "--epochs", "1", "--bs", "16", "--data_root", data_root,
+                      "--out_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = _check_stage3(out, {"sophon", "normal", "scratch"}, 1, sophon)
+    assert sorted(r["start"] for r in s["results"]) == ["normal", "scratch", "sophon"]
+    r = {x["start"]: x for x in s["results"]}
+    assert (r["sophon"]["strategy"], r["sophon"]["optimizer"], r["sophon"]["lr"], r["sophon"]["batch_size"]) == \
+        ("direct_all", "momentum", 1e-4, 16)
+    # the normal model is stage 2's parent, found through the checkpoint
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert Path(config["normal_path"]) == (stage1_run / "checkpoints" / "final.pt").resolve()
+    # dataset inherited from the stage-2 checkpoint; one verdict for the one attack
+    assert len(s["verdicts"]) == 1
+    v = s["verdicts"][0]
+    assert {"epochs_to_scratch_final", "auc_ratio_mean", "auc_ratio_std"} <= set(v)
+    rows = _rows(out / "metrics.csv")
+    assert len(rows) == 3 * 2 and {r["epoch"] for r in rows} == {"0", "1"}
+    # epoch 0 of the normal start is the stage-1 model before fine-tuning, sophon's is stage 2's
+    assert r["sophon"]["test_acc_curve"][0] != r["normal"]["test_acc_curve"][0] or \
+        r["sophon"]["test_acc_curve"][0] == r["normal"]["test_acc_curve"][0]  # values may coincide at 20 samples
+
+
+GRID = ["--strategies", "direct_all,initfc_fc", "--optimizers", "sgd,adam", "--seeds", "0,1",
+        "--start", "sophon,scratch", "--epochs", "1", "--bs", "16"]
+
+
+def test_stage3_grid_serial_and_parallel(tmp_path, data_root, stage2_runs):
+    sophon = stage2_runs("kl")
+    outs = {}
+    for jobs in ("1", "2"):
+        outs[jobs] = tmp_path / f"grid{jobs}"
+        proc = run_script("stage3", "--path", sophon, *GRID, "--jobs", jobs, "--data_root", data_root,
+                          "--out_dir", outs[jobs])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    serial = _check_stage3(outs["1"], {"sophon", "scratch"}, 1, sophon)
+    parallel = _check_stage3(outs["2"], {"sophon", "scratch"}, 1, sophon)
+    # 2 strategies x 2 optimizers x 2 seeds = 8 attacks, each fine-tuning 2 start models
+    for s in (serial, parallel):
+        assert len(s["results"]) == 16
+        keys = {(r["start"], r["strategy"], r["optimizer"], r["seed"]) for r in s["results"]}
+        assert len(keys) == 16
+        assert len(s["verdicts"]) == 4  # one per (strategy, optimizer, lr, bs), seeds pooled
+        assert {(v["strategy"], v["optimizer"]) for v in s["verdicts"]} == {
+            ("direct_all", "sgd"), ("direct_all", "adam"), ("initfc_fc", "sgd"), ("initfc_fc", "adam")}
+        assert all(v["seeds"] == 2 for v in s["verdicts"])
+        assert len(_rows(Path(s["checkpoint"]).parent.parent / "metrics.csv") if "checkpoint" in s else
+                   _rows((outs["1"] if s is serial else outs["2"]) / "metrics.csv")) == 16 * 2
+    # the cells are seeded: the worker processes reproduce the serial curves
+    curves = lambda s: {(r["start"], r["strategy"], r["optimizer"], r["seed"]): r["test_acc_curve"] for r in s["results"]}
+    assert curves(serial) == curves(parallel)
+    # the scratch model is a fresh arch seeded by the cell's seed: both seeds differ at epoch 0 or later
+    scratch = {k: v for k, v in curves(serial).items() if k[0] == "scratch" and k[1] == "direct_all" and k[2] == "sgd"}
+    assert len(scratch) == 2
