@@ -1,0 +1,189 @@
+"""Benchmark stage 2's outer loop against its arithmetic floor, and its peak memory.
+
+    python bench/bench_stage2.py --arch resnet18 --image_size 32 --bs 150 --adaptation_steps 10
+    python bench/bench_stage2.py --project backdoor --arch resnet50
+
+Seconds per outer loop of the real stage-2 loop (common.stage2.Stage2.outer_loop, as algo.py/bd_algo.py
+run it), the floor measured in the same process (the same number of plain forward/backward passes and
+optimiser steps on one model: adaptation_steps x (support + query) + ntr_loop x NTR), their ratio, and
+peak memory at two values of --adaptation_steps (each in a fresh process; it must not grow). Data is
+synthetic and in memory, so neither disk nor decoding is measured. Prints a table, writes JSON.
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.backdoor import poison, target_query_loss
+from common.data import Domain
+from common.fts import support_query_split
+from common.losses import FTE_LOSSES
+from common.models import build_model
+from common.runs import Run
+from common.stage2 import Stage2, Stage2Task
+from common.train import Precision, resolve_device
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--project", choices=("sophon", "backdoor"), default="sophon")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--bs", type=int, default=150)
+    p.add_argument("--adaptation_steps", type=int, default=10)
+    p.add_argument("--memory_steps", default="5,20", help="two adaptation_steps values for the memory check")
+    p.add_argument("--loops", type=int, default=5, help="timed outer loops (after one warm-up)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=("auto", "off"), default="auto")
+    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--fts_optimizers", default="sgd")
+    p.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/<name>.json)")
+    p.add_argument("--_memory_child", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def synthetic_domain(name, n, size, channels, seed):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    return Domain(name, True, images, labels, n)
+
+
+def build(args, adaptation_steps, run_dir):
+    device = resolve_device(args.device)
+    precision = Precision(device, args.amp, args.channels_last, args.compile)
+    model = precision.prepare(build_model(args.arch, 10, "scratch"))
+    n = max(4 * args.bs, 600)
+    orig = synthetic_domain("FashionMNIST", n, args.image_size, 1, 0)
+    restricted = synthetic_domain("MNIST", n, args.image_size, 1, 1)
+    if device.type == "cuda":
+        orig, restricted = orig.pin(), restricted.pin()
+    ns = argparse.Namespace(alpha=3.0, beta=5.0, lr=1e-4, fast_lr=1e-4, bs=args.bs, fts_loop=1, ntr_loop=1,
+                            adaptation_steps=adaptation_steps, fts_envs=1, seed=0, total_loop=10**6,
+                            fts_optimizers=args.fts_optimizers.split(","), fts_lrs=None, fts_head=["reinit"],
+                            fts_scope=["all"], finetune_lr=1e-4)
+    if args.project == "sophon":
+        fte = FTE_LOSSES["kl"]
+        query = lambda net, x, y: fte(net(restricted.to_input(x, device, None, precision.channels_last)), y.to(device))
+        ntr = orig
+    else:
+        ns.fts_head = ["keep"]
+        query = target_query_loss(restricted, 3, 0, device, precision.channels_last)
+        ntr, _ = poison(orig, 0.1, 0, 3)
+    task = Stage2Task(query, restricted, ntr, None, None, "bench")
+    run = Run(run_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    return Stage2(ns, run, model, task, device, precision, {}), device, precision
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_outer(stage2, device, loops):
+    stage2.outer_loop()  # warm-up (allocator, cudnn autotune, compile)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(loops):
+        stage2.outer_loop()
+    sync(device)
+    return (time.perf_counter() - start) / loops
+
+
+def time_floor(stage2, args, device, precision, loops):
+    """The same passes without FTS bookkeeping: one model, plain SGD, the same batch shapes and data path."""
+    model = stage2.fts.learner
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    domain = stage2.task.restricted_train
+    gen = torch.Generator().manual_seed(0)
+
+    def step(x, y):
+        with precision.autocast():
+            loss = F.cross_entropy(model(domain.to_input(x, device, None, precision.channels_last)).float(), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def one_loop():
+        for _ in range(args.adaptation_steps):
+            idx = torch.randint(0, len(domain), (args.bs,), generator=gen)
+            support, query = support_query_split(args.bs, gen)
+            step(domain.images[idx[support]], domain.labels[idx[support]])
+            step(domain.images[idx[query]], domain.labels[idx[query]])
+        idx = torch.randint(0, len(domain), (args.bs,), generator=gen)
+        step(domain.images[idx], domain.labels[idx])
+
+    model.train()
+    one_loop()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(loops):
+        one_loop()
+    sync(device)
+    return (time.perf_counter() - start) / loops
+
+
+def peak_memory_mb(args, steps):
+    """Peak memory of a fresh process running two outer loops at `steps` inner steps."""
+    cmd = [sys.executable, __file__, "--_memory_child", str(steps)] + [
+        a for a in sys.argv[1:] if not a.startswith("--_memory_child")]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_child(args):
+    with tempfile.TemporaryDirectory() as tmp:
+        stage2, device, _ = build(args, args._memory_child, tmp)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):
+            stage2.outer_loop()
+        sync(device)
+        if device.type == "cuda":
+            peak = {"device": "cuda", "peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+        else:
+            peak = {"device": "cpu", "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    print(json.dumps(peak))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args._memory_child is not None:
+        return memory_child(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage2, device, precision = build(args, args.adaptation_steps, tmp)
+        loop_s = time_outer(stage2, device, args.loops)
+        floor_s = time_floor(stage2, args, device, precision, args.loops)
+    steps = [int(s) for s in args.memory_steps.split(",")]
+    memory = {s: peak_memory_mb(args, s)["peak_mb"] for s in steps}
+    name = f"{args.project}_{args.arch}_{args.image_size}px_bs{args.bs}_steps{args.adaptation_steps}_{device.type}"
+    result = {"name": name, "device": str(device), "threads": torch.get_num_threads(),
+              "precision": precision.describe(), "arch": args.arch, "image_size": args.image_size, "bs": args.bs,
+              "adaptation_steps": args.adaptation_steps, "fts_optimizers": args.fts_optimizers,
+              "seconds_per_loop": loop_s, "floor_seconds_per_loop": floor_s, "ratio": loop_s / floor_s,
+              "images_per_second": (args.adaptation_steps + 1) * args.bs / loop_s,
+              "peak_memory_mb": {str(k): v for k, v in memory.items()},
+              "torch": torch.__version__}
+    print(f"{'setting':<52} {'s/loop':>8} {'floor':>8} {'ratio':>6} " + " ".join(f"{'mem@' + str(s):>10}" for s in steps))
+    print(f"{name:<52} {loop_s:8.3f} {floor_s:8.3f} {loop_s / floor_s:6.2f} " +
+          " ".join(f"{memory[s]:9.0f}M" for s in steps))
+    out = args.out or RESULTS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
