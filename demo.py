@@ -6,10 +6,8 @@ scratch models on MNIST and compares their curves.
 
     python demo.py [--data_root DIR] [--out_dir DIR]
 """
-import argparse
 import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 

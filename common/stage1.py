@@ -46,3 +46,44 @@ def run_stage1(args, run, model, train_domain, evaluate, device, precision, inte
     summary = {"epochs": args.epochs, "train_acc": train_acc, **figures}
     atomic_save(make_checkpoint(model, metrics=summary, **meta), run.ckpt_dir / "final.pt")
     return summary
+
+
+def run_stage1_script(args, interrupts, project, stage, make_train=None, make_evaluator=None):
+    """Every check, then the run: `make_train(clean_train)` may poison the training data,
+    `make_evaluator(test)` replaces the plain accuracy evaluator. Returns the exit code."""
+    from functools import partial
+
+    from common.data import check_name, check_subset_caps, load_domain
+    from common.models import build_model
+    from common.runs import close_run, config_of, guarded, open_run
+    from common.train import AccuracyEval, Precision, resolve_device, seed_everything
+
+    check_name(args.orig_dataset)
+    load = partial(load_domain, args.orig_dataset, args.data_root, image_size=args.image_size, download=args.download,
+                   cache_dir=args.cache_dir, num_workers=args.num_workers)
+    train, test = load(train=True, cap=args.subset), load(train=False, cap=args.test_subset)
+    check_subset_caps(args, [train, test])
+    train, note = make_train(train) if make_train else (train, "")
+    device = resolve_device(args.device)
+    precision = Precision(device, args.amp, args.channels_last, args.compile)
+    seed_everything(args.seed)
+    model = precision.prepare(build_model(args.arch, train.num_classes, args.init))
+    config = config_of(args, stage=stage, dataset=None, parent=None)
+    run = open_run(args, project, "stage1_pretrain", args.orig_dataset, config)
+    for line in (note, train.note):
+        if line:
+            run.log_note(line)
+    meta = dict(arch=args.arch, dataset=args.orig_dataset, stage=stage, parent=None, config=config)
+    evaluator = make_evaluator(test) if make_evaluator else AccuracyEval(test)
+    evaluate = partial(evaluator, device=device, precision=precision)
+
+    def body():
+        summary = run_stage1(args, run, model, train, evaluate, device, precision, interrupts, meta,
+                             resume=args.resume is not None)
+        if summary is None:
+            return 130
+        close_run(run, stage, {"arch": args.arch, "orig_dataset": args.orig_dataset, **summary}, len(test),
+                  run.ckpt_dir / "final.pt")
+        return 0
+
+    return guarded(run, stage, body)

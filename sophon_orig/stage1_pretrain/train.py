@@ -3,14 +3,9 @@
     python sophon_orig/stage1_pretrain/train.py                      # ImageNette, resnet18, ImageNet init
     python sophon_orig/stage1_pretrain/train.py --orig_dataset FashionMNIST --image_size 32 --init scratch
 """
-from functools import partial
-
 from common import cli
-from common.data import check_name, check_subset_caps, load_domain
-from common.models import build_model
-from common.runs import Interrupts, close_run, config_of, guarded, open_run, preflight_resume
-from common.stage1 import run_stage1
-from common.train import AccuracyEval, Precision, resolve_device, seed_everything
+from common.runs import Interrupts, preflight_resume
+from common.stage1 import run_stage1_script
 
 STAGE = "sophon_orig/stage1_pretrain"
 ARCH = "resnet18"  # resnet18 | resnet34 | resnet50 | caformer
@@ -39,32 +34,7 @@ def main(argv=None):
     interrupts = Interrupts()
     if preflight_resume(parser, args, STAGE):
         return 0
-    check_name(args.orig_dataset)
-    load = partial(load_domain, args.orig_dataset, args.data_root, image_size=args.image_size, download=args.download,
-                   cache_dir=args.cache_dir, num_workers=args.num_workers)
-    train, test = load(train=True, cap=args.subset), load(train=False, cap=args.test_subset)
-    check_subset_caps(args, [train, test])
-    device = resolve_device(args.device)
-    precision = Precision(device, args.amp, args.channels_last, args.compile)
-    seed_everything(args.seed)
-    model = precision.prepare(build_model(args.arch, train.num_classes, args.init))
-    run = open_run(args, "sophon_orig", "stage1_pretrain", args.orig_dataset,
-                   config_of(args, stage=STAGE, dataset=None, parent=None))
-    meta = dict(arch=args.arch, dataset=args.orig_dataset, stage=STAGE, parent=None,
-                config=config_of(args, dataset=None, orig_dataset=args.orig_dataset, image_size=args.image_size))
-    evaluate = partial(AccuracyEval(test), device=device, precision=precision)
-
-    def body():
-        summary = run_stage1(args, run, model, train, evaluate, device, precision, interrupts, meta,
-                             resume=args.resume is not None)
-        if summary is None:
-            return 130
-        close_run(run, STAGE, {"arch": args.arch, "orig_dataset": args.orig_dataset, **summary}, len(test),
-                  run.ckpt_dir / "final.pt")
-        return 0
-
-    return guarded(run, STAGE, body)
-
+    return run_stage1_script(args, interrupts, "sophon_orig", STAGE)
 
 if __name__ == "__main__":
     cli.run(main)
