@@ -29,6 +29,35 @@ def run_script(stage, *args, timeout=240):
                           env=dict(os.environ))
 
 
+def run_scripts(jobs, max_parallel=3, timeout=300):
+    """Run several (stage, args) jobs side by side; returns their CompletedProcess results in order.
+
+    The scripts are single-threaded here, so a few at once use the machine's cores while one imports torch."""
+    import time
+    results, running, queue = [None] * len(jobs), {}, list(enumerate(jobs))
+    deadline = time.monotonic() + timeout
+    while queue or running:
+        while queue and len(running) < max_parallel:
+            i, (stage, args) = queue.pop(0)
+            cwd = tempfile.mkdtemp(prefix="sophon_cwd_")
+            out, err = open(Path(cwd) / "stdout", "w+"), open(Path(cwd) / "stderr", "w+")
+            argv = script_argv(stage, *args)
+            running[i] = (subprocess.Popen(argv, stdout=out, stderr=err, cwd=cwd, env=dict(os.environ)), out, err, argv)
+        for i, (proc, out, err, argv) in list(running.items()):
+            if proc.poll() is None:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                continue
+            out.seek(0)
+            err.seek(0)
+            results[i] = subprocess.CompletedProcess(argv, proc.returncode, out.read(), err.read())
+            out.close()
+            err.close()
+            del running[i]
+        time.sleep(0.05)
+    return results
+
+
 def popen_script(stage, *args, log_path):
     cwd = tempfile.mkdtemp(prefix="sophon_cwd_")
     out = open(log_path, "w")
