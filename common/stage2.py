@@ -128,7 +128,8 @@ class Stage2:
     # ---- one outer loop --------------------------------------------------------------------------
 
     def _batches(self, domain, stream, n):
-        return [(domain.images[idx], domain.labels[idx]) for idx in (stream.next() for _ in range(n))]
+        """Lazily, so host memory holds one batch at a time whatever `adaptation_steps` is."""
+        return ((domain.images[idx], domain.labels[idx]) for idx in (stream.next() for _ in range(n)))
 
     def outer_loop(self):
         args, model = self.args, self.model
@@ -136,7 +137,10 @@ class Stage2:
         fts_losses, tuners = [], []
         for _ in range(args.fts_loop):
             for p in model.parameters():
-                p.grad = torch.zeros_like(p)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad.zero_()
             weight = 1.0 / (args.adaptation_steps * args.fts_envs)
             loss = torch.zeros((), device=self.device)
             for _ in range(args.fts_envs):
@@ -155,7 +159,7 @@ class Stage2:
             y = domain.labels[idx].to(self.device, non_blocking=True)
             with self.precision.autocast():
                 loss = F.cross_entropy(self.model_fwd(x).float(), y)
-            self.ntr_opt.zero_grad(set_to_none=True)
+            self.ntr_opt.zero_grad(set_to_none=False)
             loss.backward()
             self.ntr_opt.step()
             ntr_losses.append(loss.detach())

@@ -1,12 +1,55 @@
-"""Refusals through the real command lines: one stderr line, exit 2, and no run folder left behind."""
+"""Refusals through the real command lines: one stderr line, exit 2, and no run folder left behind.
+
+All refused runs are started side by side once (module fixture); each test checks its own."""
 import pytest
 
-from helpers import run_script, tree_snapshot
+from helpers import run_scripts, tree_snapshot
 
 SCRIPT_NAMES = {"stage1": "train.py", "stage2": "algo.py", "stage3": "finetune_test.py"}
 
+BAD_FLAGS = {
+    "total_loop_0": ("stage2", ["--total_loop", "0"], "--total_loop"),
+    "lr_abc": ("stage2", ["--lr", "abc"], "--lr"),
+    "alpha_negative": ("stage2", ["--alpha", "-1"], "--alpha"),
+    "unknown_arch": ("stage2", ["--arch", "vgg16"], "--arch"),
+    "epochs_0": ("stage1", ["--epochs", "0"], "--epochs"),
+    "bad_grid_item": ("stage3", ["--lrs", "1e-3,abc"], "--lrs"),
+}
 
-def _assert_refused(proc, stage, *needles):
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory, data_root, stage1_run):
+    base = tmp_path_factory.mktemp("refused")
+    empty = base / "empty"
+    empty.mkdir()
+    only_fashion = base / "only_fashion"
+    only_fashion.mkdir()
+    (only_fashion / "FashionMNIST").symlink_to(data_root / "FashionMNIST", target_is_directory=True)
+    snapshot = tree_snapshot(stage1_run)
+    cases = {name: (stage, [*argv, "--data_root", data_root, "--out_dir", base / name])
+             for name, (stage, argv, _) in BAD_FLAGS.items()}
+    cases.update({
+        "missing_dataset": ("stage1", ["--orig_dataset", "CIFAR10", "--init", "scratch", "--data_root", empty,
+                                       "--out_dir", base / "missing_dataset"]),
+        "missing_restricted": ("stage2", ["--model_path", stage1_run, "--dataset", "SVHN", "--data_root", only_fashion,
+                                          "--out_dir", base / "missing_restricted"]),
+        "out_dir_holds_run": ("stage1", ["--orig_dataset", "FashionMNIST", "--image_size", "16", "--init", "scratch",
+                                         "--data_root", data_root, "--out_dir", stage1_run]),
+        "restricted_is_original": ("stage2", ["--model_path", stage1_run, "--dataset", "FashionMNIST",
+                                              "--data_root", data_root, "--out_dir", base / "restricted_is_original"]),
+        "missing_checkpoint": ("stage2", ["--model_path", base / "missing.pt", "--dataset", "MNIST",
+                                          "--data_root", data_root, "--out_dir", base / "missing_checkpoint"]),
+        "image_size_differs": ("stage2", ["--model_path", stage1_run, "--dataset", "MNIST", "--image_size", "32",
+                                          "--data_root", data_root, "--out_dir", base / "image_size_differs"]),
+    })
+    names = list(cases)
+    procs = run_scripts([cases[n] for n in names], max_parallel=4)
+    return {"base": base, "empty": empty, "stage1_run": stage1_run, "snapshot": snapshot,
+            **{n: (cases[n][0], p) for n, p in zip(names, procs)}}
+
+
+def _assert_refused(refused, name, *needles):
+    stage, proc = refused[name]
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -14,66 +57,38 @@ def _assert_refused(proc, stage, *needles):
     assert "Traceback" not in proc.stdout + proc.stderr and "usage:" not in proc.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+    # every check runs before the run folder is created: a refused run creates nothing
+    assert not (refused["base"] / name).exists()
     return lines[0]
 
 
-@pytest.mark.parametrize("stage,argv,needle", [
-    ("stage2", ["--total_loop", "0"], "--total_loop"),
-    ("stage2", ["--lr", "abc"], "--lr"),
-    ("stage2", ["--alpha", "-1"], "--alpha"),
-    ("stage2", ["--arch", "vgg16"], "--arch"),
-    ("stage1", ["--epochs", "0"], "--epochs"),
-    ("stage3", ["--lrs", "1e-3,abc"], "--lrs"),
-])
-def test_bad_flag(tmp_path, data_root, stage, argv, needle):
-    out = tmp_path / "run"
-    proc = run_script(stage, *argv, "--data_root", data_root, "--out_dir", out)
-    _assert_refused(proc, stage, needle)
-    assert not out.exists()
+@pytest.mark.parametrize("name", sorted(BAD_FLAGS))
+def test_bad_flag(refused, name):
+    _assert_refused(refused, name, BAD_FLAGS[name][2])
 
 
-def test_missing_dataset(tmp_path):
-    empty, out = tmp_path / "empty", tmp_path / "run"
-    empty.mkdir()
-    proc = run_script("stage1", "--orig_dataset", "CIFAR10", "--init", "scratch", "--data_root", empty, "--out_dir", out)
-    _assert_refused(proc, "stage1", "CIFAR10", "python -m common.data fetch", str(empty))
-    assert not out.exists()
-    assert list(empty.iterdir()) == []
+def test_missing_dataset(refused):
+    _assert_refused(refused, "missing_dataset", "CIFAR10", "python -m common.data fetch", str(refused["empty"]))
+    assert list(refused["empty"].iterdir()) == []
 
 
-def test_missing_restricted_dataset_in_stage2(tmp_path, data_root, stage1_run):
-    # the original domain is there, the restricted one is not
-    root, out = tmp_path / "root", tmp_path / "run"
-    root.mkdir()
-    (root / "FashionMNIST").symlink_to(data_root / "FashionMNIST", target_is_directory=True)
-    proc = run_script("stage2", "--model_path", stage1_run, "--dataset", "SVHN", "--data_root", root, "--out_dir", out)
-    _assert_refused(proc, "stage2", "SVHN", "python -m common.data fetch")
-    assert not out.exists()
+def test_missing_restricted_dataset_in_stage2(refused):
+    _assert_refused(refused, "missing_restricted", "SVHN", "python -m common.data fetch")
 
 
-def test_out_dir_holding_another_run_is_refused_and_untouched(data_root, stage1_run):
-    before = tree_snapshot(stage1_run)
-    proc = run_script("stage1", "--orig_dataset", "FashionMNIST", "--image_size", "16", "--init", "scratch",
-                      "--data_root", data_root, "--out_dir", stage1_run)
-    _assert_refused(proc, "stage1", str(stage1_run), "--resume")
-    assert tree_snapshot(stage1_run) == before
+def test_out_dir_holding_another_run_is_refused_and_untouched(refused):
+    _assert_refused(refused, "out_dir_holds_run", str(refused["stage1_run"]), "--resume")
+    assert tree_snapshot(refused["stage1_run"]) == refused["snapshot"]
 
 
-def test_restricted_equal_to_original(tmp_path, data_root, stage1_run):
-    out = tmp_path / "run"
-    proc = run_script("stage2", "--model_path", stage1_run, "--dataset", "FashionMNIST", "--data_root", data_root,
-                      "--out_dir", out)
-    _assert_refused(proc, "stage2", "FashionMNIST")
-    assert not out.exists()
+def test_restricted_equal_to_original(refused):
+    _assert_refused(refused, "restricted_is_original", "FashionMNIST")
 
 
-def test_bad_checkpoint_path_and_inherited_flag_mismatch(tmp_path, data_root, stage1_run):
-    out = tmp_path / "run"
-    proc = run_script("stage2", "--model_path", tmp_path / "missing.pt", "--dataset", "MNIST",
-                      "--data_root", data_root, "--out_dir", out)
-    _assert_refused(proc, "stage2", "missing.pt")
-    # stage 1 ran at 16 px; a different --image_size contradicts the parent checkpoint
-    proc = run_script("stage2", "--model_path", stage1_run, "--dataset", "MNIST", "--image_size", "32",
-                      "--data_root", data_root, "--out_dir", out)
-    _assert_refused(proc, "stage2", "--image_size")
-    assert not out.exists()
+def test_missing_checkpoint(refused):
+    _assert_refused(refused, "missing_checkpoint", "missing.pt")
+
+
+def test_flag_contradicting_the_parent_checkpoint(refused):
+    # stage 1 ran at 16 px; --image_size 32 contradicts the parent checkpoint
+    _assert_refused(refused, "image_size_differs", "--image_size")
