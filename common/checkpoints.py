@@ -5,6 +5,7 @@ carrying code is refused with a one-line error, not executed.
 """
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -70,9 +71,10 @@ def load_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling refused"
-        raise CheckpointError(f"{path} is refused: it carries more than tensors and plain types, so it is not "
-                              f"loaded ({first[:160]}); re-save it as a state_dict checkpoint") from None
+        found = re.search(r"(?:Unsupported global|Unsupported operand)[^.\n]*", str(err))
+        detail = f" ({found.group(0).strip()[:160]})" if found else ""
+        raise CheckpointError(f"{path} is refused: it carries pickled objects, not only tensors and plain types, "
+                              f"so it is not loaded{detail}; re-save it as a state_dict checkpoint") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or foreign file: "
                               f"{type(err).__name__}); re-create it or point to another file") from None

@@ -12,7 +12,6 @@ BAD_FLAGS = {
     "lr_abc": ("stage2", ["--lr", "abc"], "--lr"),
     "alpha_negative": ("stage2", ["--alpha", "-1"], "--alpha"),
     "unknown_arch": ("stage2", ["--arch", "vgg16"], "--arch"),
-    "epochs_0": ("stage1", ["--epochs", "0"], "--epochs"),
     "bad_grid_item": ("stage3", ["--lrs", "1e-3,abc"], "--lrs"),
 }
 

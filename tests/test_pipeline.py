@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.checkpoints import load_checkpoint
-from helpers import run_script
+from helpers import run_script, run_scripts
 
 STAGE1_KEYS = {"stage", "arch", "orig_dataset", "epochs", "train_acc", "test_acc", "checkpoint", "test_samples"}
 STAGE2_KEYS = {"stage", "loss_type", "orig_test_acc_before", "orig_test_acc", "finetune_restrict_test_acc",
@@ -94,6 +94,8 @@ def test_stage2(stage2_runs, stage1_run, loss_type):
     assert not torch.equal(parent["model"]["conv1.weight"], final["model"]["conv1.weight"])
     loop_ckpt = load_checkpoint(run / "checkpoints" / "loop000002.pt")
     assert loop_ckpt["metrics"]["loop"] == 2
+    # the accuracy floor (default 80 %) is switched off, with a warning, when stage 1 is already below it
+    assert ("floor rule is off" in (run / "log.txt").read_text()) == (s["orig_test_acc_before"] <= 80)
     names = {p.name for p in _plots(run)}
     assert names == {"stage2_training.png", "stage2_finetune_tests.png"}
 
@@ -162,11 +164,10 @@ GRID = ["--strategies", "direct_all,initfc_fc", "--optimizers", "sgd,adam", "--s
 
 def test_stage3_grid_serial_and_parallel(tmp_path, data_root, stage2_runs):
     sophon = stage2_runs("kl")
-    outs = {}
-    for jobs in ("1", "2"):
-        outs[jobs] = tmp_path / f"grid{jobs}"
-        proc = run_script("stage3", "--path", sophon, *GRID, "--jobs", jobs, "--data_root", data_root,
-                          "--out_dir", outs[jobs])
+    outs = {jobs: tmp_path / f"grid{jobs}" for jobs in ("1", "2")}
+    procs = run_scripts([("stage3", ["--path", sophon, *GRID, "--jobs", jobs, "--data_root", data_root,
+                                     "--out_dir", out]) for jobs, out in outs.items()])
+    for proc in procs:
         assert proc.returncode == 0, proc.stderr[-3000:]
     serial = _check_stage3(outs["1"], {"sophon", "scratch"}, 1, sophon)
     parallel = _check_stage3(outs["2"], {"sophon", "scratch"}, 1, sophon)

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from common.cli import UsageError
-from helpers import load_script, popen_script, run_script, tree_snapshot
+from helpers import load_script, popen_script, run_script, run_scripts, tree_snapshot
 
 STAGE2 = ["--dataset", "MNIST", "--bs", "20", "--total_loop", "6", "--adaptation_steps", "2", "--save_every", "1",
           "--test_interval", "3", "--finetune_epochs", "1", "--final_finetune_epochs", "1", "--eval_interval", "2",
           "--loss_type", "inverse", "--fts_optimizers", "sgd,adam", "--fts_head", "reinit,keep"]
-STAGE1 = ["--orig_dataset", "FashionMNIST", "--image_size", "16", "--init", "scratch", "--epochs", "4", "--bs", "8",
+STAGE1 = ["--orig_dataset", "FashionMNIST", "--image_size", "16", "--init", "scratch", "--epochs", "3", "--bs", "16",
           "--save_every", "1"]
 
 
@@ -70,17 +70,38 @@ def _assert_same_model(a, b):
             assert torch.equal(ma[k], mb[k]), k
 
 
+class _Background:
+    """A run started now and waited for when first needed, so it overlaps with the interrupted run."""
+
+    def __init__(self, stage, args, out):
+        self.out = out
+        self.proc, self.log = popen_script(stage, *args, "--out_dir", out, log_path=out.parent / f"{out.name}.txt")
+
+    def wait(self):
+        rc = self.proc.wait(timeout=300)
+        self.log.close()
+        assert rc == 0, (self.out.parent / f"{self.out.name}.txt").read_text()[-3000:]
+        return self.out
+
+
 @pytest.fixture(scope="module")
-def stage2_full(tmp_path_factory, data_root, stage1_run):
+def stage2_full_bg(tmp_path_factory, data_root, stage1_run):
     out = tmp_path_factory.mktemp("resume") / "full"
-    proc = run_script("stage2", *STAGE2, "--model_path", stage1_run, "--data_root", data_root, "--out_dir", out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    bg = _Background("stage2", [*STAGE2, "--model_path", stage1_run, "--data_root", data_root], out)
+    yield bg
+    if bg.proc.poll() is None:
+        bg.proc.kill()
 
 
-def test_stage2_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, data_root, stage1_run, stage2_full):
+@pytest.fixture(scope="module")
+def stage2_full(stage2_full_bg):
+    return stage2_full_bg.wait()
+
+
+def test_stage2_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, data_root, stage1_run, stage2_full_bg):
     args = [*STAGE2, "--model_path", stage1_run, "--data_root", data_root]
     out, output = _interrupted_run("stage2", args, tmp_path, after_rows=3)
+    stage2_full = stage2_full_bg.wait()
     assert "interrupted at loop" in output and f"--resume {out}" in output
     assert "interrupted at loop" in (out / "log.txt").read_text()
     assert (out / "checkpoints" / "last.pt").is_file() and not (out / "checkpoints" / "final.pt").exists()
@@ -109,27 +130,46 @@ def test_stage2_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, data_r
     assert summary["loops_completed"] == 6
 
 
-def test_resuming_a_finished_run_says_so(stage2_full):
+@pytest.fixture(scope="module")
+def resume_refusals(stage2_full, tmp_path_factory):
+    """The quick --resume checks against the finished run, side by side."""
     before = tree_snapshot(stage2_full)
-    proc = run_script("stage2", "--resume", stage2_full, "--total_loop", "6")  # a repeated, equal flag is fine
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "finished" in proc.stdout
-    assert tree_snapshot(stage2_full) == before
+    not_a_run = tmp_path_factory.mktemp("not_a_run")
+    cases = {"finished": ["--resume", stage2_full, "--total_loop", "6"],  # a repeated, equal flag is fine
+             "differs": ["--resume", stage2_full, "--total_loop", "7"],
+             "abbreviated": ["--resume", stage2_full, "--total", "7"],  # argparse accepts the prefix
+             "not_a_run": ["--resume", not_a_run]}
+    procs = run_scripts([("stage2", argv) for argv in cases.values()], max_parallel=4)
+    return dict(zip(cases, procs)), before
 
 
-def test_resume_with_a_differing_flag_is_refused(stage2_full):
-    before = tree_snapshot(stage2_full)
-    proc = run_script("stage2", "--resume", stage2_full, "--total_loop", "7")
-    assert proc.returncode == 2
+def _one_error_line(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-1000:], proc.stderr[-1000:])
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("algo.py: error: ") and "--total_loop" in lines[0]
-    assert tree_snapshot(stage2_full) == before
+    assert len(lines) == 1 and lines[0].startswith("algo.py: error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
 
 
-def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
-    proc = run_script("stage2", "--resume", tmp_path)
-    assert proc.returncode == 2 and proc.stderr.startswith("algo.py: error: ")
-    assert len(proc.stderr.strip().splitlines()) == 1
+def test_resuming_a_finished_run_says_so(stage2_full, resume_refusals):
+    procs, before = resume_refusals
+    assert procs["finished"].returncode == 0, procs["finished"].stderr[-3000:]
+    assert "finished" in procs["finished"].stdout
+    assert tree_snapshot(stage2_full) == before  # none of the --resume calls touched the run
+
+
+def test_resume_with_a_differing_flag_is_refused(resume_refusals):
+    _one_error_line(resume_refusals[0]["differs"], "--total_loop", "7")
+
+
+@pytest.mark.xfail(reason="BUG: given_flags matches exact option strings only, so an abbreviated flag "
+                          "(argparse allow_abbrev) that differs from the resumed run is silently ignored", strict=True)
+def test_resume_with_an_abbreviated_differing_flag_is_refused(resume_refusals):
+    _one_error_line(resume_refusals[0]["abbreviated"], "--total_loop")
+
+
+def test_resume_of_a_folder_that_is_not_a_run(resume_refusals):
+    _one_error_line(resume_refusals[0]["not_a_run"], "config.json")
 
 
 @pytest.mark.xfail(reason="BUG: preflight_resume/given_flags read sys.argv, not the argv passed to main(argv)",
@@ -142,18 +182,21 @@ def test_in_process_resume_checks_the_argv_it_was_given(stage2_full, monkeypatch
 
 
 def test_stage1_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, data_root):
-    full = tmp_path / "full"
-    proc = run_script("stage1", *STAGE1, "--data_root", data_root, "--out_dir", full)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out, output = _interrupted_run("stage1", [*STAGE1, "--data_root", data_root], tmp_path, after_rows=1)
+    full_bg = _Background("stage1", [*STAGE1, "--data_root", data_root], tmp_path / "full")
+    try:
+        out, output = _interrupted_run("stage1", [*STAGE1, "--data_root", data_root], tmp_path, after_rows=1)
+        full = full_bg.wait()
+    finally:
+        if full_bg.proc.poll() is None:
+            full_bg.proc.kill()
     assert "interrupted at epoch" in output and f"--resume {out}" in output
     assert not (out / "checkpoints" / "final.pt").exists()
-    assert 1 <= _data_rows(out / "metrics.csv") < 4
+    assert 1 <= _data_rows(out / "metrics.csv") < 3
     proc = run_script("stage1", "--resume", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_model(out / "checkpoints" / "final.pt", full / "checkpoints" / "final.pt")
     rows, full_rows = _rows(out / "metrics.csv"), _rows(full / "metrics.csv")
-    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     for r, f in zip(rows, full_rows):
         assert float(r["train_loss"]) == pytest.approx(float(f["train_loss"]), rel=1e-4)
         assert r["test_acc"] == f["test_acc"] and r["train_acc"] == f["train_acc"]
