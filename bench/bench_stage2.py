@@ -66,8 +66,7 @@ def build(args, adaptation_steps, run_dir):
     n = max(4 * args.bs, 600)
     orig = synthetic_domain("FashionMNIST", n, args.image_size, 1, 0)
     restricted = synthetic_domain("MNIST", n, args.image_size, 1, 1)
-    if device.type == "cuda":
-        orig, restricted = orig.pin(), restricted.pin()
+    orig, restricted = orig.pin_for(device), restricted.pin_for(device)
     ns = argparse.Namespace(alpha=3.0, beta=5.0, lr=1e-4, fast_lr=1e-4, bs=args.bs, fts_loop=1, ntr_loop=1,
                             adaptation_steps=adaptation_steps, fts_envs=1, seed=0, total_loop=10**6,
                             fts_optimizers=args.fts_optimizers.split(","), fts_lrs=None, fts_head=["reinit"],

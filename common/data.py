@@ -239,9 +239,11 @@ class Domain:
                                 torch.tensor(info.std, device=device).view(1, -1, 1, 1))
         return self._stats[key]
 
-    def pin(self):
-        self.images = self.images.pin_memory()
-        self.labels = self.labels.pin_memory()
+    def pin_for(self, device):
+        """Page-locked host memory on CUDA, so per-batch copies can be non-blocking."""
+        if device.type == "cuda" and not self.images.is_pinned():
+            self.images = self.images.pin_memory()
+            self.labels = self.labels.pin_memory()
         return self
 
 

@@ -65,6 +65,7 @@ def run_stage1_script(args, interrupts, project, stage, make_train=None, make_ev
     check_subset_caps(args, [train, test])
     train, note = make_train(train) if make_train else (train, "")
     device = resolve_device(args.device)
+    train.pin_for(device)
     precision = Precision(device, args.amp, args.channels_last, args.compile)
     seed_everything(args.seed)
     model = precision.prepare(build_model(args.arch, train.num_classes, args.init))

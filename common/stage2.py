@@ -344,6 +344,8 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
                for name in (args.orig_dataset, args.dataset) for train in (True, False)]
     check_subset_caps(args, domains)
     device = resolve_device(args.device)
+    for d in domains:
+        d.pin_for(device)
     precision = Precision(device, args.amp, args.channels_last, args.compile)
     seed_everything(args.seed)
     model = precision.prepare(model_from_checkpoint(ckpt, parent))

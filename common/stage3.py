@@ -218,6 +218,8 @@ def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, 
     from common.train import resolve_device, seed_everything
 
     device = resolve_device(args.device)
+    if args.jobs == 1:
+        train.pin_for(device)
     seed_everything(args.seed)
     cells = [Cell(start, attack) for attack in expand_grid(args) for start in starts]
     run = open_run(args, project, "stage3_eval", args.dataset, config)

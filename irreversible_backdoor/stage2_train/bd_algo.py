@@ -57,6 +57,7 @@ def main(argv=None):
                      ("arch", "orig_dataset", "image_size", "trigger_size", "target_label", "poison_percent"))
     check_trigger(args.trigger_size, args.target_label, s.restr_train.images.shape[-2:], s.restr_train.num_classes)
     ntr_train, _ = poison(s.orig_train, args.poison_percent, args.target_label, args.trigger_size)
+    ntr_train.pin_for(s.device)
     bind = dict(device=s.device, precision=s.precision)
     task = Stage2Task(
         query_loss=target_query_loss(s.restr_train, args.trigger_size, args.target_label, s.device,
