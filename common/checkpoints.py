@@ -27,8 +27,17 @@ def atomic_save(obj, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    replace_atomically(tmp, path, lambda: torch.save(obj, tmp))
+
+
+def replace_atomically(tmp, path, write):
+    """write() fills `tmp`, which then replaces `path`; a failed write leaves the old file and no temp."""
+    try:
+        write()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def unwrap(model):
@@ -130,6 +139,6 @@ def inherit(args, ckpt, path, names):
         given = getattr(args, name)
         if given is None:
             setattr(args, name, parent_value)
-        elif parent_value is not None and given != parent_value:
+        elif (name == "arch" or name in config) and given != parent_value:
             raise UsageError(f"--{name} {given} differs from the parent checkpoint's {parent_value} ({path}); "
                              f"drop the flag to inherit it")

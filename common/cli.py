@@ -55,6 +55,13 @@ def nonneg_int(text):
     return value
 
 
+def batch_size(text):
+    value = _int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (BatchNorm needs two samples per batch), got {text}")
+    return value
+
+
 def pos_float(text):
     try:
         value = float(text)
@@ -121,7 +128,7 @@ def common_flags(*, arch, orig_dataset, bs, seed, image_size=None, inherit=False
                    help="resize every domain to N x N (CPU-scale runs use 32)")
     p.add_argument("--subset", type=pos_int, default=None, help="cap training samples per domain")
     p.add_argument("--test_subset", type=pos_int, default=None, help="cap test samples per domain")
-    p.add_argument("--bs", type=pos_int, default=bs, help="batch size")
+    p.add_argument("--bs", type=batch_size, default=bs, help="batch size")
     p.add_argument("--seed", type=nonneg_int, default=seed)
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--num_workers", type=nonneg_int, default=0, help="JPEG decoding workers")
@@ -150,5 +157,6 @@ def speed_flags():
 
 
 def build_parser(doc, parents):
-    return Parser(description=(doc or "").strip().splitlines()[0], parents=parents,
+    # no abbreviations: --resume compares the flags given with the run's config, by their full names
+    return Parser(description=(doc or "").strip().splitlines()[0], parents=parents, allow_abbrev=False,
                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)

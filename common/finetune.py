@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from common.cli import comma_list, nonneg_int, pos_float, pos_int
+from common.cli import UsageError, batch_size, comma_list, nonneg_int, pos_float, pos_int
 from common.models import head_param_names, head_path, reinit_head
 from common.train import OPTIMIZERS, make_optimizer, train_epoch
 
@@ -60,7 +60,7 @@ def grid_flags(default_epochs, default_lr, default_bs):
     p.add_argument("--optimizers", type=comma_list(str, tuple(OPTIMIZERS)), default=["momentum"],
                    help="sgd, momentum, adam, adamw, rmsprop, adagrad, adadelta")
     p.add_argument("--lrs", type=comma_list(pos_float), default=None, help="default: [--finetune_lr]")
-    p.add_argument("--batch_sizes", type=comma_list(pos_int), default=None, help="default: [--bs]")
+    p.add_argument("--batch_sizes", type=comma_list(batch_size), default=None, help="default: [--bs]")
     p.add_argument("--seeds", type=comma_list(nonneg_int), default=None, help="default: [--seed]")
     p.add_argument("--jobs", type=pos_int, default=1, help="worker processes running grid cells in parallel")
     p.add_argument("--devices", type=comma_list(str), default=None,
@@ -82,6 +82,8 @@ def run_attack(model, train_domain, attack, device, precision, evaluate, on_epoc
 
     Epoch 0 is measured as fine-tuning starts, after any head re-initialisation.
     """
+    if attack.batch_size < 2:
+        raise UsageError(f"batch size {attack.batch_size}: BatchNorm needs two samples per batch")
     gen = torch.Generator().manual_seed(attack.seed)
     reinit, scope = STRATEGIES[attack.strategy]
     if reinit:

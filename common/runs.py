@@ -3,6 +3,8 @@
 runs/<project>/<stage>/<YYYYmmdd-HHMMSS>_<arch>_<dataset>/ holds config.json, metrics.csv, summary.json,
 plots/, log.txt and checkpoints/. A folder holding another run is never overwritten.
 """
+import argparse
+import copy
 import csv
 import datetime
 import json
@@ -15,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.checkpoints import REPO_ROOT
+from common.checkpoints import REPO_ROOT, replace_atomically
 from common.cli import UsageError
 
 log = logging.getLogger("sophon")
@@ -150,20 +152,19 @@ def apply_resume(args, argv_given, run_dir, skip=("resume", "out_dir", "device",
 
 
 def given_flags(parser, argv=None):
-    """Dest names of the flags present on the command line (for resume's equality check)."""
-    argv = sys.argv[1:] if argv is None else argv
-    given = set()
-    for action in parser._actions:
-        if any(a == opt or a.startswith(opt + "=") for a in argv for opt in action.option_strings):
-            given.add(action.dest)
-    return given
+    """Dest names of the flags present in argv (for resume's equality check): argv re-parsed with every
+    default suppressed, so aliases and --flag=value forms count."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
 
 
 def write_json(path, obj):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    replace_atomically(tmp, path, lambda: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
 class CSVLog:
@@ -185,12 +186,14 @@ class CSVLog:
 
     def rewrite(self, rows):
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(self.header)
-            for row in rows:
-                w.writerow([_cell(row.get(k)) for k in self.header])
-        os.replace(tmp, self.path)
+
+        def write():
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(self.header)
+                for row in rows:
+                    w.writerow([_cell(row.get(k)) for k in self.header])
+        replace_atomically(tmp, self.path, write)
 
     def keep(self, predicate):
         """Drop rows (e.g. those after a resumed checkpoint's position)."""
@@ -241,14 +244,14 @@ def open_run(args, project, stage, dataset, config):
     return Run.start(out, config)
 
 
-def preflight_resume(parser, args, project_stage):
+def preflight_resume(parser, args, project_stage, argv=None):
     """Resume rules before anything else runs; returns True when the run is already finished."""
     if args.resume is None:
         if args.out_dir is not None:
             check_out_dir(args.out_dir)
         return False
     run_dir = Path(args.resume).resolve()
-    apply_resume(args, given_flags(parser), run_dir)
+    apply_resume(args, given_flags(parser, argv), run_dir)
     if (run_dir / "summary.json").exists() and (run_dir / "checkpoints" / "final.pt").exists():
         print(f"{project_stage}: run {run_dir} is already finished; nothing to resume")
         return True

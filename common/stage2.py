@@ -332,6 +332,9 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
     from common.runs import config_of
     from common.train import Precision, resolve_device, seed_everything
 
+    if args.bs < 4:
+        raise UsageError(f"--bs {args.bs} is too small for stage 2: each batch is split into support and query, "
+                         f"two samples each at least (BatchNorm); use --bs 4 or more")
     parent = resolve_checkpoint(args.model_path, project, "stage1_pretrain")
     ckpt = load_checkpoint(parent)
     inherit(args, ckpt, parent, inherited)

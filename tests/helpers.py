@@ -58,11 +58,15 @@ def run_scripts(jobs, max_parallel=3, timeout=300):
     return results
 
 
-def popen_script(stage, *args, log_path):
+def popen_script(stage, *args, log_path, ignore_sigint=False):
+    """Start a script in the background, output to `log_path`. ignore_sigint: start it the way a shell
+    script's `cmd &` does, with SIGINT ignored, which the scripts must override with their own handler."""
+    import signal
     cwd = tempfile.mkdtemp(prefix="sophon_cwd_")
     out = open(log_path, "w")
+    preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
     return subprocess.Popen(script_argv(stage, *args), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-                            env=dict(os.environ)), out
+                            env=dict(os.environ), preexec_fn=preexec), out
 
 
 def load_script(stage):

@@ -1,4 +1,5 @@
 """Checkpoints: plain types, weights_only loading, refusals as one-line CheckpointErrors, atomic writes."""
+import argparse
 import os
 import pathlib
 import pickle
@@ -8,8 +9,9 @@ import pytest
 import torch
 
 import common.checkpoints as ckpts
-from common.checkpoints import (REQUIRED_KEYS, CheckpointError, atomic_save, load_checkpoint, load_file,
+from common.checkpoints import (REQUIRED_KEYS, CheckpointError, atomic_save, inherit, load_checkpoint, load_file,
                                 model_from_checkpoint, resolve_checkpoint, save_checkpoint)
+from common.cli import UsageError
 from common.models import build_model
 
 META = dict(arch="resnet18", dataset="MNIST", stage="sophon_orig/stage2_train",
@@ -49,8 +51,6 @@ def test_atomic_write_leaves_no_temp_files(tmp_path, resnet):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt"]
 
 
-@pytest.mark.xfail(reason="BUG: atomic_save leaves its .<name>.tmp<pid> file behind when torch.save fails",
-                   strict=True)
 def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     path = tmp_path / "last.pt"
     atomic_save({"loop": 1}, path)
@@ -151,3 +151,32 @@ def test_newest_final_is_the_default(tmp_path, monkeypatch, capsys):
     got = resolve_checkpoint(None, "sophon_orig", "stage1_pretrain")
     assert got == paths[1]
     assert str(paths[1]) in capsys.readouterr().out
+
+
+# ---- flags inherited from the parent checkpoint (SPEC §6) ---------------------------------------------
+
+PARENT = {"arch": "resnet18", "config": {"orig_dataset": "FashionMNIST", "image_size": 16}}
+
+
+def _inherit(ckpt=PARENT, **given):
+    args = argparse.Namespace(**{"arch": None, "orig_dataset": None, "image_size": None, **given})
+    inherit(args, ckpt, "parent.pt", ("arch", "orig_dataset", "image_size"))
+    return args
+
+
+def test_inherit_takes_parent_values_and_accepts_equal_ones():
+    args = _inherit()
+    assert (args.arch, args.orig_dataset, args.image_size) == ("resnet18", "FashionMNIST", 16)
+    assert _inherit(arch="resnet18", image_size=16).image_size == 16
+
+
+@pytest.mark.parametrize("flag,value", [("arch", "resnet34"), ("orig_dataset", "CIFAR10"), ("image_size", 32)])
+def test_inherit_refuses_a_differing_value(flag, value):
+    with pytest.raises(UsageError, match=f"--{flag}"):
+        _inherit(**{flag: value})
+
+
+def test_inherit_refuses_a_size_for_a_native_size_parent():
+    native = {"arch": "resnet18", "config": {"orig_dataset": "FashionMNIST", "image_size": None}}
+    with pytest.raises(UsageError, match="--image_size"):
+        _inherit(native, image_size=16)

@@ -1,19 +1,41 @@
 """Refusals through the real command lines: one stderr line, exit 2, and no run folder left behind.
 
 All refused runs are started side by side once (module fixture); each test checks its own."""
+import sys
+
 import pytest
 
-from helpers import run_scripts, tree_snapshot
+from helpers import SCRIPTS, load_script, run_scripts, tree_snapshot
 
 SCRIPT_NAMES = {"stage1": "train.py", "stage2": "algo.py", "stage3": "finetune_test.py"}
 
+# through a real process (the `cli.run(main)` wrapper, exit status and stderr as a shell sees them) ...
 BAD_FLAGS = {
     "total_loop_0": ("stage2", ["--total_loop", "0"], "--total_loop"),
-    "lr_abc": ("stage2", ["--lr", "abc"], "--lr"),
-    "alpha_negative": ("stage2", ["--alpha", "-1"], "--alpha"),
-    "unknown_arch": ("stage2", ["--arch", "vgg16"], "--arch"),
     "bad_grid_item": ("stage3", ["--lrs", "1e-3,abc"], "--lrs"),
 }
+# ... and many more through the same wrapper in-process (a process start costs seconds on a small machine)
+BAD_FLAGS_IN_PROCESS = [
+    ("stage2", ["--total_loop", "0"], "--total_loop"),
+    ("stage2", ["--lr", "abc"], "--lr"),
+    ("stage2", ["--alpha", "-1"], "--alpha"),
+    ("stage2", ["--beta", "inf"], "--beta"),
+    ("stage2", ["--fast_lr", "0"], "--fast_lr"),
+    ("stage2", ["--arch", "vgg16"], "--arch"),
+    ("stage2", ["--loss_type", "mse"], "--loss_type"),
+    ("stage2", ["--adaptation_steps", "-2"], "--adaptation_steps"),
+    ("stage2", ["--fts_optimizers", "sgd,lbfgs"], "--fts_optimizers"),
+    ("stage2", ["--fts_head", "drop"], "--fts_head"),
+    ("stage2", ["--bs", "1.5"], "--bs"),
+    ("stage2", ["--no_such_flag", "1"], "--no_such_flag"),
+    ("stage1", ["--epochs", "0"], "--epochs"),
+    ("stage1", ["--init", "random"], "--init"),
+    ("stage1", ["--device", "tpu"], "--device"),
+    ("stage3", ["--start", "sophon,sratch"], "--start"),
+    ("stage3", ["--optimizers", "sgd,nesterov"], "--optimizers"),
+    ("stage3", ["--seeds", "0,-1"], "--seeds"),
+    ("stage3", ["--jobs", "0"], "--jobs"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +88,27 @@ def test_bad_flag(refused, name):
     _assert_refused(refused, name, BAD_FLAGS[name][2])
 
 
+@pytest.fixture(scope="module")
+def script_modules():
+    return {stage: load_script(stage) for stage in SCRIPTS}
+
+
+@pytest.mark.parametrize("stage,argv,needle", BAD_FLAGS_IN_PROCESS)
+def test_bad_flag_in_process(script_modules, tmp_path, monkeypatch, capsys, restore_signals, stage, argv, needle):
+    from common import cli
+    out = tmp_path / "run"
+    argv = [*argv, "--out_dir", str(out)]
+    monkeypatch.setattr(sys, "argv", [str(SCRIPTS[stage]), *argv])
+    with pytest.raises(SystemExit) as info:
+        cli.run(lambda: script_modules[stage].main(argv))
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{SCRIPT_NAMES[stage]}: error: "), captured.err
+    assert needle in lines[0] and "usage:" not in captured.err
+    assert not out.exists()
+
+
 def test_missing_dataset(refused):
     _assert_refused(refused, "missing_dataset", "CIFAR10", "python -m common.data fetch", str(refused["empty"]))
     assert list(refused["empty"].iterdir()) == []
@@ -91,3 +134,17 @@ def test_missing_checkpoint(refused):
 def test_flag_contradicting_the_parent_checkpoint(refused):
     # stage 1 ran at 16 px; --image_size 32 contradicts the parent checkpoint
     _assert_refused(refused, "image_size_differs", "--image_size")
+
+
+def test_stage2_batch_too_small_to_split_is_refused_up_front(script_modules, stage1_run, data_root, tmp_path,
+                                                             monkeypatch, capsys, restore_signals):
+    from common import cli
+    out = tmp_path / "run"
+    argv = ["--model_path", str(stage1_run), "--dataset", "MNIST", "--bs", "3", "--total_loop", "1",
+            "--adaptation_steps", "1", "--test_interval", "0", "--final_finetune_epochs", "0",
+            "--data_root", str(data_root), "--out_dir", str(out)]
+    monkeypatch.setattr(sys, "argv", [str(SCRIPTS["stage2"]), *argv])
+    with pytest.raises(SystemExit) as info:
+        cli.run(lambda: script_modules["stage2"].main(argv))
+    assert info.value.code == 2 and "--bs" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,5 +1,4 @@
 """Fine-tuning attacks: what each strategy trains, the optimiser table, verdict maths, the grid."""
-import argparse
 import copy
 
 import pytest
@@ -196,3 +195,14 @@ def test_expand_grid_lists_win_and_duplicates_drop():
 def test_bad_grid_item(argv):
     with pytest.raises(UsageError):
         _grid_args(argv)
+
+
+def test_batch_size_one_attack_trains_or_is_refused():
+    torch.manual_seed(0)
+    model = TinyNet()
+    before = copy.deepcopy(model.state_dict())
+    try:
+        run_attack(model, _domain(), Attack("direct_all", "adam", 1e-2, 1, 1, 0), CPU, Precision(CPU), lambda m: {})
+    except UsageError:
+        return  # refusing the batch size is fine too
+    assert not torch.equal(model.fc.weight, before["fc.weight"])

@@ -89,6 +89,9 @@ def test_stage2(stage2_runs, stage1_run, loss_type):
     assert final["config"]["orig_dataset"] == "FashionMNIST" and final["config"]["dataset"] == "MNIST"
     assert final["config"]["image_size"] == 16 and final["arch"] == "resnet18"
     assert Path(final["parent"]) == (stage1_run / "checkpoints" / "final.pt").resolve()
+    config = json.loads((run / "config.json").read_text())
+    assert Path(config["config"]["parent"]) == Path(final["parent"]) and config["config"]["seed"] == 0
+    assert config["config"]["arch"] == "resnet18" and config["config"]["image_size"] == 16  # inherited
     # stage 2 changed the weights
     parent = load_checkpoint(stage1_run / "checkpoints" / "final.pt")
     assert not torch.equal(parent["model"]["conv1.weight"], final["model"]["conv1.weight"])

@@ -51,7 +51,7 @@ def parse_args(argv=None):
 def main(argv=None):
     parser, args = parse_args(argv)
     interrupts = Interrupts()
-    if preflight_resume(parser, args, STAGE):
+    if preflight_resume(parser, args, STAGE, argv):
         return 0
     s = setup_stage2(args, "irreversible_backdoor", STAGE,
                      ("arch", "orig_dataset", "image_size", "trigger_size", "target_label", "poison_percent"))

@@ -42,7 +42,7 @@ def parse_args(argv=None):
 def main(argv=None):
     parser, args = parse_args(argv)
     interrupts = Interrupts()
-    if preflight_resume(parser, args, STAGE):
+    if preflight_resume(parser, args, STAGE, argv):
         return 0
     paths, ckpts = {}, {}
     if "irreversible" in args.start:

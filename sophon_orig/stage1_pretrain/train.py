@@ -32,7 +32,7 @@ def parse_args(argv=None):
 def main(argv=None):
     parser, args = parse_args(argv)
     interrupts = Interrupts()
-    if preflight_resume(parser, args, STAGE):
+    if preflight_resume(parser, args, STAGE, argv):
         return 0
     return run_stage1_script(args, interrupts, "sophon_orig", STAGE)
 

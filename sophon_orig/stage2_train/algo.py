@@ -46,7 +46,7 @@ def parse_args(argv=None):
 def main(argv=None):
     parser, args = parse_args(argv)
     interrupts = Interrupts()
-    if preflight_resume(parser, args, STAGE):
+    if preflight_resume(parser, args, STAGE, argv):
         return 0
     s = setup_stage2(args, "sophon_orig", STAGE)
     fte, cl = FTE_LOSSES[args.loss_type], s.precision.channels_last

@@ -38,7 +38,7 @@ def parse_args(argv=None):
 def main(argv=None):
     parser, args = parse_args(argv)
     interrupts = Interrupts()
-    if preflight_resume(parser, args, STAGE):
+    if preflight_resume(parser, args, STAGE, argv):
         return 0
     sophon_path = resolve_checkpoint(args.path, "sophon_orig", "stage2_train", "--path")
     sophon = load_checkpoint(sophon_path)
