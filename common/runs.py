@@ -270,7 +270,7 @@ def guarded(run, stage, body):
 
 def close_run(run, stage, summary, test_samples, checkpoint=None):
     """summary.json with the keys every stage shares, then the plots."""
-    from common.plots import plot_run
+    from common.plots import plot_run  # matplotlib loads only where plots are drawn
     summary = {"stage": stage, **summary, "test_samples": test_samples}
     if checkpoint is not None:
         summary["checkpoint"] = str(Path(checkpoint).resolve())

@@ -1,11 +1,15 @@
 """Stage 1: plain (or poisoned) training on the original domain, resumable per epoch."""
 import logging
 import time
+from functools import partial
 
 import torch
 
 from common.checkpoints import atomic_save, load_file, make_checkpoint
-from common.train import progress, train_epoch
+from common.data import check_name, check_subset_caps, load_domain
+from common.models import build_model
+from common.runs import close_run, config_of, guarded, open_run
+from common.train import AccuracyEval, Precision, progress, resolve_device, seed_everything, train_epoch
 
 log = logging.getLogger("sophon")
 
@@ -51,13 +55,6 @@ def run_stage1(args, run, model, train_domain, evaluate, device, precision, inte
 def run_stage1_script(args, interrupts, project, stage, make_train=None, make_evaluator=None):
     """Every check, then the run: `make_train(clean_train)` may poison the training data,
     `make_evaluator(test)` replaces the plain accuracy evaluator. Returns the exit code."""
-    from functools import partial
-
-    from common.data import check_name, check_subset_caps, load_domain
-    from common.models import build_model
-    from common.runs import close_run, config_of, guarded, open_run
-    from common.train import AccuracyEval, Precision, resolve_device, seed_everything
-
     check_name(args.orig_dataset)
     load = partial(load_domain, args.orig_dataset, args.data_root, image_size=args.image_size, download=args.download,
                    cache_dir=args.cache_dir, num_workers=args.num_workers)

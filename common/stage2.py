@@ -11,16 +11,19 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from common.checkpoints import atomic_save, load_file, make_checkpoint
-from common.cli import nonneg_int, pos_float, pos_int
-from common.data import BatchStream
+from common.checkpoints import (atomic_save, inherit, load_checkpoint, load_file, make_checkpoint,
+                                model_from_checkpoint, resolve_checkpoint)
+from common.cli import UsageError, nonneg_int, pos_float, pos_int
+from common.data import BatchStream, check_name, check_subset_caps, load_domain
 from common.finetune import Attack, run_attack
 from common.fts import FTS, FineTunerSampler, fts_flags
-from common.runs import Interrupts
+from common.runs import Interrupts, close_run, config_of, guarded, open_run
+from common.train import Precision, progress, resolve_device, seed_everything
 
 log = logging.getLogger("sophon")
 
@@ -211,7 +214,6 @@ class Stage2:
                 log.warning("original accuracy %.2f is already at or below --min_orig_acc %.2f: the floor rule is "
                             "off for this run", self.orig_before["orig_test_acc"], args.min_orig_acc)
             self.snapshot = self._state()
-        from common.train import progress
         bar = progress(total=args.total_loop, initial=self.loop, desc="stage 2")
         stopped_early = False
         while self.loop < args.total_loop:
@@ -324,14 +326,6 @@ class Stage2Setup:
 
 def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image_size")):
     """Every check of a stage-2 run, before its folder exists: parent checkpoint, inherited flags, data."""
-    from functools import partial
-
-    from common.checkpoints import inherit, load_checkpoint, model_from_checkpoint, resolve_checkpoint
-    from common.cli import UsageError
-    from common.data import check_name, check_subset_caps, load_domain
-    from common.runs import config_of
-    from common.train import Precision, resolve_device, seed_everything
-
     if args.bs < 4:
         raise UsageError(f"--bs {args.bs} is too small for stage 2: each batch is split into support and query, "
                          f"two samples each at least (BatchNorm); use --bs 4 or more")
@@ -358,8 +352,6 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
 
 def run_stage2_script(args, interrupts, project, stage, s, task):
     """Open the run folder, train, close; returns the exit code."""
-    from common.runs import close_run, guarded, open_run
-
     run = open_run(args, project, "stage2_train", args.dataset, s.config)
     for note in {d.note for d in (s.orig_train, s.restr_train) if d.note}:
         run.log_note(note)

@@ -13,9 +13,10 @@ import multiprocessing as mp
 
 import torch
 
-from common.finetune import run_attack
+from common.finetune import expand_grid, run_attack
 from common.models import build_model
-from common.train import Precision, progress, resolve_device
+from common.runs import close_run, guarded, open_run
+from common.train import Precision, progress, resolve_device, seed_everything
 
 log = logging.getLogger("sophon")
 
@@ -213,10 +214,6 @@ def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",)
 def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, train, evaluator, config,
                       metric_keys, verdict_fn, title, notes=(), extra_summary=None):
     """Open the run folder, run every (start, attack) cell, write summary.json, plots and report.md."""
-    from common.finetune import expand_grid
-    from common.runs import close_run, guarded, open_run
-    from common.train import resolve_device, seed_everything
-
     device = resolve_device(args.device)
     if args.jobs == 1:
         train.pin_for(device)
