@@ -48,15 +48,15 @@ class DatasetInfo:
     mean: tuple
     std: tuple
     location: str  # where it lives under the data root, for error messages
-    size_mb: int  # on disk, for datasets/README.md and fetch
 
 
 DATASETS = {
-    "ImageNette": DatasetInfo(10, IMAGENET_MEAN, IMAGENET_STD, "imagenette2/ (or imagenette2-320/, imagenette2-160/) with train/ and val/", 1500),
-    "CIFAR10": DatasetInfo(10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar-10-batches-py/", 180),
-    "MNIST": DatasetInfo(10, (0.1307,), (0.3081,), "MNIST/raw/ (IDX files)", 55),
-    "FashionMNIST": DatasetInfo(10, (0.2860,), (0.3530,), "FashionMNIST/raw/ (IDX files)", 55),
-    "SVHN": DatasetInfo(10, (0.0,), (1.0,), "train_32x32.mat and test_32x32.mat", 240),
+    "ImageNette": DatasetInfo(10, IMAGENET_MEAN, IMAGENET_STD,
+                              "imagenette2/ (or imagenette2-320/, imagenette2-160/) with train/ and val/"),
+    "CIFAR10": DatasetInfo(10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar-10-batches-py/"),
+    "MNIST": DatasetInfo(10, (0.1307,), (0.3081,), "MNIST/raw/ (IDX files)"),
+    "FashionMNIST": DatasetInfo(10, (0.2860,), (0.3530,), "FashionMNIST/raw/ (IDX files)"),
+    "SVHN": DatasetInfo(10, (0.0,), (1.0,), "train_32x32.mat and test_32x32.mat"),
 }
 
 

@@ -1,4 +1,5 @@
 """Stage 1: plain (or poisoned) training on the original domain, resumable per epoch."""
+import argparse
 import logging
 import time
 from functools import partial
@@ -6,6 +7,7 @@ from functools import partial
 import torch
 
 from common.checkpoints import atomic_save, load_file, make_checkpoint
+from common.cli import pos_float, pos_int
 from common.data import check_name, check_subset_caps, load_domain
 from common.models import build_model
 from common.runs import close_run, config_of, guarded, open_run
@@ -85,3 +87,13 @@ def run_stage1_script(args, interrupts, project, stage, make_train=None, make_ev
         return 0
 
     return guarded(run, stage, body)
+
+
+def stage1_flags(*, epochs, lr, init, save_every):
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--epochs", type=pos_int, default=epochs)
+    p.add_argument("--lr", type=pos_float, default=lr, help="Adam learning rate")
+    p.add_argument("--init", choices=("imagenet", "scratch"), default=init,
+                   help="imagenet: torchvision/timm pretrained weights; scratch: random")
+    p.add_argument("--save_every", type=pos_int, default=save_every, help="write last.pt every N epochs")
+    return p

@@ -7,7 +7,7 @@
 from common import cli
 from common.backdoor import BackdoorEval, check_trigger, poison, trigger_flags
 from common.runs import Interrupts, preflight_resume
-from common.stage1 import run_stage1_script
+from common.stage1 import run_stage1_script, stage1_flags
 
 STAGE = "irreversible_backdoor/stage1_pretrain"
 ARCH = "resnet18"  # resnet18 | resnet34 | resnet50 | caformer
@@ -28,11 +28,7 @@ def parse_args(argv=None):
     parser = cli.build_parser(__doc__, [
         cli.common_flags(arch=ARCH, orig_dataset=ORIG_DATASET, bs=BS, seed=SEED, image_size=IMAGE_SIZE),
         trigger_flags(poison_percent=POISON_PERCENT, target_label=TARGET_LABEL, trigger_size=TRIGGER_SIZE),
-        cli.speed_flags()])
-    parser.add_argument("--epochs", type=cli.pos_int, default=EPOCHS)
-    parser.add_argument("--lr", type=cli.pos_float, default=LR)
-    parser.add_argument("--init", choices=("imagenet", "scratch"), default=INIT)
-    parser.add_argument("--save_every", type=cli.pos_int, default=SAVE_EVERY)
+        stage1_flags(epochs=EPOCHS, lr=LR, init=INIT, save_every=SAVE_EVERY), cli.speed_flags()])
     return parser, parser.parse_args(argv)
 
 
