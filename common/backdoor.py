@@ -92,8 +92,8 @@ def persistence_verdicts(results, protected="irreversible", reference="backdoore
     """Per attack: does the protected backdoor outlive the reference under clean fine-tuning?
 
     final_asr_*: ASR after the last epoch, mean over seeds; auc_ratio: area under the protected ASR curve
-    over the reference's (> 1: the protected backdoor lives longer); epochs_asr_above_50: epochs the ASR
-    stays above 50% before first dropping below it (None = never drops).
+    over the reference's (> 1: the protected backdoor lives longer); first_epoch_asr_below_50: per seed,
+    the first epoch whose ASR is below 50% (None = it never drops).
     """
     by_family = {}
     for r in results:
@@ -112,8 +112,8 @@ def persistence_verdicts(results, protected="irreversible", reference="backdoore
             f"final_asr_{protected}": mean_std([c[protected][-1] for c in pairs])[0],
             f"final_asr_{reference}": mean_std([c[reference][-1] for c in pairs])[0],
             "auc_ratio_mean": mean, "auc_ratio_std": std,
-            f"epochs_asr_above_50_{protected}": [_survival(c[protected]) for c in pairs],
-            f"epochs_asr_above_50_{reference}": [_survival(c[reference]) for c in pairs]})
+            f"first_epoch_asr_below_50_{protected}": [_survival(c[protected]) for c in pairs],
+            f"first_epoch_asr_below_50_{reference}": [_survival(c[reference]) for c in pairs]})
     return verdicts
 
 

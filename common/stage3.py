@@ -168,8 +168,8 @@ VERDICT_LEGEND = (
     "epochs to scratch final: first epoch (0 = before fine-tuning) at which the protected curve reaches the "
     "scratch model's final accuracy, fastest seed; never = not within the epochs run. auc ratio: area under "
     "the protected curve over the reference's, mean and std over seeds (SOPHON: < 1 = learns slower than "
-    "scratch; backdoor ASR: > 1 = the backdoor outlives the plain one). epochs asr above 50: per seed, the "
-    "first epoch with ASR below 50% (never = it never drops).")
+    "scratch; backdoor ASR: > 1 = the backdoor outlives the plain one). first epoch asr below 50: per seed "
+    "(never = it never drops).")
 
 
 def _fmt(value, none="n/a"):
@@ -191,7 +191,7 @@ def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",)
         lines += ["## Verdict per attack", "", VERDICT_LEGEND, "",
                   "| " + " | ".join(c.replace("_", " ") for c in columns) + " |",
                   "| " + " | ".join("---" for _ in columns) + " |"]
-        lines += ["| " + " | ".join(_fmt(v.get(c), "never" if "epochs" in c else "n/a") for c in columns) + " |"
+        lines += ["| " + " | ".join(_fmt(v.get(c), "never" if "epoch" in c else "n/a") for c in columns) + " |"
                   for v in verdicts]
         lines.append("")
     for key in metric_keys:
