@@ -279,3 +279,13 @@ def close_run(run, stage, summary, test_samples, checkpoint=None):
         log.info("plot %s", path)
     log.info("summary %s", run.path / "summary.json")
     return summary
+
+
+def begin(parse_args, stage, argv=None):
+    """A stage script's start: parse, install the interrupt handlers, apply --resume.
+    Returns (None, None) when the resumed run is already finished."""
+    parser, args = parse_args(argv)
+    interrupts = Interrupts()
+    if preflight_resume(parser, args, stage, argv):
+        return None, None
+    return args, interrupts

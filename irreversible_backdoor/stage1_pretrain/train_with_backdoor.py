@@ -6,7 +6,7 @@
 """
 from common import cli
 from common.backdoor import BackdoorEval, check_trigger, poison, trigger_flags
-from common.runs import Interrupts, preflight_resume
+from common.runs import begin
 from common.stage1 import run_stage1_script, stage1_flags
 
 STAGE = "irreversible_backdoor/stage1_pretrain"
@@ -33,9 +33,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    parser, args = parse_args(argv)
-    interrupts = Interrupts()
-    if preflight_resume(parser, args, STAGE, argv):
+    args, interrupts = begin(parse_args, STAGE, argv)
+    if args is None:
         return 0
 
     def make_train(clean):

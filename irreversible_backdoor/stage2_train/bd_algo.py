@@ -9,7 +9,7 @@ from functools import partial
 
 from common import cli
 from common.backdoor import BackdoorEval, check_trigger, poison, target_query_loss, trigger_flags
-from common.runs import Interrupts, preflight_resume
+from common.runs import begin
 from common.stage2 import Stage2Task, run_stage2_script, setup_stage2, stage2_flags
 
 STAGE = "irreversible_backdoor/stage2_train"
@@ -49,9 +49,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    parser, args = parse_args(argv)
-    interrupts = Interrupts()
-    if preflight_resume(parser, args, STAGE, argv):
+    args, interrupts = begin(parse_args, STAGE, argv)
+    if args is None:
         return 0
     s = setup_stage2(args, "irreversible_backdoor", STAGE,
                      ("arch", "orig_dataset", "image_size", "trigger_size", "target_label", "poison_percent"))

@@ -13,7 +13,7 @@ from common.backdoor import BackdoorEval, check_trigger, persistence_verdicts, t
 from common.checkpoints import inherit, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from common.data import check_name, check_subset_caps, load_domain
 from common.finetune import grid_flags
-from common.runs import Interrupts, config_of, preflight_resume
+from common.runs import begin, config_of
 from common.stage3 import run_stage3_script
 from common.train import Precision, resolve_device
 
@@ -40,9 +40,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    parser, args = parse_args(argv)
-    interrupts = Interrupts()
-    if preflight_resume(parser, args, STAGE, argv):
+    args, interrupts = begin(parse_args, STAGE, argv)
+    if args is None:
         return 0
     paths, ckpts = {}, {}
     if "irreversible" in args.start:

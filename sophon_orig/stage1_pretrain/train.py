@@ -4,7 +4,7 @@
     python sophon_orig/stage1_pretrain/train.py --orig_dataset FashionMNIST --image_size 32 --init scratch
 """
 from common import cli
-from common.runs import Interrupts, preflight_resume
+from common.runs import begin
 from common.stage1 import run_stage1_script, stage1_flags
 
 STAGE = "sophon_orig/stage1_pretrain"
@@ -27,9 +27,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    parser, args = parse_args(argv)
-    interrupts = Interrupts()
-    if preflight_resume(parser, args, STAGE, argv):
+    args, interrupts = begin(parse_args, STAGE, argv)
+    if args is None:
         return 0
     return run_stage1_script(args, interrupts, "sophon_orig", STAGE)
 

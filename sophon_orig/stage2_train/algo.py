@@ -7,7 +7,7 @@ from functools import partial
 
 from common import cli
 from common.losses import FTE_LOSSES
-from common.runs import Interrupts, preflight_resume
+from common.runs import begin
 from common.stage2 import Stage2Task, run_stage2_script, setup_stage2, stage2_flags
 from common.train import AccuracyEval
 
@@ -44,9 +44,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    parser, args = parse_args(argv)
-    interrupts = Interrupts()
-    if preflight_resume(parser, args, STAGE, argv):
+    args, interrupts = begin(parse_args, STAGE, argv)
+    if args is None:
         return 0
     s = setup_stage2(args, "sophon_orig", STAGE)
     fte, cl = FTE_LOSSES[args.loss_type], s.precision.channels_last

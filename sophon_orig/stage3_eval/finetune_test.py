@@ -10,7 +10,7 @@ from common import cli
 from common.checkpoints import inherit, load_checkpoint, resolve_checkpoint
 from common.data import check_name, check_subset_caps, load_domain
 from common.finetune import grid_flags, scratch_verdicts
-from common.runs import Interrupts, config_of, preflight_resume
+from common.runs import begin, config_of
 from common.stage3 import run_stage3_script
 from common.train import AccuracyEval
 
@@ -36,9 +36,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    parser, args = parse_args(argv)
-    interrupts = Interrupts()
-    if preflight_resume(parser, args, STAGE, argv):
+    args, interrupts = begin(parse_args, STAGE, argv)
+    if args is None:
         return 0
     sophon_path = resolve_checkpoint(args.path, "sophon_orig", "stage2_train", "--path")
     sophon = load_checkpoint(sophon_path)
