@@ -13,7 +13,8 @@ from pathlib import Path
 
 from common import cli
 from common.checkpoints import REPO_ROOT
-from common.data import DataNotFound, fetch, load_domain
+from common.data import DataNotFound, load_domain
+from common.fetch import fetch
 
 ORIG_DATASET = "FashionMNIST"
 DATASET = "MNIST"

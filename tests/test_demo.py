@@ -4,9 +4,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 import fakedata
-from common.data import FASHION_DEBIAN_DIR
+from common.fetch import FASHION_DEBIAN_DIR
 from helpers import REPO
+
+pytestmark = pytest.mark.slow  # stage scripts in subprocesses
 
 
 def offline_sources_installed():
