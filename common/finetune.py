@@ -1,7 +1,6 @@
-"""Fine-tuning attacks: strategies, the attack grid, and the overhead-versus-scratch verdicts."""
+"""Fine-tuning attacks: strategies, the attack grid, and one attack run on a model."""
 import argparse
 import itertools
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,13 +38,6 @@ class Attack:
     batch_size: int
     epochs: int
     seed: int
-
-    @property
-    def family(self):
-        return (self.strategy, self.optimizer, self.lr, self.batch_size)
-
-    def label(self):
-        return f"{self.strategy} {self.optimizer} lr={self.lr:g} bs={self.batch_size}"
 
     def as_dict(self):
         return asdict(self)
@@ -90,6 +82,7 @@ def run_attack(model, train_domain, attack, device, precision, evaluate, on_epoc
         reinit_head(model, gen)
     trainable, bn_eval = scope_params(model, scope)
     keep = {id(p) for p in trainable}
+    was_trainable = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
     optimizer = make_optimizer(attack.optimizer, trainable, attack.lr, attack=True)
@@ -102,64 +95,6 @@ def run_attack(model, train_domain, attack, device, precision, evaluate, on_epoc
         curve.append(evaluate(model))
         if on_epoch:
             on_epoch(epoch, curve[-1])
-    for p in model.parameters():
-        p.requires_grad_(True)
+    for p, flag in was_trainable:
+        p.requires_grad_(flag)
     return curve
-
-
-# ---- verdicts ------------------------------------------------------------------------------------
-
-def epochs_to_reach(curve, target):
-    """First epoch (0-based, epoch 0 = before fine-tuning) whose value reaches `target`; None if never."""
-    for epoch, value in enumerate(curve):
-        if value >= target - 1e-9:
-            return epoch
-    return None
-
-
-def auc(curve):
-    """Trapezoidal area under a per-epoch curve, normalised by the number of epochs."""
-    if len(curve) < 2:
-        return float(curve[0]) if curve else 0.0
-    return sum((a + b) / 2 for a, b in zip(curve[:-1], curve[1:])) / (len(curve) - 1)
-
-
-def mean_std(values):
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return mean, std
-
-
-def scratch_verdicts(results, protected="sophon", reference="scratch", metric="test_acc_curve"):
-    """Per attack: how much slower the protected model learns than a model trained from scratch.
-
-    epochs_to_scratch_final: over seeds, the fastest epoch at which the protected curve reaches the
-    reference's final accuracy (the attacker's best seed; None = no seed ever does). auc_ratio: area
-    under the protected curve over the reference's (< 1: learns slower than scratch), mean +- std over seeds.
-    """
-    by_cell = {}
-    for r in results:
-        family = (r["strategy"], r["optimizer"], r["lr"], r["batch_size"])
-        by_cell.setdefault(family, {}).setdefault(r["seed"], {})[r["start"]] = r[metric]
-    verdicts = []
-    for (strategy, optimizer, lr, bs), seeds in by_cell.items():
-        reach, ratios = [], []
-        for curves in seeds.values():
-            if protected not in curves or reference not in curves:
-                continue
-            mine, ref = curves[protected], curves[reference]
-            reach.append(epochs_to_reach(mine, ref[-1]))
-            ratios.append(auc(mine) / auc(ref) if auc(ref) > 0 else None)
-        if not reach:
-            continue
-        reached = [e for e in reach if e is not None]
-        mean, std = mean_std(ratios)
-        verdicts.append({"strategy": strategy, "optimizer": optimizer, "lr": lr, "batch_size": bs,
-                         "protected": protected, "reference": reference,
-                         "epochs_to_scratch_final": min(reached) if reached else None,
-                         "epochs_to_scratch_final_per_seed": reach,
-                         "auc_ratio_mean": mean, "auc_ratio_std": std, "seeds": len(reach)})
-    return verdicts

@@ -7,9 +7,9 @@ import torch
 import common.finetune as ft
 from common.cli import Parser, UsageError
 from common.data import Domain
-from common.finetune import (STRATEGIES, Attack, auc, epochs_to_reach, expand_grid, grid_flags, mean_std,
-                             run_attack, scratch_verdicts)
+from common.finetune import Attack, expand_grid, grid_flags, run_attack
 from common.train import OPTIMIZERS, Precision, make_optimizer
+from common.verdicts import auc, epochs_to_reach, mean_std, scratch_verdicts
 from helpers import TinyNet
 
 CPU = torch.device("cpu")
@@ -24,14 +24,10 @@ def _domain(n=24, size=8, seed=0):
 
 # ---- strategies -------------------------------------------------------------------------------------
 
-def test_strategy_table():
-    assert STRATEGIES == {"direct_all": (False, "all"), "initfc_all": (True, "all"),
-                          "direct_fc": (False, "head"), "initfc_fc": (True, "head")}
-
-
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-def test_run_attack_trains_what_the_strategy_says(strategy):
-    reinit, scope = STRATEGIES[strategy]
+# SPEC §9: direct_* keeps the head, initfc_* re-initialises it; *_all trains every layer, *_fc the head only
+@pytest.mark.parametrize("strategy,reinit,scope", [("direct_all", False, "all"), ("initfc_all", True, "all"),
+                                                   ("direct_fc", False, "head"), ("initfc_fc", True, "head")])
+def test_run_attack_trains_what_the_strategy_says(strategy, reinit, scope):
     torch.manual_seed(0)
     model = TinyNet()
     before = copy.deepcopy(model.state_dict())
@@ -197,12 +193,19 @@ def test_bad_grid_item(argv):
         _grid_args(argv)
 
 
-def test_batch_size_one_attack_trains_or_is_refused():
+def test_batch_size_one_attack_is_refused():
     torch.manual_seed(0)
     model = TinyNet()
     before = copy.deepcopy(model.state_dict())
-    try:
+    with pytest.raises(UsageError, match="batch size 1"):
         run_attack(model, _domain(), Attack("direct_all", "adam", 1e-2, 1, 1, 0), CPU, Precision(CPU), lambda m: {})
-    except UsageError:
-        return  # refusing the batch size is fine too
-    assert not torch.equal(model.fc.weight, before["fc.weight"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_run_attack_gives_back_the_callers_frozen_parameters():
+    torch.manual_seed(0)
+    model = TinyNet()
+    model.conv.weight.requires_grad_(False)
+    run_attack(model, _domain(), Attack("direct_fc", "adam", 1e-2, 8, 1, 0), CPU, Precision(CPU), lambda m: {})
+    assert not model.conv.weight.requires_grad, "a parameter frozen before the attack stays frozen"
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "conv.weight")

@@ -57,8 +57,13 @@ def test_inverse_code_matches_hand_value():
     assert got == pytest.approx(_expected_inverse_code(Z, Y), rel=1e-5, abs=1e-6)
 
 
-def test_registry_names():
-    assert FTE_LOSSES == {"inverse": inverse_ce, "inverse_code": inverse_code, "kl": kl_uniform}
+@pytest.mark.parametrize("name,expected", [("inverse", lambda: _expected_inverse(Z, Y)),
+                                           ("inverse_code", lambda: _expected_inverse_code(Z, Y)),
+                                           ("kl", lambda: _expected_kl(Z))])
+def test_each_loss_type_name_computes_its_loss(name, expected):
+    # --loss_type NAME looks the loss up here
+    got = FTE_LOSSES[name](_t(Z), _t(Y, torch.int64)).item()
+    assert got == pytest.approx(expected(), rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("big", [50.0, 1e3, 1e4])
