@@ -3,7 +3,7 @@
     python bench/bench_stage2.py --arch resnet18 --image_size 32 --bs 150 --adaptation_steps 10
     python bench/bench_stage2.py --project backdoor --arch resnet50
 
-Seconds per outer loop of the real stage-2 loop (common.stage2.Stage2.outer_loop, as algo.py/bd_algo.py
+Seconds per outer loop of the real stage-2 algorithm (common.sophon.Sophon.step, as algo.py/bd_algo.py
 run it), the floor measured in the same process (the same number of plain forward/backward passes and
 optimiser steps on one model: adaptation_steps x (support + query) + ntr_loop x NTR), their ratio, and
 peak memory at two values of --adaptation_steps (each in a fresh process; it must not grow). Data is
@@ -14,8 +14,8 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from common.backdoor import poison, target_query_loss
 from common.data import Domain
 from common.fts import support_query_split
-from common.losses import FTE_LOSSES
+from common.losses import FTE_LOSSES, fte_query_loss
 from common.models import build_model
-from common.runs import Run
-from common.stage2 import Stage2, Stage2Task
+from common.sophon import Sophon, SophonConfig
 from common.train import Precision, resolve_device
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,7 +58,7 @@ def synthetic_domain(name, n, size, channels, seed):
     return Domain(name, True, images, labels, n)
 
 
-def build(args, adaptation_steps, run_dir):
+def build(args, adaptation_steps):
     device = resolve_device(args.device)
     precision = Precision(device, args.amp, args.channels_last, args.compile)
     model = precision.prepare(build_model(args.arch, 10, "scratch"))
@@ -67,22 +66,16 @@ def build(args, adaptation_steps, run_dir):
     orig = synthetic_domain("FashionMNIST", n, args.image_size, 1, 0)
     restricted = synthetic_domain("MNIST", n, args.image_size, 1, 1)
     orig, restricted = orig.pin_for(device), restricted.pin_for(device)
-    ns = argparse.Namespace(alpha=3.0, beta=5.0, lr=1e-4, fast_lr=1e-4, bs=args.bs, fts_loop=1, ntr_loop=1,
-                            adaptation_steps=adaptation_steps, fts_envs=1, seed=0, total_loop=10**6,
-                            fts_optimizers=args.fts_optimizers.split(","), fts_lrs=None, fts_head=["reinit"],
-                            fts_scope=["all"], finetune_lr=1e-4)
+    config = SophonConfig(bs=args.bs, adaptation_steps=adaptation_steps,
+                          fts_optimizers=tuple(args.fts_optimizers.split(",")))
     if args.project == "sophon":
-        fte = FTE_LOSSES["kl"]
-        query = lambda net, x, y: fte(net(restricted.to_input(x, device, None, precision.channels_last)), y.to(device))
+        query = fte_query_loss(FTE_LOSSES["kl"], restricted, device, precision.channels_last)
         ntr = orig
     else:
-        ns.fts_head = ["keep"]
+        config = replace(config, fts_head=("keep",))
         query = target_query_loss(restricted, 3, 0, device, precision.channels_last)
         ntr, _ = poison(orig, 0.1, 0, 3)
-    task = Stage2Task(query, restricted, ntr, None, None, "bench")
-    run = Run(run_dir)
-    run.path.mkdir(parents=True, exist_ok=True)
-    return Stage2(ns, run, model, task, device, precision, {}), device, precision
+    return Sophon(model, query, restricted, ntr, config, precision), device, precision
 
 
 def sync(device):
@@ -90,21 +83,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_outer(stage2, device, loops):
-    stage2.outer_loop()  # warm-up (allocator, cudnn autotune, compile)
+def time_outer(algo, device, loops):
+    algo.step()  # warm-up (allocator, cudnn autotune, compile)
     sync(device)
     start = time.perf_counter()
     for _ in range(loops):
-        stage2.outer_loop()
+        algo.step()
     sync(device)
     return (time.perf_counter() - start) / loops
 
 
-def time_floor(stage2, args, device, precision, loops):
+def time_floor(algo, args, device, precision, loops):
     """The same passes without FTS bookkeeping: one model, plain SGD, the same batch shapes and data path."""
-    model = stage2.fts.learner
+    model = algo.fts.learner
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    domain = stage2.task.restricted_train
+    domain = algo.restricted
     gen = torch.Generator().manual_seed(0)
 
     def step(x, y):
@@ -142,17 +135,16 @@ def peak_memory_mb(args, steps):
 
 
 def memory_child(args):
-    with tempfile.TemporaryDirectory() as tmp:
-        stage2, device, _ = build(args, args._memory_child, tmp)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(2):
-            stage2.outer_loop()
-        sync(device)
-        if device.type == "cuda":
-            peak = {"device": "cuda", "peak_mb": torch.cuda.max_memory_allocated() / 2**20}
-        else:
-            peak = {"device": "cpu", "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    algo, device, _ = build(args, args._memory_child)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        algo.step()
+    sync(device)
+    if device.type == "cuda":
+        peak = {"device": "cuda", "peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+    else:
+        peak = {"device": "cpu", "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(json.dumps(peak))
 
 
@@ -160,10 +152,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args._memory_child is not None:
         return memory_child(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        stage2, device, precision = build(args, args.adaptation_steps, tmp)
-        loop_s = time_outer(stage2, device, args.loops)
-        floor_s = time_floor(stage2, args, device, precision, args.loops)
+    algo, device, precision = build(args, args.adaptation_steps)
+    loop_s = time_outer(algo, device, args.loops)
+    floor_s = time_floor(algo, args, device, precision, args.loops)
     steps = [int(s) for s in args.memory_steps.split(",")]
     memory = {s: peak_memory_mb(args, s)["peak_mb"] for s in steps}
     name = f"{args.project}_{args.arch}_{args.image_size}px_bs{args.bs}_steps{args.adaptation_steps}_{device.type}"

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import UsageError, fraction, nonneg_int, pos_int
-from common.finetune import auc, mean_std
 from common.train import predict
 
 POISON_SEED = 20240520  # fixed: the same samples are poisoned in every run
+ATTACK_METRICS = ("asr", "untargeted_asr", "ra")  # besides clean test_acc, after every fine-tuning epoch
 
 
 def stamp_trigger(x, size):
@@ -88,37 +88,8 @@ def trigger_flags(*, poison_percent=None, target_label=None, trigger_size=None):
     return p
 
 
-def persistence_verdicts(results, protected="irreversible", reference="backdoored"):
-    """Per attack: does the protected backdoor outlive the reference under clean fine-tuning?
-
-    final_asr_*: ASR after the last epoch, mean over seeds; auc_ratio: area under the protected ASR curve
-    over the reference's (> 1: the protected backdoor lives longer); first_epoch_asr_below_50: per seed,
-    the first epoch whose ASR is below 50% (None = it never drops).
-    """
-    by_family = {}
-    for r in results:
-        family = (r["strategy"], r["optimizer"], r["lr"], r["batch_size"])
-        by_family.setdefault(family, {}).setdefault(r["seed"], {})[r["start"]] = r["asr_curve"]
-    verdicts = []
-    for (strategy, optimizer, lr, bs), seeds in by_family.items():
-        pairs = [c for c in seeds.values() if protected in c and reference in c]
-        if not pairs:
-            continue
-        ratios = [auc(c[protected]) / auc(c[reference]) if auc(c[reference]) > 0 else None for c in pairs]
-        mean, std = mean_std(ratios)
-        verdicts.append({
-            "strategy": strategy, "optimizer": optimizer, "lr": lr, "batch_size": bs,
-            "protected": protected, "reference": reference, "seeds": len(pairs),
-            f"final_asr_{protected}": mean_std([c[protected][-1] for c in pairs])[0],
-            f"final_asr_{reference}": mean_std([c[reference][-1] for c in pairs])[0],
-            "auc_ratio_mean": mean, "auc_ratio_std": std,
-            f"first_epoch_asr_below_50_{protected}": [_survival(c[protected]) for c in pairs],
-            f"first_epoch_asr_below_50_{reference}": [_survival(c[reference]) for c in pairs]})
-    return verdicts
-
-
-def _survival(curve, level=50.0):
-    for epoch, value in enumerate(curve):
-        if value < level:
-            return epoch
-    return None
+def stage2_summary_keys(final_orig, final_finetune):
+    """The backdoor's own stage-2 summary.json keys (SPEC §8); the fine-tune ones are None when skipped."""
+    return {"orig_asr": final_orig["orig_asr"],
+            "restrict_asr_after_finetune": None if final_finetune is None else final_finetune["asr"],
+            "restrict_clean_acc_after_finetune": None if final_finetune is None else final_finetune["test_acc"]}

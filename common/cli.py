@@ -143,7 +143,8 @@ def common_flags(*, arch, orig_dataset, bs, seed, image_size=None, inherit=False
 def restricted_flag(default=None):
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--dataset", "--datasets", dest="dataset", default=default,
-                   help="restricted domain (the task fine-tuning must not learn)")
+                   help="restricted domain (the task fine-tuning must not learn); --datasets is the seed's "
+                        "spelling, kept for compatibility")
     return p
 
 

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common.cli import comma_list, pos_float, pos_int
-from common.finetune import SCOPES, scope_params
+from common.finetune import scope_params
 from common.models import head_param_names, reinit_head
 from common.train import make_optimizer
 
@@ -116,15 +115,3 @@ class FTS:
         for p in trainable:
             p.grad = None
         return total
-
-
-def fts_flags(parser, head_default):
-    parser.add_argument("--fts_optimizers", default=["sgd"], type=comma_list(str, FTS_OPTIMIZERS),
-                        help=f"simulated fine-tuners' optimisers, sampled per episode ({', '.join(FTS_OPTIMIZERS)})")
-    parser.add_argument("--fts_lrs", default=None, type=comma_list(pos_float), help="simulated fine-tuners' learning rates (default: [--fast_lr])")
-    parser.add_argument("--fts_head", default=[head_default], type=comma_list(str, HEAD_POLICIES),
-                        help="reinit: the simulated fine-tuner starts from a new head; keep: from the model's")
-    parser.add_argument("--fts_scope", default=["all"], type=comma_list(str, SCOPES),
-                        help="all layers, or the head only (body frozen)")
-    parser.add_argument("--fts_envs", default=1, type=pos_int, help="fine-tuners per outer step, gradients averaged")
-

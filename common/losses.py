@@ -27,3 +27,11 @@ def inverse_code(logits, labels):
 
 
 FTE_LOSSES = {"inverse": inverse_ce, "inverse_code": inverse_code, "kl": kl_uniform}
+
+
+def fte_query_loss(fte, domain, device, channels_last):
+    """FTS query loss of SOPHON: the FTE loss of the adapted model on the query images, against their labels."""
+
+    def loss(net, x, y):
+        return fte(net(domain.to_input(x, device, None, channels_last)), y.to(device, non_blocking=True))
+    return loss

@@ -14,7 +14,6 @@ import platform
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from common.checkpoints import REPO_ROOT, replace_atomically
@@ -103,10 +102,6 @@ class Run:
         log.info("resuming run %s", run.path)
         return run
 
-    @property
-    def finished(self):
-        return (self.path / "summary.json").exists() and (self.ckpt_dir / "final.pt").exists()
-
     def _setup_logging(self):
         log.setLevel(logging.INFO)
         for h in list(log.handlers):
@@ -135,8 +130,13 @@ def read_run_config(run_dir):
     return json.loads(path.read_text())["config"]
 
 
-def apply_resume(args, argv_given, run_dir, skip=("resume", "out_dir", "device", "num_workers", "cache_dir")):
-    """The resumed run's config is authoritative; a repeated flag must equal it."""
+def path_flags(parser):
+    """Dest names of the flags whose values are paths (their argparse type is Path)."""
+    return {a.dest for a in parser._actions if a.type is Path}
+
+
+def apply_resume(args, argv_given, run_dir, paths, skip=("resume", "out_dir", "device", "num_workers", "cache_dir")):
+    """The resumed run's config is authoritative; a repeated flag must equal it. `paths`: the path flags."""
     config = read_run_config(run_dir)
     for key, value in config.items():
         if key in skip or not hasattr(args, key):
@@ -145,7 +145,7 @@ def apply_resume(args, argv_given, run_dir, skip=("resume", "out_dir", "device",
         mine = str(mine) if isinstance(mine, Path) else mine
         if key in argv_given and mine != value:
             raise UsageError(f"--{key} {mine} differs from the resumed run's {value} ({run_dir}/config.json)")
-        setattr(args, key, Path(value) if key in ("data_root", "model_path", "path", "normal_path", "baseline_path") and value else value)
+        setattr(args, key, Path(value) if key in paths and value else value)
     if args.out_dir is not None and Path(args.out_dir).resolve() != Path(run_dir).resolve():
         raise UsageError(f"--out_dir {args.out_dir} differs from --resume {run_dir}; omit it")
     args.out_dir = Path(run_dir).resolve()
@@ -226,16 +226,6 @@ class Interrupts:
         log.info("signal %s received: stopping at the next boundary (again to exit now)", signal.Signals(signum).name)
 
 
-class Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def lap(self):
-        now = time.perf_counter()
-        elapsed, self.start = now - self.start, now
-        return elapsed
-
-
 def open_run(args, project, stage, dataset, config):
     """Start the run folder (after every check has passed) or reopen it for --resume."""
     if args.resume is not None:
@@ -251,17 +241,30 @@ def preflight_resume(parser, args, project_stage, argv=None):
             check_out_dir(args.out_dir)
         return False
     run_dir = Path(args.resume).resolve()
-    apply_resume(args, given_flags(parser, argv), run_dir)
+    apply_resume(args, given_flags(parser, argv), run_dir, path_flags(parser))
     if (run_dir / "summary.json").exists() and (run_dir / "checkpoints" / "final.pt").exists():
         print(f"{project_stage}: run {run_dir} is already finished; nothing to resume")
         return True
     return False
 
 
+class Interrupted(Exception):
+    """Raised by a stage's loop at its boundary after a signal, once last.pt is written; `where` reads like
+    "loop 3". `guarded` turns it into the message and exit code 130: one convention for every stage."""
+
+    def __init__(self, where):
+        super().__init__(where)
+        self.where = where
+
+
 def guarded(run, stage, body):
-    """Run `body()`; a fault that stops the run is logged, summary.json written, exit code 1."""
+    """Run `body()`; an interrupt exits 130, a fault that stops the run is logged, summary.json written,
+    exit code 1."""
     try:
         return body()
+    except Interrupted as stop:
+        log.info("interrupted at %s; continue with --resume %s", stop.where, run.path)
+        return 130
     except Exception as err:  # the run folder must say why it stopped
         log.exception("run stopped by a fault")
         run.write_summary({"stage": stage, "error": f"{type(err).__name__}: {err}"})

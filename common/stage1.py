@@ -10,14 +10,15 @@ from common.checkpoints import atomic_save, load_file, make_checkpoint
 from common.cli import pos_float, pos_int
 from common.data import check_name, check_subset_caps, load_domain
 from common.models import build_model
-from common.runs import close_run, config_of, guarded, open_run
+from common.runs import Interrupted, close_run, config_of, guarded, open_run
 from common.train import AccuracyEval, Precision, progress, resolve_device, seed_everything, train_epoch
 
 log = logging.getLogger("sophon")
 
 
 def run_stage1(args, run, model, train_domain, evaluate, device, precision, interrupts, meta, resume=False):
-    """Train `args.epochs` epochs with Adam(lr); `evaluate(model)` -> {"test_acc": ..., ...} per epoch."""
+    """Train `args.epochs` epochs with Adam(lr); `evaluate(model)` -> {"test_acc": ..., ...} per epoch.
+    Returns the summary, or raises Interrupted after writing last.pt."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     epoch, train_acc, figures = 0, None, None
@@ -47,8 +48,7 @@ def run_stage1(args, run, model, train_domain, evaluate, device, precision, inte
                          "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "train_acc": train_acc,
                          "figures": figures}, run.ckpt_dir / "last.pt")
         if interrupts.requested and epoch < args.epochs:
-            log.info("interrupted at epoch %d; continue with --resume %s", epoch, run.path)
-            return None
+            raise Interrupted(f"epoch {epoch}")
     summary = {"epochs": args.epochs, "train_acc": train_acc, **figures}
     atomic_save(make_checkpoint(model, metrics=summary, **meta), run.ckpt_dir / "final.pt")
     return summary
@@ -80,8 +80,6 @@ def run_stage1_script(args, interrupts, project, stage, make_train=None, make_ev
     def body():
         summary = run_stage1(args, run, model, train, evaluate, device, precision, interrupts, meta,
                              resume=args.resume is not None)
-        if summary is None:
-            return 130
         close_run(run, stage, {"arch": args.arch, "orig_dataset": args.orig_dataset, **summary}, len(test),
                   run.ckpt_dir / "final.pt")
         return 0

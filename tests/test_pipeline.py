@@ -1,5 +1,4 @@
 """The three SOPHON stages chained through their command lines, at toy scale."""
-import csv
 import json
 import math
 from pathlib import Path
@@ -8,7 +7,9 @@ import pytest
 import torch
 
 from common.checkpoints import load_checkpoint
-from helpers import run_script, run_scripts
+from helpers import read_rows, run_script, run_scripts
+
+pytestmark = pytest.mark.slow  # stage scripts in subprocesses
 
 STAGE1_KEYS = {"stage", "arch", "orig_dataset", "epochs", "train_acc", "test_acc", "checkpoint", "test_samples"}
 STAGE2_KEYS = {"stage", "loss_type", "orig_test_acc_before", "orig_test_acc", "finetune_restrict_test_acc",
@@ -22,11 +23,6 @@ STAGE2_HEADER = ["loop", "fts_loss", "ntr_loss", "orig_test_acc", "rolled_back",
 
 def _summary(run):
     return json.loads((Path(run) / "summary.json").read_text())
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _is_pct(x):
@@ -51,7 +47,7 @@ def test_stage1(stage1_run):
     assert ckpt["arch"] == "resnet18" and ckpt["num_classes"] == 10 and ckpt["dataset"] == "FashionMNIST"
     assert ckpt["config"]["orig_dataset"] == "FashionMNIST" and ckpt["config"]["image_size"] == 16
     assert "dataset" in ckpt["config"] and ckpt["config"]["dataset"] is None
-    rows = _rows(stage1_run / "metrics.csv")
+    rows = read_rows(stage1_run / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1"]
     assert float(rows[0]["test_acc"]) == pytest.approx(s["test_acc"], abs=1e-3)
     config = json.loads((stage1_run / "config.json").read_text())
@@ -70,7 +66,7 @@ def test_stage2(stage2_runs, stage1_run, loss_type):
     assert s["loops_completed"] == 3 and s["stopped_early"] is False
     assert _is_pct(s["orig_test_acc_before"]) and _is_pct(s["orig_test_acc"])
     assert _is_pct(s["finetune_restrict_test_acc"]) and s["test_samples"] == 20
-    rows = _rows(run / "metrics.csv")
+    rows = read_rows(run / "metrics.csv")
     assert list(rows[0]) == STAGE2_HEADER
     assert [int(r["loop"]) for r in rows] == [1, 2, 3]
     assert all(math.isfinite(float(r["fts_loss"])) and math.isfinite(float(r["ntr_loss"])) for r in rows)
@@ -79,7 +75,7 @@ def test_stage2(stage2_runs, stage1_run, loss_type):
     assert {r["fts_head"] for r in rows} == {"reinit"} and {r["fts_optimizer"] for r in rows} == {"sgd"}
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("loop*.pt"))
     assert ckpts == ["loop000002.pt"]
-    tests = _rows(run / "finetune_tests.csv")
+    tests = read_rows(run / "finetune_tests.csv")
     assert [(r["loop"], r["kind"], r["epoch"]) for r in tests] == [
         ("2", "periodic", "0"), ("2", "periodic", "1"), ("3", "final", "0"), ("3", "final", "1")]
     assert float(tests[-1]["test_acc"]) == pytest.approx(s["finetune_restrict_test_acc"], abs=1e-3)
@@ -138,7 +134,7 @@ def test_stage3_default_starts(tmp_path, data_root, stage1_run, stage2_runs):
     assert len(s["verdicts"]) == 1
     v = s["verdicts"][0]
     assert {"epochs_to_scratch_final", "auc_ratio_mean", "auc_ratio_std"} <= set(v)
-    rows = _rows(out / "metrics.csv")
+    rows = read_rows(out / "metrics.csv")
     assert len(rows) == 3 * 2 and {r["epoch"] for r in rows} == {"0", "1"}
     # epoch 0 is each start model before fine-tuning: the right weights went to the right start
     assert r["sophon"]["test_acc_curve"][0] == pytest.approx(_plain_accuracy(sophon, data_root), abs=1e-6)
@@ -187,7 +183,7 @@ def test_stage3_grid_serial_and_parallel(tmp_path, data_root, stage2_runs):
     curves = lambda s: {(r["start"], r["strategy"], r["optimizer"], r["seed"]): r["test_acc_curve"] for r in s["results"]}
     assert curves(serial) == curves(parallel)
     for out in outs.values():
-        assert len(_rows(out / "metrics.csv")) == 16 * 2
+        assert len(read_rows(out / "metrics.csv")) == 16 * 2
     # without a head re-init, epoch 0 depends only on the start model and the cell's seed (scratch init)
     c = curves(serial)
     for seed in (0, 1):

@@ -1,5 +1,4 @@
 """Interrupt (SIGINT) and --resume: the resumed run ends where an uninterrupted one does."""
-import csv
 import json
 import signal
 import sys
@@ -9,18 +8,15 @@ import pytest
 import torch
 
 from common.cli import UsageError
-from helpers import load_script, popen_script, run_script, tree_snapshot
+from helpers import load_script, popen_script, read_rows, run_script, tree_snapshot
+
+pytestmark = pytest.mark.slow  # stage scripts in subprocesses
 
 STAGE2 = ["--dataset", "MNIST", "--bs", "20", "--total_loop", "6", "--adaptation_steps", "2", "--save_every", "1",
           "--test_interval", "3", "--finetune_epochs", "1", "--final_finetune_epochs", "1", "--eval_interval", "2",
           "--loss_type", "inverse", "--fts_optimizers", "sgd,adam", "--fts_head", "reinit,keep"]
 STAGE1 = ["--orig_dataset", "FashionMNIST", "--image_size", "16", "--init", "scratch", "--epochs", "3", "--bs", "16",
           "--save_every", "1"]
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _data_rows(path):
@@ -115,7 +111,7 @@ def test_stage2_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, data_r
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_model(out / "checkpoints" / "final.pt", stage2_full / "checkpoints" / "final.pt")
 
-    rows, full_rows = _rows(out / "metrics.csv"), _rows(stage2_full / "metrics.csv")
+    rows, full_rows = read_rows(out / "metrics.csv"), read_rows(stage2_full / "metrics.csv")
     assert [int(r["loop"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     for r, f in zip(rows, full_rows):
         for key in ("fts_loss", "ntr_loss", "orig_test_acc", "fts_optimizer", "fts_lr", "fts_head", "rolled_back"):
@@ -124,7 +120,7 @@ def test_stage2_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, data_r
             else:
                 assert r[key] == f[key], (r["loop"], key)
     strip = lambda rows: [(r["loop"], r["kind"], r["epoch"], r["test_acc"]) for r in rows]
-    assert strip(_rows(out / "finetune_tests.csv")) == strip(_rows(stage2_full / "finetune_tests.csv"))
+    assert strip(read_rows(out / "finetune_tests.csv")) == strip(read_rows(stage2_full / "finetune_tests.csv"))
     summary, full_summary = (json.loads((d / "summary.json").read_text()) for d in (out, stage2_full))
     for key in ("orig_test_acc_before", "orig_test_acc", "finetune_restrict_test_acc", "loops_completed",
                 "stopped_early"):
@@ -214,7 +210,7 @@ def test_stage1_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, data_r
     proc = run_script("stage1", "--resume", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_model(out / "checkpoints" / "final.pt", full / "checkpoints" / "final.pt")
-    rows, full_rows = _rows(out / "metrics.csv"), _rows(full / "metrics.csv")
+    rows, full_rows = read_rows(out / "metrics.csv"), read_rows(full / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     for r, f in zip(rows, full_rows):
         assert float(r["train_loss"]) == pytest.approx(float(f["train_loss"]), rel=1e-4)

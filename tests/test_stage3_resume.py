@@ -4,12 +4,11 @@ import csv
 import json
 import shutil
 
-from helpers import run_script
+import pytest
 
+from helpers import read_rows, run_script
 
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+pytestmark = pytest.mark.slow  # stage scripts in subprocesses
 
 
 def test_resumed_grid_reruns_only_missing_cells(tmp_path, data_root, stage2_runs):
@@ -27,7 +26,7 @@ def test_resumed_grid_reruns_only_missing_cells(tmp_path, data_root, stage2_runs
     missing = json.loads(lines[-1])
     (cut / "cells.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     (cut / "summary.json").unlink()
-    rows = _rows(cut / "metrics.csv")
+    rows = read_rows(cut / "metrics.csv")
     partial = [r for r in rows if r["start"] == missing["start"] and r["seed"] == str(missing["seed"])]
     kept = [r for r in rows if r not in partial] + partial[:1]
     with open(cut / "metrics.csv", "w", newline="") as f:
@@ -41,7 +40,7 @@ def test_resumed_grid_reruns_only_missing_cells(tmp_path, data_root, stage2_runs
     assert proc.stdout.count("cell ") == 1, "only the missing cell runs again"
     done = (cut / "cells.jsonl").read_text().splitlines()
     assert len(done) == 4 and json.loads(done[-1])["key"] == missing["key"]
-    keys = [(r["start"], r["seed"], r["epoch"]) for r in _rows(cut / "metrics.csv")]
+    keys = [(r["start"], r["seed"], r["epoch"]) for r in read_rows(cut / "metrics.csv")]
     assert len(keys) == len(set(keys)) == 4 * 2, "every (cell, epoch) row exactly once"
     resumed, reference = (json.loads((d / "summary.json").read_text())["results"] for d in (cut, full))
     assert resumed == reference, "a resumed grid ends where the uninterrupted one did"

@@ -8,7 +8,8 @@ the same query images with the trigger stamped. NTR trains on the poisoned origi
 from functools import partial
 
 from common import cli
-from common.backdoor import BackdoorEval, check_trigger, poison, target_query_loss, trigger_flags
+from common.backdoor import (ATTACK_METRICS, BackdoorEval, check_trigger, poison, stage2_summary_keys,
+                             target_query_loss, trigger_flags)
 from common.runs import begin
 from common.stage2 import Stage2Task, run_stage2_script, setup_stage2, stage2_flags
 
@@ -35,16 +36,25 @@ SAVE_EVERY = 50
 SEED = 0
 # The simulated fine-tuner: the seed's is SGD at FAST_LR with the head kept; measured best for persistence
 # is a stronger, momentum fine-tuner (README, "Irreversible backdoor").
-FTS_OPTIMIZERS = "momentum"
-FTS_LRS = "1e-3,1e-2"
-FTS_HEAD = "keep"
+FTS_OPTIMIZERS = "momentum"  # sgd | momentum | adam | adamw | rmsprop
+FTS_LRS = "1e-3,1e-2"  # None: FAST_LR
+FTS_HEAD = "keep"  # a new head has no target class: the query loss would carry no signal
+FTS_SCOPE = "all"  # all | head
+FTS_ENVS = 1  # simulated fine-tuners per FTS step
+FTS_CLIP = 0.5  # max norm of the FTS gradient (the official code's value)
 
 
 def parse_args(argv=None):
     common = cli.common_flags(arch=None, orig_dataset=None, bs=BS, seed=SEED, inherit=True)
-    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(DATASET), stage2_flags(globals(), FTS_HEAD),
-                                        trigger_flags(), cli.speed_flags()])
-    parser.set_defaults(fts_optimizers=FTS_OPTIMIZERS.split(","), fts_lrs=[float(v) for v in FTS_LRS.split(",")])
+    stage2 = stage2_flags(
+        model_path=MODEL_PATH, alpha=ALPHA, beta=BETA, lr=LR, fast_lr=FAST_LR, fts_loop=FTS_LOOP, ntr_loop=NTR_LOOP,
+        total_loop=TOTAL_LOOP, adaptation_steps=ADAPTATION_STEPS, test_interval=TEST_INTERVAL,
+        finetune_epochs=FINETUNE_EPOCHS, final_finetune_epochs=FINAL_FINETUNE_EPOCHS, finetune_lr=FINETUNE_LR,
+        min_orig_acc=MIN_ORIG_ACC, max_strikes=MAX_STRIKES, eval_interval=EVAL_INTERVAL, save_every=SAVE_EVERY,
+        fts_optimizers=FTS_OPTIMIZERS, fts_lrs=FTS_LRS, fts_head=FTS_HEAD, fts_scope=FTS_SCOPE, fts_envs=FTS_ENVS,
+        fts_clip=FTS_CLIP)
+    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(DATASET), stage2, trigger_flags(),
+                                        cli.speed_flags()])
     return parser, parser.parse_args(argv)
 
 
@@ -61,9 +71,10 @@ def main(argv=None):
     task = Stage2Task(
         query_loss=target_query_loss(s.restr_train, args.trigger_size, args.target_label, s.device,
                                      s.precision.channels_last),
-        restricted_train=s.restr_train, ntr_train=ntr_train, loss_type="target_ce", extra_columns=["orig_asr"],
+        restricted_train=s.restr_train, ntr_train=ntr_train, loss_type="target_ce",
         eval_orig=partial(BackdoorEval(s.orig_test, args.trigger_size, args.target_label, prefix="orig_"), **bind),
-        eval_restricted=partial(BackdoorEval(s.restr_test, args.trigger_size, args.target_label), **bind))
+        eval_restricted=partial(BackdoorEval(s.restr_test, args.trigger_size, args.target_label), **bind),
+        metric_columns=("orig_asr",), probe_columns=ATTACK_METRICS, summary_keys=stage2_summary_keys)
     return run_stage2_script(args, interrupts, "irreversible_backdoor", STAGE, s, task)
 
 

@@ -7,15 +7,17 @@ records, after every epoch, clean accuracy, ASR, untargeted ASR and RA on the re
     python irreversible_backdoor/stage3_eval/eval_backdoor_ASR.py --path <stage-2 run> --lrs 1e-4,1e-3,1e-2
 """
 from functools import partial
+from pathlib import Path
 
 from common import cli
-from common.backdoor import BackdoorEval, check_trigger, persistence_verdicts, trigger_flags
+from common.backdoor import ATTACK_METRICS, BackdoorEval, check_trigger, trigger_flags
 from common.checkpoints import inherit, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from common.data import check_name, check_subset_caps, load_domain
 from common.finetune import grid_flags
 from common.runs import begin, config_of
 from common.stage3 import run_stage3_script
 from common.train import Precision, resolve_device
+from common.verdicts import persistence_verdicts
 
 STAGE = "irreversible_backdoor/stage3_eval"
 MODEL_PATH = None  # irreversible checkpoint; None: newest under runs/irreversible_backdoor/stage2_train
@@ -34,8 +36,9 @@ def parse_args(argv=None):
                                         grid_flags(EPOCHS, FINETUNE_LR, BS), cli.speed_flags()])
     parser.add_argument("--start", type=cli.comma_list(str, STARTS), default=list(STARTS),
                         help="start models to fine-tune (any of irreversible,backdoored)")
-    parser.add_argument("--path", "--model_path", dest="path", default=MODEL_PATH, help="irreversible checkpoint or run folder")
-    parser.add_argument("--baseline_path", default=BASELINE_PATH, help="plain backdoored checkpoint or run folder")
+    parser.add_argument("--path", "--model_path", dest="path", type=Path, default=MODEL_PATH,
+                        help="irreversible checkpoint or run folder; --model_path is the seed's spelling, kept for compatibility")
+    parser.add_argument("--baseline_path", type=Path, default=BASELINE_PATH, help="plain backdoored checkpoint or run folder")
     return parser, parser.parse_args(argv)
 
 
@@ -78,7 +81,7 @@ def main(argv=None):
     return run_stage3_script(
         args, interrupts, "irreversible_backdoor", STAGE, starts={k: ckpts[k]["model"] for k in args.start},
         num_classes=num_classes, train=train, evaluator=BackdoorEval(test, args.trigger_size, args.target_label),
-        config=config, metric_keys=["test_acc", "asr", "untargeted_asr", "ra"], verdict_fn=persistence_verdicts,
+        config=config, metric_keys=["test_acc", *ATTACK_METRICS], verdict_fn=persistence_verdicts,
         title=f"Backdoor persistence under clean fine-tuning of {args.arch} on {args.dataset}",
         notes=[f"{k}: {v}" for k, v in paths.items()] + [
             f"original domain ({args.orig_dataset}) before fine-tuning, {k}: clean {v['test_acc']:.2f}, "

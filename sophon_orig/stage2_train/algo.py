@@ -6,7 +6,7 @@
 from functools import partial
 
 from common import cli
-from common.losses import FTE_LOSSES
+from common.losses import FTE_LOSSES, fte_query_loss
 from common.runs import begin
 from common.stage2 import Stage2Task, run_stage2_script, setup_stage2, stage2_flags
 from common.train import AccuracyEval
@@ -33,12 +33,25 @@ MAX_STRIKES = 5
 EVAL_INTERVAL = 25
 SAVE_EVERY = 50
 SEED = 0
+# The simulated fine-tuner, sampled per episode from these comma lists (the seed's: SGD at FAST_LR, new head)
+FTS_OPTIMIZERS = "sgd"  # sgd | momentum | adam | adamw | rmsprop
+FTS_LRS = None  # None: FAST_LR
+FTS_HEAD = "reinit"  # reinit | keep
+FTS_SCOPE = "all"  # all | head
+FTS_ENVS = 1  # simulated fine-tuners per FTS step
+FTS_CLIP = 0.5  # max norm of the FTS gradient (the official code's value)
 
 
 def parse_args(argv=None):
     common = cli.common_flags(arch=None, orig_dataset=None, bs=BS, seed=SEED, inherit=True)
-    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(DATASET), stage2_flags(globals(), "reinit"),
-                                        cli.speed_flags()])
+    stage2 = stage2_flags(
+        model_path=MODEL_PATH, alpha=ALPHA, beta=BETA, lr=LR, fast_lr=FAST_LR, fts_loop=FTS_LOOP, ntr_loop=NTR_LOOP,
+        total_loop=TOTAL_LOOP, adaptation_steps=ADAPTATION_STEPS, test_interval=TEST_INTERVAL,
+        finetune_epochs=FINETUNE_EPOCHS, final_finetune_epochs=FINAL_FINETUNE_EPOCHS, finetune_lr=FINETUNE_LR,
+        min_orig_acc=MIN_ORIG_ACC, max_strikes=MAX_STRIKES, eval_interval=EVAL_INTERVAL, save_every=SAVE_EVERY,
+        fts_optimizers=FTS_OPTIMIZERS, fts_lrs=FTS_LRS, fts_head=FTS_HEAD, fts_scope=FTS_SCOPE, fts_envs=FTS_ENVS,
+        fts_clip=FTS_CLIP)
+    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(DATASET), stage2, cli.speed_flags()])
     parser.add_argument("--loss_type", choices=tuple(FTE_LOSSES), default=LOSS_TYPE)
     return parser, parser.parse_args(argv)
 
@@ -48,12 +61,12 @@ def main(argv=None):
     if args is None:
         return 0
     s = setup_stage2(args, "sophon_orig", STAGE)
-    fte, cl = FTE_LOSSES[args.loss_type], s.precision.channels_last
+    bind = dict(device=s.device, precision=s.precision)
     task = Stage2Task(
-        query_loss=lambda net, x, y: fte(net(s.restr_train.to_input(x, s.device, None, cl)), y.to(s.device)),
+        query_loss=fte_query_loss(FTE_LOSSES[args.loss_type], s.restr_train, s.device, s.precision.channels_last),
         restricted_train=s.restr_train, ntr_train=s.orig_train, loss_type=args.loss_type,
-        eval_orig=partial(AccuracyEval(s.orig_test, key="orig_test_acc"), device=s.device, precision=s.precision),
-        eval_restricted=partial(AccuracyEval(s.restr_test), device=s.device, precision=s.precision))
+        eval_orig=partial(AccuracyEval(s.orig_test, key="orig_test_acc"), **bind),
+        eval_restricted=partial(AccuracyEval(s.restr_test), **bind))
     return run_stage2_script(args, interrupts, "sophon_orig", STAGE, s, task)
 
 

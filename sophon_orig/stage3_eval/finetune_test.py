@@ -5,14 +5,16 @@
         --lrs 1e-4,1e-3 --seeds 0,1 --jobs 2
 """
 from functools import partial
+from pathlib import Path
 
 from common import cli
 from common.checkpoints import inherit, load_checkpoint, resolve_checkpoint
 from common.data import check_name, check_subset_caps, load_domain
-from common.finetune import grid_flags, scratch_verdicts
+from common.finetune import grid_flags
 from common.runs import begin, config_of
 from common.stage3 import run_stage3_script
 from common.train import AccuracyEval
+from common.verdicts import scratch_verdicts
 
 STAGE = "sophon_orig/stage3_eval"
 MODEL_PATH = None  # sophon checkpoint (.pt or run folder); None: newest under runs/sophon_orig/stage2_train
@@ -30,8 +32,9 @@ def parse_args(argv=None):
                                         cli.speed_flags()])
     parser.add_argument("--start", type=cli.comma_list(str, STARTS), default=list(STARTS),
                         help="start models to fine-tune (any of sophon,normal,scratch)")
-    parser.add_argument("--path", "--model_path", dest="path", default=MODEL_PATH, help="sophon checkpoint or run folder")
-    parser.add_argument("--normal_path", default=NORMAL_PATH, help="normal (stage-1) checkpoint or run folder")
+    parser.add_argument("--path", "--model_path", dest="path", type=Path, default=MODEL_PATH,
+                        help="sophon checkpoint or run folder; --model_path is the seed's spelling, kept for compatibility")
+    parser.add_argument("--normal_path", type=Path, default=NORMAL_PATH, help="normal (stage-1) checkpoint or run folder")
     return parser, parser.parse_args(argv)
 
 

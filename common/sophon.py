@@ -1,0 +1,143 @@
+"""SOPHON's stage 2 as an algorithm: one outer loop of FTS and NTR per `step()`, and nothing else.
+
+Deng et al., IEEE S&P 2024, Algorithm 1 (classification), first-order. One outer loop:
+
+  FTS (`fts_loop` times): for each of `fts_envs` simulated fine-tuners (sampled per episode), run
+      `adaptation_steps` inner steps on restricted-domain batches and add the gradient of the task's query
+      loss at the adapted weights to the model's gradient (common.fts.FTS.episode); clip the summed
+      gradient to `fts_clip`, then an Adam step at alpha * lr.
+  NTR (`ntr_loop` times): cross-entropy on an original-domain batch, a separate Adam at beta * lr.
+
+The irreversible backdoor is this loop with another query loss and poisoned NTR data. The object touches
+no file: evaluation, the accuracy floor, checkpoints and metrics belong to the runner (common/stage2.py).
+"""
+import copy
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from common.data import BatchStream
+from common.fts import FTS, FineTunerSampler
+
+
+@dataclass(frozen=True)
+class SophonConfig:
+    alpha: float = 3.0  # FTS step = alpha * lr
+    beta: float = 5.0  # NTR step = beta * lr
+    lr: float = 1e-4
+    bs: int = 150  # restricted batch (support + query) and NTR batch
+    fts_loop: int = 1
+    ntr_loop: int = 1
+    adaptation_steps: int = 50  # inner steps per simulated fine-tuning
+    fts_envs: int = 1  # simulated fine-tuners per FTS step, gradients averaged
+    fts_clip: float = 0.5  # max norm of the FTS gradient (the official code's value)
+    fts_optimizers: tuple = ("sgd",)
+    fts_lrs: tuple = (1e-4,)
+    fts_head: tuple = ("reinit",)
+    fts_scope: tuple = ("all",)
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args):
+        """From a stage-2 command line; `--fts_lrs` left out means the seed's single `--fast_lr`."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls)}
+        values["fts_lrs"] = args.fts_lrs or [args.fast_lr]
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+@dataclass
+class StepResult:
+    fts_loss: float  # mean query loss over the FTS steps of the loop
+    ntr_loss: Optional[float]  # None when ntr_loop is 0
+    finetuners: list  # the simulated fine-tuners sampled in this loop, in order
+
+
+class Sophon:
+    """The model, its two optimisers, the FTS inner loop, the fine-tuner sampler and the batch streams."""
+
+    def __init__(self, model, query_loss, restricted, ntr_data, config, precision):
+        self.model, self.config, self.precision = model, config, precision
+        self.restricted, self.ntr_data = restricted, ntr_data
+        self.fts_opt = torch.optim.Adam(model.parameters(), lr=config.alpha * config.lr)
+        self.ntr_opt = torch.optim.Adam(model.parameters(), lr=config.beta * config.lr)
+        to_input = lambda x: restricted.to_input(x, precision.device, None, precision.channels_last)
+        self.fts = FTS(model, query_loss, to_input, precision, seed=config.seed + 1)
+        self.sampler = FineTunerSampler(config.fts_optimizers, config.fts_lrs, config.fts_head, config.fts_scope,
+                                        seed=config.seed + 2)
+        self.restricted_stream = BatchStream(len(restricted), config.bs, seed=config.seed + 3)
+        self.ntr_stream = BatchStream(len(ntr_data), config.bs, seed=config.seed + 4)
+        self.model_fwd = precision.maybe_compile(model)
+
+    def step(self):
+        """One outer loop; one host sync, for the two losses."""
+        self.model.train()
+        fts = [self.fts_step() for _ in range(self.config.fts_loop)]
+        ntr_losses = [self.ntr_step() for _ in range(self.config.ntr_loop)]
+        return StepResult(torch.stack([loss for loss, _ in fts]).mean().item(),
+                          torch.stack(ntr_losses).mean().item() if ntr_losses else None,
+                          [t for _, finetuners in fts for t in finetuners])
+
+    def fts_step(self):
+        """Returns (the FTS loss as a 0-d tensor, the fine-tuners sampled)."""
+        c = self.config
+        for p in self.model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+        weight = 1.0 / (c.adaptation_steps * c.fts_envs)  # the FTS loss is the mean over every inner step
+        loss, finetuners = torch.zeros((), device=self.precision.device), []
+        for _ in range(c.fts_envs):
+            finetuner = self.sampler.sample()
+            finetuners.append(finetuner)
+            batches = self._batches(self.restricted, self.restricted_stream, c.adaptation_steps)
+            loss = loss + self.fts.episode(self.model, batches, finetuner, weight) * weight
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.fts_clip)
+        self.fts_opt.step()
+        return loss, finetuners
+
+    def ntr_step(self):
+        idx = self.ntr_stream.next()
+        x = self.ntr_data.to_input(self.ntr_data.images[idx], self.precision.device, None, self.precision.channels_last)
+        y = self.ntr_data.labels[idx].to(self.precision.device, non_blocking=True)
+        with self.precision.autocast():
+            loss = F.cross_entropy(self.model_fwd(x).float(), y)
+        self.ntr_opt.zero_grad(set_to_none=False)
+        loss.backward()
+        self.ntr_opt.step()
+        return loss.detach()
+
+    @staticmethod
+    def _batches(domain, stream, n):
+        """Lazily, so host memory holds one batch at a time whatever `adaptation_steps` is."""
+        return ((domain.images[idx], domain.labels[idx]) for idx in (stream.next() for _ in range(n)))
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def snapshot(self):
+        """A copy of the trained state (weights, both optimisers). Not the data streams: a rollback to it
+        goes on with fresh batches rather than repeating the ones that led astray."""
+        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "fts_opt": copy.deepcopy(self.fts_opt.state_dict()),
+                "ntr_opt": copy.deepcopy(self.ntr_opt.state_dict())}
+
+    def restore(self, snapshot):
+        self.model.load_state_dict(snapshot["model"])
+        self.fts_opt.load_state_dict(snapshot["fts_opt"])
+        self.ntr_opt.load_state_dict(snapshot["ntr_opt"])
+
+    def state_dict(self):
+        """Everything the next `step()` depends on (not copied: save it before stepping again)."""
+        return {"model": self.model.state_dict(), "fts_opt": self.fts_opt.state_dict(),
+                "ntr_opt": self.ntr_opt.state_dict(), "fts_gen": self.fts.gen.get_state(),
+                "sampler": self.sampler.state_dict(), "restricted_stream": self.restricted_stream.state_dict(),
+                "ntr_stream": self.ntr_stream.state_dict()}
+
+    def load_state_dict(self, state):
+        self.restore(state)
+        self.fts.gen.set_state(state["fts_gen"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.restricted_stream.load_state_dict(state["restricted_stream"])
+        self.ntr_stream.load_state_dict(state["ntr_stream"])
