@@ -9,13 +9,20 @@ transform, and JPEG decoding never bounds a training loop.
     python -m common.data fetch FashionMNIST MNIST [--data_root DIR]
 
 fetches datasets (common/fetch.py): torchvision download where online, the offline sources where not.
+
+A data file never runs code (CIFAR batches go through a restricted unpickler that admits numpy arrays and
+plain types only), and a damaged one (truncated, garbage, inconsistent) is a one-line `DataUnreadable`
+naming the file and the fetch command, exit 2; a damaged decode cache is re-decoded with a warning.
 """
+import functools
 import gzip
 import hashlib
+import logging
 import math
 import pickle
 import struct
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +41,16 @@ IMAGENETTE_VARIANTS = (("imagenette2", "full", 10_000), ("imagenette2-320", "320
                        ("imagenette2-160", "160px", 160))
 
 
+log = logging.getLogger("sophon")
+
+
 class DataNotFound(UsageError):
     pass
+
+
+class DataUnreadable(UsageError):
+    """A dataset file that is there but cannot be used: truncated, garbage, inconsistent, or refused because
+    reading it would run code (a pickle naming anything but numpy's array reconstructors). One line, exit 2."""
 
 
 @dataclass(frozen=True)
@@ -70,31 +85,125 @@ def _missing(name, root, looked_at):
     return DataNotFound(f"{name} not found: looked for {looked_at}; {fetch_hint(name, root)} (layout: <data_root>/{DATASETS[name].location})")
 
 
+def _why(err):
+    """An exception as a short single-line reason."""
+    text = " ".join(str(err).split())[:200]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _damaged(name, root, paths, problem):
+    """`paths` (one file, or the files that disagree) cannot be used; say what is wrong and how to replace them."""
+    paths = paths if isinstance(paths, (list, tuple)) else [paths]
+    which = " and ".join(str(p) for p in paths)
+    them = "it" if len(paths) == 1 else "them"
+    return DataUnreadable(f"{which}: damaged {name} data ({problem}); delete {them} and fetch again with: "
+                          f"python -m common.data fetch {name} --data_root {root}")
+
+
+def _check_labels(name, root, path, labels):
+    """labels (any array-like) -> int64 array, refused unless 1-D integers within the dataset's classes."""
+    try:
+        labels = np.asarray(labels)
+    except Exception as err:  # ragged or odd objects
+        raise _damaged(name, root, path, f"labels are not a list of integers: {_why(err)}") from None
+    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
+        raise _damaged(name, root, path, f"labels are not a list of integers (dtype {labels.dtype}, shape {labels.shape})")
+    classes = DATASETS[name].num_classes
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise _damaged(name, root, path, f"labels {int(labels.min())}..{int(labels.max())} are outside 0..{classes - 1}")
+    return labels.astype(np.int64, copy=False)
+
+
 # ---- raw readers: one per on-disk format --------------------------------------------------------
+
+@functools.cache
+def _numpy_pickle_globals():
+    """The only globals a CIFAR batch may name: numpy's ndarray/dtype/scalar reconstructors (numpy 1.x
+    pickles name numpy.core, 2.x numpy._core; _frombuffer is protocol 5's array form)."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray, numeric
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """A restricted unpickler: dicts, lists, str, bytes, numbers and numpy arrays/dtypes, nothing else.
+
+    Every global a pickle names goes through find_class before anything is called, so a batch whose
+    __reduce__ payload names os.system, builtins.eval, subprocess... is refused without running it."""
+
+    def find_class(self, module, name):
+        try:
+            return _numpy_pickle_globals()[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+
+def _read_cifar_batch(root, path):
+    """(uint8 N x 3 x 32 x 32 images, int64 labels) of one python batch, or a one-line DataUnreadable."""
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="latin1").load()
+    except _RefusedGlobal as err:
+        raise DataUnreadable(f"{path} is refused: unpickling it would call {err}, which a CIFAR-10 batch never "
+                             f"holds (a data file must not run code); delete it and fetch again with: "
+                             f"python -m common.data fetch CIFAR10 --data_root {root}") from None
+    except Exception as err:  # truncated or garbage: EOFError, UnpicklingError, ValueError, ...
+        raise _damaged("CIFAR10", root, path, f"not a readable pickle: {_why(err)}") from None
+    if not isinstance(batch, dict):
+        raise _damaged("CIFAR10", root, path, f"holds a {type(batch).__name__}, not a batch dict")
+    data = batch.get("data")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        raise _damaged("CIFAR10", root, path, "no uint8 'data' array")
+    labels = _check_labels("CIFAR10", root, path, batch["labels"] if "labels" in batch else batch.get("fine_labels"))
+    if data.size != len(labels) * 3 * 32 * 32:
+        raise _damaged("CIFAR10", root, path, f"'data' holds {data.size} bytes, not {len(labels)} x 3072 for its "
+                                              f"{len(labels)} labels")
+    return data.reshape(-1, 3, 32, 32), labels
+
 
 def _read_cifar10(root, train):
     folder = root / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     if not all((folder / n).is_file() for n in names):
         raise _missing("CIFAR10", root, folder)
-    images, labels = [], []
-    for n in names:
-        with open(folder / n, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch["labels"] if "labels" in batch else batch["fine_labels"])
-    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
+    batches = [_read_cifar_batch(root, folder / n) for n in names]
+    return (torch.from_numpy(np.concatenate([b[0] for b in batches])),
+            torch.from_numpy(np.concatenate([b[1] for b in batches])))
 
 
-def _read_idx(path):
+def _read_idx(path, name, root, ndim):
+    """An unsigned-byte IDX file of `ndim` dimensions; anything else (truncated, garbage) is DataUnreadable."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    _, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if dtype_code != 0x08:
-        raise UsageError(f"{path}: not an unsigned-byte IDX file")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as err:  # a truncated or corrupt .gz, an unreadable file
+        raise _damaged(name, root, path, _why(err)) from None
+    if len(data) < 4 or data[:2] != b"\0\0":
+        raise _damaged(name, root, path, "no IDX magic number")
+    if data[2] != 0x08:
+        raise _damaged(name, root, path, f"not an unsigned-byte IDX file (type code 0x{data[2]:02x})")
+    if data[3] != ndim:
+        raise _damaged(name, root, path, f"{data[3]} dimensions where {ndim} belong")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise _damaged(name, root, path, "header cut short")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    if len(data) - header != math.prod(shape):
+        raise _damaged(name, root, path, f"{len(data) - header} bytes of data where its header "
+                                         f"({' x '.join(map(str, shape))}) needs {math.prod(shape)}")
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy())
 
 
 def _idx_file(raw, stem):
@@ -111,7 +220,12 @@ def _read_mnist_like(name):
         files = [_idx_file(raw, f"{prefix}-images-idx3-ubyte"), _idx_file(raw, f"{prefix}-labels-idx1-ubyte")]
         if None in files:
             raise _missing(name, root, raw)
-        return _read_idx(files[0]).unsqueeze(1), _read_idx(files[1]).to(torch.int64)
+        images, labels = _read_idx(files[0], name, root, 3), _read_idx(files[1], name, root, 1)
+        if len(images) != len(labels):
+            raise _damaged(name, root, files, f"{len(images)} images but {len(labels)} labels")
+        if len(labels) and int(labels.max()) >= DATASETS[name].num_classes:
+            raise _damaged(name, root, files[1], f"label {int(labels.max())} is outside 0..{DATASETS[name].num_classes - 1}")
+        return images.unsqueeze(1), labels.to(torch.int64)
     return read
 
 
@@ -120,9 +234,20 @@ def _read_svhn(root, train):
     if not path.is_file():
         raise _missing("SVHN", root, path)
     from scipy.io import loadmat
-    mat = loadmat(str(path))
-    images = torch.from_numpy(np.ascontiguousarray(np.transpose(mat["X"], (3, 2, 0, 1))))
-    labels = torch.from_numpy(mat["y"].astype(np.int64).reshape(-1)) % 10  # SVHN stores digit 0 as 10
+    try:
+        mat = loadmat(str(path))  # MAT v5 holds arrays only: nothing in it is called
+    except Exception as err:  # truncated or garbage: ValueError, TypeError, OSError, MatReadError, ...
+        raise _damaged("SVHN", root, path, f"not a readable MAT file: {_why(err)}") from None
+    x, y = mat.get("X"), mat.get("y")
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+        raise _damaged("SVHN", root, path, "no uint8 'X' array of 32 x 32 x 3 x N images")
+    if not isinstance(y, np.ndarray) or y.size != x.shape[3] or not np.issubdtype(y.dtype, np.number):
+        raise _damaged("SVHN", root, path, f"no 'y' array of {x.shape[3]} labels")
+    y = y.reshape(-1)
+    if y.size and (y.min() < 0 or y.max() > 10 or (y != np.round(y)).any()):
+        raise _damaged("SVHN", root, path, "labels that are not whole numbers in 0..10")
+    images = torch.from_numpy(np.ascontiguousarray(np.transpose(x, (3, 2, 0, 1))))
+    labels = torch.from_numpy(y.astype(np.int64)) % 10  # SVHN stores digit 0 as 10
     return images, labels
 
 
@@ -149,10 +274,13 @@ def _imagenette_samples(root, train, image_size):
 
 
 class _JpegDecode(torch.utils.data.Dataset):
-    def __init__(self, samples, image_size):
+    """(image, label) per JPEG; a file PIL cannot decode (truncated, garbage) yields its one-line refusal as a
+    str instead, which travels back like data: a DataLoader worker would wrap an exception in a traceback."""
+
+    def __init__(self, samples, image_size, root):
         from torchvision import transforms
         crop = image_size or 224
-        self.samples = samples
+        self.samples, self.root = samples, root
         self.transform = transforms.Compose([transforms.Resize(math.ceil(crop * 256 / 224)),
                                              transforms.CenterCrop(crop), transforms.PILToTensor()])
 
@@ -162,17 +290,32 @@ class _JpegDecode(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            return self.transform(im.convert("RGB")), label
+        try:
+            with Image.open(path) as im:
+                return self.transform(im.convert("RGB")), label
+        except Exception as err:  # UnidentifiedImageError, OSError (truncated), DecompressionBombError, ...
+            variant = Path(path).parents[2]
+            return (f"{path}: damaged ImageNette JPEG (not decodable: {_why(err)}); replace it, or delete {variant} "
+                    f"and fetch again with: python -m common.data fetch ImageNette --data_root {self.root}")
 
 
-def _decode_imagenette(samples, image_size, num_workers):
+def _collate_or_refusal(samples):
+    for s in samples:
+        if isinstance(s, str):
+            return s
+    return torch.utils.data.default_collate(samples)
+
+
+def _decode_imagenette(samples, image_size, num_workers, root):
     from tqdm import tqdm
-    loader = torch.utils.data.DataLoader(_JpegDecode(samples, image_size), batch_size=64, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(_JpegDecode(samples, image_size, root), batch_size=64,
+                                         num_workers=num_workers, collate_fn=_collate_or_refusal)
     images, labels = [], []
-    for x, y in tqdm(loader, desc="decoding ImageNette", leave=False, disable=not sys.stderr.isatty()):
-        images.append(x)
-        labels.append(y)
+    for batch in tqdm(loader, desc="decoding ImageNette", leave=False, disable=not sys.stderr.isatty()):
+        if isinstance(batch, str):
+            raise DataUnreadable(batch)
+        images.append(batch[0])
+        labels.append(batch[1])
     return torch.cat(images), torch.cat(labels).to(torch.int64)
 
 
@@ -196,14 +339,20 @@ def download(name, root):
             cls(str(root), train=train, download=True)
 
 
+def _download(name, root):  # for load_domain, whose `download` flag hides this module's function
+    return download(name, root)
+
+
 def is_present(name, root):
+    """Whether `name`'s training split is under `root` and readable: a damaged one counts as absent, so
+    `fetch` replaces it (download, or the offline source) instead of calling it present."""
     try:
         if name == "ImageNette":
             _imagenette_samples(root, True, None)
         else:
             READERS[name](root, True)
         return True
-    except DataNotFound:
+    except (DataNotFound, DataUnreadable):
         return False
 
 
@@ -279,14 +428,15 @@ def load_domain(name, root, *, train, image_size=None, cap=None, download=False,
         key = hashlib.sha1(str(root).encode()).hexdigest()[:8]
         cache_file = Path(cache_dir) / f"{name}_{'train' if train else 'test'}_{image_size or 'native'}_{cap or 'all'}_{key}.pt"
         if cache_file.is_file():
-            cached = torch.load(cache_file, weights_only=True)
-            return Domain(name, train, cached["images"], cached["labels"], int(cached["full_size"]), cached["note"])
+            cached = _read_cache(cache_file, name)
+            if cached is not None:
+                return Domain(name, train, *cached)
     try:
         images, labels, full_size = _decode(name, root, train, image_size, cap, num_workers)
     except DataNotFound:
         if not download:
             raise
-        download(name, root)
+        _download(name, root)  # the module's download(); the flag of the same name shadows it here
         images, labels, full_size = _decode(name, root, train, image_size, cap, num_workers)
     note = ""
     if name == "MNIST" and (root / "MNIST" / "raw" / MNIST_5K_MARKER).exists():
@@ -297,13 +447,34 @@ def load_domain(name, root, *, train, image_size=None, cap=None, download=False,
     return Domain(name, train, images, labels, full_size, note)
 
 
+def _read_cache(path, name):
+    """(images, labels, full_size, note) from a decode-cache file, or None when it is damaged.
+
+    The cache is derived data, so a damaged one (truncated, garbage, not the expected tensors, or refused by
+    weights_only because it pickles objects) is a miss: a one-line warning, then the data is decoded again
+    and the file overwritten."""
+    try:
+        cached = torch.load(path, weights_only=True)
+        images, labels, full_size, note = cached["images"], cached["labels"], int(cached["full_size"]), cached["note"]
+        if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4
+                and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.shape == images.shape[:1]
+                and isinstance(note, str) and full_size >= len(labels)):
+            raise ValueError("not the cached images, labels, full_size and note")
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= DATASETS[name].num_classes):
+            raise ValueError("labels outside the dataset's classes")
+    except Exception as err:  # RuntimeError (bad zip), UnpicklingError, EOFError, KeyError, ValueError, ...
+        log.warning("decode cache %s is damaged (%s): decoding %s again and overwriting it", path, _why(err), name)
+        return None
+    return images, labels, full_size, note
+
+
 def _decode(name, root, train, image_size, cap, num_workers):
     if name == "ImageNette":
         samples = _imagenette_samples(root, train, image_size)
         keep = fixed_subset(len(samples), cap)
         if keep is not None:
             samples = [samples[i] for i in keep.tolist()]
-        images, labels = _decode_imagenette(samples, image_size, num_workers)
+        images, labels = _decode_imagenette(samples, image_size, num_workers, root)
         return images, labels, len(_imagenette_samples(root, train, image_size)) if keep is not None else len(labels)
     images, labels = READERS[name](root, train)
     full_size = len(labels)
