@@ -16,8 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common.checkpoints import REPO_ROOT, replace_atomically
+from common import dist
+from common.checkpoints import REPO_ROOT, CheckpointError, atomic_save, load_file, replace_atomically
 from common.cli import UsageError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 log = logging.getLogger("sophon")
 
@@ -69,9 +75,19 @@ def package_versions():
 
 
 def config_of(args, **extra):
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    """The resolved flags as plain values; paths absolute, so the record means the same from any folder."""
+    config = {k: (str(v.expanduser().resolve()) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config.update(extra)
     return config
+
+
+def canonical_path(value):
+    """What a path flag means: absolute, and a run folder stands for the checkpoint it resolves to."""
+    path = Path(value).expanduser().resolve()
+    final = path / "checkpoints" / "final.pt"
+    if path.is_dir() and (path / "config.json").is_file() and final.is_file():
+        return final
+    return path
 
 
 class Run:
@@ -81,12 +97,15 @@ class Run:
         self.path = Path(path)
         self.ckpt_dir = self.path / "checkpoints"
         self.plots_dir = self.path / "plots"
+        self.writes = True  # False on the ranks other than 0: they compute, rank 0 writes
+        self._lock = None
 
     @classmethod
     def start(cls, path, config):
         run = cls(path)
         run.ckpt_dir.mkdir(parents=True, exist_ok=True)
         run.plots_dir.mkdir(exist_ok=True)
+        run.lock()
         full = {"config": config, "argv": sys.argv, "git_commit": git_commit(), "versions": package_versions(),
                 "started": datetime.datetime.now().isoformat(timespec="seconds")}
         write_json(run.path / "config.json", full)
@@ -96,11 +115,47 @@ class Run:
         return run
 
     @classmethod
+    def follower(cls, path):
+        """A rank other than 0 under torchrun: the same folder, read only; it logs warnings to the console."""
+        run = cls(path)
+        run.writes = False
+        log.setLevel(logging.WARNING)
+        return run
+
+    @classmethod
     def open_existing(cls, path):
         run = cls(path)
+        run.lock()
         run._setup_logging()
         log.info("resuming run %s", run.path)
         return run
+
+    def lock(self):
+        """Hold the folder for this process: a second process resuming it is refused, not interleaved.
+
+        An flock, so the kernel releases it when the holder exits however it dies (SIGKILL included):
+        a lock file left by a dead process is never mistaken for a live one."""
+        if fcntl is None:  # no flock on this platform: unguarded, as before
+            return
+        handle = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UsageError(f"run folder {self.path} is in use by {holder}; wait for it to end or stop it, "
+                             f"then --resume {self.path}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {platform.node()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self):
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor releases the flock
+            self._lock = None
 
     def _setup_logging(self):
         log.setLevel(logging.INFO)
@@ -117,10 +172,16 @@ class Run:
         log.warning("NOTE: %s", note)
 
     def csv(self, name, header):
-        return CSVLog(self.path / name, header)
+        return CSVLog(self.path / name, header) if self.writes else _Discard(header)
+
+    def save(self, obj, name):
+        """A checkpoint under checkpoints/ (atomic); nothing on ranks other than 0."""
+        if self.writes:
+            atomic_save(obj, self.ckpt_dir / name)
 
     def write_summary(self, summary):
-        write_json(self.path / "summary.json", summary)
+        if self.writes:
+            write_json(self.path / "summary.json", summary)
 
 
 def read_run_config(run_dir):
@@ -142,8 +203,11 @@ def apply_resume(args, argv_given, run_dir, paths, skip=("resume", "out_dir", "d
         if key in skip or not hasattr(args, key):
             continue
         mine = getattr(args, key)
-        mine = str(mine) if isinstance(mine, Path) else mine
-        if key in argv_given and mine != value:
+        if key in paths and key in argv_given and mine is not None and value is not None:
+            same = canonical_path(mine) == canonical_path(value)
+        else:
+            same = (str(mine) if isinstance(mine, Path) else mine) == value
+        if key in argv_given and not same:
             raise UsageError(f"--{key} {mine} differs from the resumed run's {value} ({run_dir}/config.json)")
         setattr(args, key, Path(value) if key in paths and value else value)
     if args.out_dir is not None and Path(args.out_dir).resolve() != Path(run_dir).resolve():
@@ -162,9 +226,13 @@ def given_flags(parser, argv=None):
 
 
 def write_json(path, obj):
+    write_text_atomically(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_text_atomically(path, text):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    replace_atomically(tmp, path, lambda: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    replace_atomically(tmp, path, lambda: tmp.write_text(text))
 
 
 class CSVLog:
@@ -200,6 +268,25 @@ class CSVLog:
         self.rewrite([r for r in self.rows() if predicate(r)])
 
 
+class _Discard:
+    """CSVLog's interface for ranks that write nothing."""
+
+    def __init__(self, header):
+        self.header = list(header)
+
+    def append(self, row):
+        pass
+
+    def rows(self):
+        return []
+
+    def rewrite(self, rows):
+        pass
+
+    def keep(self, predicate):
+        pass
+
+
 def _cell(value):
     if value is None:
         return ""
@@ -211,27 +298,53 @@ def _cell(value):
 class Interrupts:
     """SIGINT/SIGTERM set a flag checked at loop boundaries; a second signal exits at once.
 
-    Installed explicitly, because a job started with `&` from a script inherits SIGINT as ignored.
+    Installed explicitly, because a job started with `&` from a script inherits SIGINT as ignored. Under
+    torchrun the ranks agree at each boundary (`due()`), so all stop at the same one; there a second signal
+    is not an exit: Ctrl-C reaches every rank twice (from the terminal and from the launcher), and the
+    launcher escalates to SIGKILL itself when the ranks take too long.
     """
 
-    def __init__(self):
+    def __init__(self, world=None):
         self.requested = False
+        self.world = world or dist.world()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested and not self.world.distributed:
             os._exit(130)
+        if not self.requested:
+            log.info("signal %s received: stopping at the next boundary%s", signal.Signals(signum).name,
+                     "" if self.world.distributed else " (again to exit now)")
         self.requested = True
-        log.info("signal %s received: stopping at the next boundary (again to exit now)", signal.Signals(signum).name)
+
+    def due(self):
+        """Stop at this boundary? The same answer on every rank (a collective under torchrun)."""
+        return self.world.any(self.requested)
 
 
 def open_run(args, project, stage, dataset, config):
-    """Start the run folder (after every check has passed) or reopen it for --resume."""
-    if args.resume is not None:
-        return Run.open_existing(args.out_dir)
-    out = check_out_dir(args.out_dir) if args.out_dir is not None else default_run_dir(project, stage, args.arch, dataset)
-    return Run.start(out, config)
+    """Start the run folder (after every check has passed) or reopen it for --resume. Under torchrun rank
+    0 does so and the other ranks get a `Run` on the same folder that writes nothing."""
+    world = dist.world()
+    run = None
+    if world.main:
+        if args.resume is not None:
+            run = Run.open_existing(args.out_dir)
+        else:
+            out = check_out_dir(args.out_dir) if args.out_dir is not None else default_run_dir(project, stage, args.arch, dataset)
+            run = Run.start(out, config)
+    path = world.share(str(run.path) if run else None)
+    return run or Run.follower(path)
+
+
+def is_finished(run_dir):
+    """A run is finished once it wrote its summary without an error (a fault's summary says `error`)."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        return path.is_file() and "error" not in json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
 
 
 def preflight_resume(parser, args, project_stage, argv=None):
@@ -242,7 +355,7 @@ def preflight_resume(parser, args, project_stage, argv=None):
         return False
     run_dir = Path(args.resume).resolve()
     apply_resume(args, given_flags(parser, argv), run_dir, path_flags(parser))
-    if (run_dir / "summary.json").exists() and (run_dir / "checkpoints" / "final.pt").exists():
+    if is_finished(run_dir):
         print(f"{project_stage}: run {run_dir} is already finished; nothing to resume")
         return True
     return False
@@ -259,16 +372,57 @@ class Interrupted(Exception):
 
 def guarded(run, stage, body):
     """Run `body()`; an interrupt exits 130, a fault that stops the run is logged, summary.json written,
-    exit code 1."""
+    exit code 1. A UsageError (e.g. an unreadable last.pt) passes through untouched: the one-line
+    refusal, exit 2, and the run folder left as it was."""
     try:
         return body()
     except Interrupted as stop:
-        log.info("interrupted at %s; continue with --resume %s", stop.where, run.path)
+        if run.writes:
+            log.info("interrupted at %s; continue with --resume %s", stop.where, run.path)
         return 130
+    except UsageError:
+        raise
     except Exception as err:  # the run folder must say why it stopped
         log.exception("run stopped by a fault")
         run.write_summary({"stage": stage, "error": f"{type(err).__name__}: {err}"})
         return 1
+    finally:
+        run.unlock()
+
+
+def read_last(run):
+    """checkpoints/last.pt of the run being resumed; an unreadable one (copied half-way, disk trouble) is a
+    one-line refusal that names what can still be done. Under torchrun rank 0 reads it for every rank."""
+    world = dist.world()
+    if world.distributed:
+        state, error = world.share(_try_read_last(run) if world.main else None)
+        if error:
+            raise UsageError(error)
+        return state
+    state, error = _try_read_last(run)
+    if error:
+        raise UsageError(error)
+    return state
+
+
+def _try_read_last(run):
+    path = run.ckpt_dir / "last.pt"
+    try:
+        return load_file(path), None
+    except CheckpointError as err:
+        snapshots = [p for p in sorted(run.ckpt_dir.glob("loop*.pt"), reverse=True) if _readable(p)]
+        hint = (f"its newest readable model snapshot is {snapshots[0]}: start a new run from it with "
+                f"--model_path {snapshots[0]}, or start afresh without --resume" if snapshots
+                else "start the run afresh without --resume")
+        return None, f"cannot resume {run.path}: {err}; {hint}"
+
+
+def _readable(path):
+    try:
+        load_file(path)
+        return True
+    except CheckpointError:
+        return False
 
 
 def close_run(run, stage, summary, test_samples, checkpoint=None):
@@ -284,11 +438,15 @@ def close_run(run, stage, summary, test_samples, checkpoint=None):
     return summary
 
 
-def begin(parse_args, stage, argv=None):
-    """A stage script's start: parse, install the interrupt handlers, apply --resume.
-    Returns (None, None) when the resumed run is already finished."""
+def begin(parse_args, stage, argv=None, distributed=False):
+    """A stage script's start: parse, join torchrun's process group (stages that run `distributed`),
+    install the interrupt handlers, apply --resume. Returns (None, None) when the resumed run is already
+    finished."""
     parser, args = parse_args(argv)
-    interrupts = Interrupts()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed:
+        raise UsageError(f"{stage} runs in one process; start it without torchrun")
+    world = dist.init_from_env(args.device) if distributed else dist.world()
+    interrupts = Interrupts(world)
     if preflight_resume(parser, args, stage, argv):
         return None, None
     return args, interrupts

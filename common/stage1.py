@@ -3,14 +3,14 @@ import argparse
 import logging
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 
-from common.checkpoints import atomic_save, load_file, make_checkpoint
+from common.checkpoints import atomic_save, init_model, make_checkpoint
 from common.cli import pos_float, pos_int
 from common.data import check_name, check_subset_caps, load_domain
-from common.models import build_model
-from common.runs import Interrupted, close_run, config_of, guarded, open_run
+from common.runs import Interrupted, close_run, config_of, guarded, open_run, read_last
 from common.train import AccuracyEval, Precision, progress, resolve_device, seed_everything, train_epoch
 
 log = logging.getLogger("sophon")
@@ -23,7 +23,7 @@ def run_stage1(args, run, model, train_domain, evaluate, device, precision, inte
     gen = torch.Generator().manual_seed(args.seed)
     epoch, train_acc, figures = 0, None, None
     if resume and (run.ckpt_dir / "last.pt").exists():
-        state = load_file(run.ckpt_dir / "last.pt")
+        state = read_last(run)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["gen"])
@@ -67,10 +67,11 @@ def run_stage1_script(args, interrupts, project, stage, make_train=None, make_ev
     train.pin_for(device)
     precision = Precision(device, args.amp, args.channels_last, args.compile)
     seed_everything(args.seed)
-    model = precision.prepare(build_model(args.arch, train.num_classes, args.init))
-    config = config_of(args, stage=stage, dataset=None, parent=None)
+    model, init_note, init_record = init_model(args.arch, train.num_classes, args.init, args.orig_dataset)
+    model = precision.prepare(model)
+    config = config_of(args, stage=stage, dataset=None, parent=None, **init_record)
     run = open_run(args, project, "stage1_pretrain", args.orig_dataset, config)
-    for line in (note, train.note):
+    for line in (init_note, note, train.note):
         if line:
             run.log_note(line)
     meta = dict(arch=args.arch, dataset=args.orig_dataset, stage=stage, parent=None, config=config)
@@ -87,11 +88,23 @@ def run_stage1_script(args, interrupts, project, stage, make_train=None, make_ev
     return guarded(run, stage, body)
 
 
+def init_choice(text):
+    """--init: imagenet, scratch, or an existing weights file (kept as an absolute path)."""
+    if text in ("imagenet", "scratch"):
+        return text
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither imagenet, scratch nor an existing weights file")
+    return str(path.resolve())
+
+
 def stage1_flags(*, epochs, lr, init, save_every):
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--epochs", type=pos_int, default=epochs)
     p.add_argument("--lr", type=pos_float, default=lr, help="Adam learning rate")
-    p.add_argument("--init", choices=("imagenet", "scratch"), default=init,
-                   help="imagenet: torchvision/timm pretrained weights; scratch: random")
+    p.add_argument("--init", type=init_choice, default=init, metavar="imagenet|scratch|PATH",
+                   help="imagenet: torchvision/timm pretrained weights; scratch: random; PATH: a local weights file "
+                        "(torchvision/timm state_dict .pt/.pth or .safetensors): its body, and its head if the "
+                        "head's size fits the dataset")
     p.add_argument("--save_every", type=pos_int, default=save_every, help="write last.pt every N epochs")
     return p

@@ -17,13 +17,13 @@ from typing import Callable
 
 import torch
 
-from common.checkpoints import (atomic_save, inherit, load_checkpoint, load_file, make_checkpoint,
-                                model_from_checkpoint, resolve_checkpoint)
+from common.checkpoints import (atomic_save, foreign_record, inherit, is_foreign, load_parent, make_checkpoint,
+                                model_from_checkpoint, require_given, resolve_checkpoint)
 from common.cli import UsageError, comma_list, nonneg_int, pos_float, pos_int
 from common.data import check_name, check_subset_caps, load_domain
 from common.finetune import SCOPES, Attack, run_attack
 from common.fts import FTS_OPTIMIZERS, HEAD_POLICIES
-from common.runs import Interrupted, close_run, config_of, guarded, open_run
+from common.runs import Interrupted, close_run, config_of, guarded, open_run, read_last
 from common.sophon import Sophon, SophonConfig
 from common.train import Precision, progress, resolve_device, seed_everything
 
@@ -130,7 +130,13 @@ class Stage2Runner:
         atomic_save(_to_cpu(state), self.run.ckpt_dir / "last.pt")
 
     def load_last(self):
-        state = load_file(self.run.ckpt_dir / "last.pt")
+        """Continue from last.pt; rows written after it (a run killed between saves) are dropped first."""
+        if not (self.run.ckpt_dir / "last.pt").exists():  # killed before its first save
+            log.info("no checkpoints/last.pt yet: the run starts over")
+            self.metrics.keep(lambda r: False)
+            self.tests.keep(lambda r: False)
+            return
+        state = read_last(self.run)
         self.algo.load_state_dict(state)
         self.loop, self.strikes = int(state["loop"]), int(state["strikes"])
         self.snapshot = _to_device(state["snapshot"], self.algo.precision.device)
@@ -293,12 +299,16 @@ class Stage2Setup:
 
 
 def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image_size")):
-    """Every check of a stage-2 run, before its folder exists: parent checkpoint, inherited flags, data."""
+    """Every check of a stage-2 run, before its folder exists: parent checkpoint, inherited flags, data.
+    The parent may be a foreign state_dict / .safetensors file; then every inherited flag but --image_size
+    must be given."""
     if args.bs < 4:
         raise UsageError(f"--bs {args.bs} is too small for stage 2: each batch is split into support and query, "
                          f"two samples each at least (BatchNorm); use --bs 4 or more")
     parent = resolve_checkpoint(args.model_path, project, "stage1_pretrain")
-    ckpt = load_checkpoint(parent)
+    ckpt = load_parent(parent, args)
+    if is_foreign(ckpt):
+        require_given(args, [n for n in inherited if n != "image_size"], parent)
     inherit(args, ckpt, parent, inherited)
     check_name(args.dataset)
     if args.dataset == args.orig_dataset:
@@ -314,7 +324,7 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
     precision = Precision(device, args.amp, args.channels_last, args.compile)
     seed_everything(args.seed)
     model = precision.prepare(model_from_checkpoint(ckpt, parent))
-    config = config_of(args, stage=stage, parent=str(parent), model_path=str(parent))
+    config = config_of(args, stage=stage, parent=str(parent), model_path=str(parent), **foreign_record(ckpt))
     return Stage2Setup(parent, ckpt, *domains, device, precision, model, config)
 
 
@@ -329,7 +339,7 @@ def run_stage2_script(args, interrupts, project, stage, s, task):
     runner = Stage2Runner(algo, task, Schedule.from_args(args), run, meta)
 
     def body():
-        if args.resume is not None and (run.ckpt_dir / "last.pt").exists():
+        if args.resume is not None:
             runner.load_last()
         summary = runner.train(interrupts)
         close_run(run, stage, summary, len(s.restr_test), run.ckpt_dir / "final.pt")

@@ -6,17 +6,21 @@ missing there (their partial rows are dropped first). With `--jobs N`, N spawned
 parallel, each on the next device of `--devices`; the parent alone writes the run folder.
 """
 import concurrent.futures as cf
+import ctypes
+import ctypes.util
 import functools
 import json
 import logging
 import multiprocessing as mp
+import os
+import signal
 from dataclasses import dataclass
 
 import torch
 
 from common.finetune import Attack, expand_grid, run_attack
 from common.models import build_model
-from common.runs import Interrupted, close_run, guarded, open_run
+from common.runs import Interrupted, close_run, guarded, open_run, write_text_atomically
 from common.train import Precision, progress, resolve_device, seed_everything
 from common.verdicts import LEGEND
 
@@ -60,7 +64,20 @@ class GridContext:
 _WORKER = {}
 
 
+def _die_with_parent():
+    """A worker whose parent is killed outright (SIGKILL, the OOM killer) would run on as an orphan,
+    holding CPU or GPU: on Linux, ask the kernel to kill it too."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request
+        os._exit(1)
+
+
 def _init_worker(context, devices, counter):
+    _die_with_parent()
     with counter.get_lock():
         index = counter.value
         counter.value += 1
@@ -84,13 +101,17 @@ class Grid:
         self.done_path = run.path / "cells.jsonl"
 
     def completed(self):
+        """{cell key: entry} of the finished cells. A line cut short (the grid killed while appending it)
+        does not count: that cell simply runs again."""
         if not self.done_path.exists():
             return {}
         done = {}
         for line in self.done_path.read_text().splitlines():
-            if line.strip():
+            try:
                 entry = json.loads(line)
-                done[entry["key"]] = entry
+            except json.JSONDecodeError:
+                continue
+            done[entry["key"]] = entry
         return done
 
     def _row(self, cell, epoch, figures):
@@ -108,6 +129,8 @@ class Grid:
     def execute(self, jobs=1, devices=None, interrupts=None):
         """Run the cells missing from cells.jsonl; raises Interrupted at a cell boundary after a signal."""
         done = self.completed()
+        # whole lines only, so that the next append starts on a line of its own
+        write_text_atomically(self.done_path, "".join(json.dumps(e) + "\n" for e in done.values()))
         self.metrics.keep(lambda r: r["cell"] in done)
         todo = [c for c in self.cells if c.key not in done]
         if done:

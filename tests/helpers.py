@@ -3,11 +3,14 @@ import csv
 import hashlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -32,9 +35,10 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
-def run_script(stage, *args, timeout=300):
-    """Run a stage script in a fresh process from a scratch folder (nothing may depend on the cwd)."""
-    cwd = tempfile.mkdtemp(prefix="sophon_cwd_")
+def run_script(stage, *args, timeout=300, cwd=None):
+    """Run a stage script in a fresh process, from `cwd` or else a scratch folder (nothing may depend on the
+    cwd unless a path is given relative to it)."""
+    cwd = cwd or tempfile.mkdtemp(prefix="sophon_cwd_")
     return subprocess.run(script_argv(stage, *args), capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           env=dict(os.environ))
 
@@ -43,7 +47,6 @@ def run_scripts(jobs, max_parallel=3, timeout=300):
     """Run several (stage, args) jobs side by side; returns their CompletedProcess results in order.
 
     The scripts are single-threaded here, so a few at once use the machine's cores while one imports torch."""
-    import time
     results, running, queue = [None] * len(jobs), {}, list(enumerate(jobs))
     deadline = time.monotonic() + timeout
     while queue or running:
@@ -71,12 +74,53 @@ def run_scripts(jobs, max_parallel=3, timeout=300):
 def popen_script(stage, *args, log_path, ignore_sigint=False):
     """Start a script in the background, output to `log_path`. ignore_sigint: start it the way a shell
     script's `cmd &` does, with SIGINT ignored, which the scripts must override with their own handler."""
-    import signal
     cwd = tempfile.mkdtemp(prefix="sophon_cwd_")
     out = open(log_path, "w")
     preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
     return subprocess.Popen(script_argv(stage, *args), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                             env=dict(os.environ), preexec_fn=preexec), out
+
+
+def data_rows(path):
+    """Data rows of a CSV so far (lines of a JSON-lines file, less one); 0 while it does not exist."""
+    try:
+        with open(path) as f:
+            return max(0, sum(1 for _ in f) - 1)
+    except FileNotFoundError:
+        return 0
+
+
+def interrupted_run(stage, args, out_parent, after_rows, sig=signal.SIGINT, ignore_sigint=False, attempts=3,
+                     while_running=None, file_name="metrics.csv"):
+    """Start a run, send `sig` once `file_name` has `after_rows` rows; expect exit 130 (-9 for SIGKILL).
+    `while_running(out)` is called just before the signal.
+
+    A run that finished before the signal landed (a very fast machine) is retried in a new folder, so the
+    check never depends on timing."""
+    for attempt in range(attempts):
+        out = out_parent / f"interrupted{attempt}"
+        proc, log = popen_script(stage, *args, "--out_dir", out, log_path=out_parent / f"stdout{attempt}.txt",
+                                 ignore_sigint=ignore_sigint)
+        try:
+            deadline = time.monotonic() + 240
+            while data_rows(out / file_name) < after_rows and proc.poll() is None:
+                assert time.monotonic() < deadline, "run made no progress"
+                time.sleep(0.02)
+            if proc.poll() is None and while_running is not None:
+                while_running(out)
+            if proc.poll() is None:
+                proc.send_signal(sig)
+            rc = proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+        output = (out_parent / f"stdout{attempt}.txt").read_text()
+        if rc == 0:
+            continue  # finished before the signal: try again
+        assert rc == (-signal.SIGKILL if sig == signal.SIGKILL else 130), output[-3000:]
+        return out, output
+    pytest.fail(f"the run always finished before the signal took effect ({attempts} attempts)")
 
 
 def load_script(stage):

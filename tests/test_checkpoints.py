@@ -83,6 +83,8 @@ def test_code_carrying_file_is_refused_not_executed(tmp_path, writer):
         with pytest.raises(CheckpointError) as info:
             loader(path)
         assert "\n" not in str(info.value) and str(path) in str(info.value)
+        # the advice names what is accepted: a plain state_dict (see test_foreign.py)
+        assert "torch.save(model.state_dict(), path)" in str(info.value)
     assert not marker.exists()
     # control: the file really does run code when unpickled without weights_only
     torch.load(path, weights_only=False) if writer == "torch.save" else pickle.load(open(path, "rb"))
@@ -102,7 +104,7 @@ def test_truncated_file_is_a_one_line_error(tmp_path, resnet):
 def test_foreign_dict_is_refused(tmp_path):
     path = tmp_path / "sd.pt"
     torch.save({"weight": torch.zeros(2)}, path)  # a bare state_dict, not this project's checkpoint
-    with pytest.raises(CheckpointError, match="missing keys"):
+    with pytest.raises(CheckpointError, match="missing keys.*--arch and --orig_dataset"):
         load_checkpoint(path)
 
 

@@ -1,14 +1,14 @@
 """Interrupt (SIGINT) and --resume: the resumed run ends where an uninterrupted one does."""
 import json
+import os
 import signal
 import sys
-import time
 
 import pytest
 import torch
 
 from common.cli import UsageError
-from helpers import load_script, popen_script, read_rows, run_script, tree_snapshot
+from helpers import data_rows, interrupted_run, load_script, popen_script, read_rows, run_script, tree_snapshot
 
 pytestmark = pytest.mark.slow  # stage scripts in subprocesses
 
@@ -17,43 +17,6 @@ STAGE2 = ["--dataset", "MNIST", "--bs", "20", "--total_loop", "6", "--adaptation
           "--loss_type", "inverse", "--fts_optimizers", "sgd,adam", "--fts_head", "reinit,keep"]
 STAGE1 = ["--orig_dataset", "FashionMNIST", "--image_size", "16", "--init", "scratch", "--epochs", "3", "--bs", "16",
           "--save_every", "1"]
-
-
-def _data_rows(path):
-    try:
-        with open(path) as f:
-            return max(0, sum(1 for _ in f) - 1)
-    except FileNotFoundError:
-        return 0
-
-
-def _interrupted_run(stage, args, out_parent, after_rows, sig=signal.SIGINT, ignore_sigint=False, attempts=3):
-    """Start a run, send `sig` once metrics.csv has `after_rows` rows; expect exit 130.
-
-    A run that finished before the signal landed (a very fast machine) is retried in a new folder, so the
-    check never depends on timing."""
-    for attempt in range(attempts):
-        out = out_parent / f"interrupted{attempt}"
-        proc, log = popen_script(stage, *args, "--out_dir", out, log_path=out_parent / f"stdout{attempt}.txt",
-                                 ignore_sigint=ignore_sigint)
-        try:
-            deadline = time.monotonic() + 240
-            while _data_rows(out / "metrics.csv") < after_rows and proc.poll() is None:
-                assert time.monotonic() < deadline, "run made no progress"
-                time.sleep(0.02)
-            if proc.poll() is None:
-                proc.send_signal(sig)
-            rc = proc.wait(timeout=240)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
-        output = (out_parent / f"stdout{attempt}.txt").read_text()
-        if rc == 0:
-            continue  # finished before the signal: try again
-        assert rc == 130, output[-3000:]
-        return out, output
-    pytest.fail(f"the run always finished before the signal took effect ({attempts} attempts)")
 
 
 def _assert_same_model(a, b):
@@ -98,13 +61,13 @@ def stage2_full(stage2_full_bg):
 def test_stage2_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, data_root, stage1_run, stage2_full_bg):
     args = [*STAGE2, "--model_path", stage1_run, "--data_root", data_root]
     # started as `cmd &` from a script would be (SIGINT ignored): the script installs its own handler
-    out, output = _interrupted_run("stage2", args, tmp_path, after_rows=3, ignore_sigint=True)
+    out, output = interrupted_run("stage2", args, tmp_path, after_rows=3, ignore_sigint=True)
     stage2_full = stage2_full_bg.wait()
     assert "interrupted at loop" in output and f"--resume {out}" in output
     assert "interrupted at loop" in (out / "log.txt").read_text()
     assert (out / "checkpoints" / "last.pt").is_file() and not (out / "checkpoints" / "final.pt").exists()
     assert not (out / "summary.json").exists()
-    stopped_at = _data_rows(out / "metrics.csv")
+    stopped_at = data_rows(out / "metrics.csv")
     assert 3 <= stopped_at < 6
 
     proc = run_script("stage2", "--resume", out)
@@ -198,7 +161,7 @@ def test_in_process_resume_checks_the_argv_it_was_given(stage2_full, monkeypatch
 def test_stage1_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, data_root):
     full_bg = _Background("stage1", [*STAGE1, "--data_root", data_root], tmp_path / "full")
     try:
-        out, output = _interrupted_run("stage1", [*STAGE1, "--data_root", data_root], tmp_path, after_rows=1,
+        out, output = interrupted_run("stage1", [*STAGE1, "--data_root", data_root], tmp_path, after_rows=1,
                                        sig=signal.SIGTERM)
         full = full_bg.wait()
     finally:
@@ -206,7 +169,7 @@ def test_stage1_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, data_r
             full_bg.proc.kill()
     assert "interrupted at epoch" in output and f"--resume {out}" in output
     assert not (out / "checkpoints" / "final.pt").exists()
-    assert 1 <= _data_rows(out / "metrics.csv") < 3
+    assert 1 <= data_rows(out / "metrics.csv") < 3
     proc = run_script("stage1", "--resume", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_model(out / "checkpoints" / "final.pt", full / "checkpoints" / "final.pt")
@@ -217,3 +180,84 @@ def test_stage1_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, data_r
         assert r["test_acc"] == f["test_acc"] and r["train_acc"] == f["train_acc"]
     s, fs = (json.loads((d / "summary.json").read_text()) for d in (out, full))
     assert (s["train_acc"], s["test_acc"], s["epochs"]) == (fs["train_acc"], fs["test_acc"], fs["epochs"])
+
+
+def test_the_original_command_plus_resume_is_accepted_for_every_stage(tmp_path, data_root):
+    """The interrupt message says "continue with --resume DIR": re-running the very command that started
+    the run, paths relative and run folders as typed, with --resume appended, must be accepted."""
+    data = os.path.relpath(data_root, tmp_path)
+    commands = {
+        "stage1": [*STAGE1[:-6], "--epochs", "1", "--bs", "16", "--data_root", data, "--out_dir", "s1"],
+        "stage2": ["--model_path", "s1", "--dataset", "MNIST", "--bs", "20", "--total_loop", "1",
+                   "--adaptation_steps", "1", "--test_interval", "0", "--final_finetune_epochs", "0",
+                   "--data_root", data, "--out_dir", "s2"],
+        "stage3": ["--path", "s2", "--normal_path", "./s1", "--start", "sophon,normal", "--epochs", "1",
+                   "--bs", "16", "--data_root", data, "--out_dir", "s3"],
+    }
+    for stage, argv in commands.items():
+        proc = run_script(stage, *argv, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = argv[argv.index("--out_dir") + 1]
+        again = run_script(stage, *argv, "--resume", out, cwd=tmp_path)
+        assert again.returncode == 0, (stage, again.stderr[-3000:])
+        assert "already finished" in again.stdout, (stage, again.stdout[-2000:])
+    # a path that means something else is still refused
+    other_parent = ["s2" if a == "s1" else a for a in commands["stage2"]]
+    proc = run_script("stage2", *other_parent, "--resume", "s2", cwd=tmp_path)
+    assert proc.returncode == 2 and "--model_path" in proc.stderr, proc.stderr
+
+
+# ---- a hard kill, a second resumer, a damaged last.pt --------------------------------------------------------
+
+def _refused_while_running(out):
+    """A second process resuming a live run folder is refused, and changes nothing there."""
+    before = read_rows(out / "metrics.csv")
+    proc = run_script("stage2", "--resume", out)
+    _one_error_line(proc.returncode, proc.stderr, "in use by process")
+    assert read_rows(out / "metrics.csv")[:len(before)] == before
+
+
+def test_stage2_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, data_root, stage1_run, stage2_full_bg):
+    args = [*STAGE2, "--model_path", stage1_run, "--data_root", data_root, "--save_every", "2"]  # the last wins
+    out, _ = interrupted_run("stage2", args, tmp_path, after_rows=3, sig=signal.SIGKILL)
+    stage2_full = stage2_full_bg.wait()
+    assert not (out / "summary.json").exists()
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["loop"] \
+        if (out / "checkpoints" / "last.pt").exists() else 0
+    proc = run_script("stage2", "--resume", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"resumed at loop {saved}" if saved else "the run starts over") in proc.stdout
+    rows, full_rows = read_rows(out / "metrics.csv"), read_rows(stage2_full / "metrics.csv")
+    assert [int(r["loop"]) for r in rows] == [1, 2, 3, 4, 5, 6], "every loop exactly once"
+    for r, f in zip(rows, full_rows):
+        assert float(r["fts_loss"]) == pytest.approx(float(f["fts_loss"]), rel=1e-4, abs=1e-6), r["loop"]
+    _assert_same_model(out / "checkpoints" / "final.pt", stage2_full / "checkpoints" / "final.pt")
+
+
+def test_a_live_run_refuses_a_second_resumer_and_a_dead_ones_lock_is_free(tmp_path, data_root, stage1_run):
+    from common.runs import Run
+    args = [*STAGE2, "--model_path", stage1_run, "--data_root", data_root, "--total_loop", "400",
+            "--test_interval", "0"]
+    out, _ = interrupted_run("stage2", args, tmp_path, after_rows=1, sig=signal.SIGKILL,
+                              while_running=_refused_while_running)
+    assert (out / ".lock").exists(), "the dead process left its lock file behind"
+    run = Run(out)
+    run.lock()  # ... which does not hold: the kernel released the dead process's lock
+    run.unlock()
+
+
+def test_unreadable_last_pt_is_a_one_line_error_naming_what_to_do(stage2_full, tmp_path, monkeypatch, capsys,
+                                                                   restore_signals):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(stage2_full, run)
+    (run / "summary.json").unlink()  # as if it had stopped before the end
+    last = run / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # copied half-way
+    before = tree_snapshot(run)
+    code, _, err = _resume_in_process(["--resume", run], monkeypatch, capsys)
+    _one_error_line(code, err, "last.pt", str(run / "checkpoints" / "loop000006.pt"), "--model_path",
+                    "without --resume")
+    assert "Traceback" not in err
+    untouched = lambda snap: {k: v for k, v in snap.items() if k not in ("log.txt", ".lock")}
+    assert untouched(tree_snapshot(run)) == untouched(before)

@@ -92,3 +92,12 @@ def test_non_finite_loss_restores_the_last_good_state(tmp_path, restore_signals)
     assert rows[0]["rolled_back"] == "1", "loop 1 came after the last passing evaluation (before stage 2)"
     assert summary["stopped_early"] is False
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+def test_resume_without_last_pt_starts_over_and_drops_the_rows(tmp_path):
+    runner, _, _ = _stage2(tmp_path, [50.0], _schedule())
+    runner.metrics.append({"loop": 1, "fts_loss": 0.5})  # written by a run killed before its first save
+    runner.tests.append({"loop": 1, "kind": "periodic", "epoch": 0, "test_acc": 10.0})
+    runner.load_last()
+    assert runner.loop == 0
+    assert read_rows(tmp_path / "metrics.csv") == [] and read_rows(tmp_path / "finetune_tests.csv") == []

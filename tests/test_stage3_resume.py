@@ -3,10 +3,11 @@ rows first, and ends with the same results as an uninterrupted grid."""
 import csv
 import json
 import shutil
+import signal
 
 import pytest
 
-from helpers import read_rows, run_script
+from helpers import interrupted_run, read_rows, run_script
 
 pytestmark = pytest.mark.slow  # stage scripts in subprocesses
 
@@ -44,3 +45,23 @@ def test_resumed_grid_reruns_only_missing_cells(tmp_path, data_root, stage2_runs
     assert len(keys) == len(set(keys)) == 4 * 2, "every (cell, epoch) row exactly once"
     resumed, reference = (json.loads((d / "summary.json").read_text())["results"] for d in (cut, full))
     assert resumed == reference, "a resumed grid ends where the uninterrupted one did"
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_grid_killed_live_reruns_only_its_missing_cells(tmp_path, data_root, stage2_runs, jobs):
+    args = ["--path", stage2_runs("kl"), "--data_root", data_root, "--start", "sophon,scratch", "--seeds", "0,1,2",
+            "--epochs", "1", "--bs", "16", "--jobs", jobs]
+    out, _ = interrupted_run("stage3", args, tmp_path, after_rows=1, sig=signal.SIGKILL, file_name="cells.jsonl")
+    done_before = len((out / "cells.jsonl").read_text().splitlines())
+    assert 2 <= done_before < 6
+    with open(out / "cells.jsonl", "a") as f:  # and as if the kill had landed in the middle of an append
+        f.write('{"key": "sophon|direct_all|momentum|0.0001|16|2", "start": "soph')
+
+    proc = run_script("stage3", "--resume", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{done_before} of 6 cells already done; running {6 - done_before}" in proc.stdout
+    entries = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+    assert sorted(e["key"] for e in entries) == sorted({e["key"] for e in entries}) and len(entries) == 6
+    cells = [(r["cell"], r["epoch"]) for r in read_rows(out / "metrics.csv")]
+    assert len(cells) == len(set(cells)) == 6 * 2, "every (cell, epoch) row exactly once"
+    assert len(json.loads((out / "summary.json").read_text())["results"]) == 6

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from common import cli
 from common.backdoor import ATTACK_METRICS, BackdoorEval, check_trigger, trigger_flags
-from common.checkpoints import inherit, load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from common.checkpoints import (foreign_record, inherit, is_foreign, load_parent, model_from_checkpoint, require_given,
+                                resolve_checkpoint)
 from common.data import check_name, check_subset_caps, load_domain
 from common.finetune import grid_flags
 from common.runs import begin, config_of
@@ -47,20 +48,26 @@ def main(argv=None):
     if args is None:
         return 0
     paths, ckpts = {}, {}
+    inherited = ("arch", "orig_dataset", "image_size") + TRIGGER_FLAGS
     if "irreversible" in args.start:
         paths["irreversible"] = resolve_checkpoint(args.path, "irreversible_backdoor", "stage2_train", "--path")
-        ckpts["irreversible"] = load_checkpoint(paths["irreversible"])
+        ckpts["irreversible"] = load_parent(paths["irreversible"], args, "--path")
+        inherit(args, ckpts["irreversible"], paths["irreversible"], inherited)
     if "backdoored" in args.start:
         parent = ckpts["irreversible"]["parent"] if "irreversible" in ckpts else None
         paths["backdoored"] = resolve_checkpoint(args.baseline_path or parent, "irreversible_backdoor",
                                                  "stage1_pretrain", "--baseline_path")
-        ckpts["backdoored"] = load_checkpoint(paths["backdoored"])
-    for start in args.start:
-        inherit(args, ckpts[start], paths[start], ("arch", "orig_dataset", "image_size") + TRIGGER_FLAGS)
-    restricted = ckpts.get("irreversible", {}).get("dataset")
+        ckpts["backdoored"] = load_parent(paths["backdoored"], args, "--baseline_path")
+        inherit(args, ckpts["backdoored"], paths["backdoored"], inherited)
+    for start in args.start:  # a foreign file records no trigger: some checkpoint of ours, or the flags, must
+        if is_foreign(ckpts[start]):
+            require_given(args, TRIGGER_FLAGS, paths[start], "--path" if start == "irreversible" else "--baseline_path")
+    irreversible = ckpts.get("irreversible", {})
+    restricted = None if is_foreign(irreversible) else irreversible.get("dataset")
     args.dataset = args.dataset or restricted
     if args.dataset is None:
-        raise cli.UsageError("--dataset is needed: a stage-1 checkpoint does not name a restricted domain")
+        raise cli.UsageError("--dataset is needed: a stage-1 checkpoint or a plain weights file does not name a "
+                             "restricted domain")
     check_name(args.dataset)
     load = partial(load_domain, root=args.data_root, image_size=args.image_size, download=args.download,
                    cache_dir=args.cache_dir, num_workers=args.num_workers)
@@ -77,7 +84,8 @@ def main(argv=None):
         figures = orig_eval(precision.prepare(model_from_checkpoint(ckpt, paths[start])), device, precision)
         orig_before[start] = {k: figures[k] for k in ("test_acc", "asr", "ra")}
     config = config_of(args, stage=STAGE, parent=str(paths.get("irreversible")),
-                       path=str(paths.get("irreversible")), baseline_path=str(paths.get("backdoored")))
+                       path=str(paths.get("irreversible")), baseline_path=str(paths.get("backdoored")),
+                       **foreign_record(irreversible), **foreign_record(ckpts.get("backdoored", {}), "baseline"))
     return run_stage3_script(
         args, interrupts, "irreversible_backdoor", STAGE, starts={k: ckpts[k]["model"] for k in args.start},
         num_classes=num_classes, train=train, evaluator=BackdoorEval(test, args.trigger_size, args.target_label),

@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 
 from common import cli
-from common.checkpoints import inherit, load_checkpoint, resolve_checkpoint
+from common.checkpoints import foreign_record, inherit, is_foreign, load_parent, resolve_checkpoint
 from common.data import check_name, check_subset_caps, load_domain
 from common.finetune import grid_flags
 from common.runs import begin, config_of
@@ -43,15 +43,18 @@ def main(argv=None):
     if args is None:
         return 0
     sophon_path = resolve_checkpoint(args.path, "sophon_orig", "stage2_train", "--path")
-    sophon = load_checkpoint(sophon_path)
+    sophon = load_parent(sophon_path, args, "--path")
     inherit(args, sophon, sophon_path, ("arch", "orig_dataset", "image_size"))
+    if is_foreign(sophon) and args.dataset is None:
+        raise cli.UsageError(f"--path {sophon_path} is a plain weights file, which does not name the restricted "
+                             f"domain: give --dataset")
     args.dataset = args.dataset or sophon["dataset"]
     check_name(args.dataset)
     starts = {"sophon": sophon["model"], "scratch": None}
     normal_path = None
     if "normal" in args.start:
         normal_path = resolve_checkpoint(args.normal_path or sophon["parent"], "sophon_orig", "stage1_pretrain", "--normal_path")
-        normal = load_checkpoint(normal_path)
+        normal = load_parent(normal_path, args, "--normal_path")
         if normal["arch"] != args.arch or normal["num_classes"] != sophon["num_classes"]:
             raise cli.UsageError(f"--normal_path {normal_path} is a {normal['arch']} with {normal['num_classes']} "
                                  f"classes; the sophon model is a {args.arch} with {sophon['num_classes']}")
@@ -61,7 +64,8 @@ def main(argv=None):
     train, test = load(train=True, cap=args.subset), load(train=False, cap=args.test_subset)
     check_subset_caps(args, [train, test])
     config = config_of(args, stage=STAGE, parent=str(sophon_path), path=str(sophon_path),
-                       normal_path=str(normal_path) if normal_path else None)
+                       normal_path=str(normal_path) if normal_path else None, **foreign_record(sophon),
+                       **(foreign_record(normal, "normal") if normal_path else {}))
     verdict_fn = scratch_verdicts if {"sophon", "scratch"} <= set(args.start) else (lambda results: [])
     return run_stage3_script(
         args, interrupts, "sophon_orig", STAGE, starts={k: starts[k] for k in args.start},
