@@ -2,6 +2,7 @@
 
     python bench/bench_stage2.py --arch resnet18 --image_size 32 --bs 150 --adaptation_steps 10
     python bench/bench_stage2.py --project backdoor --arch resnet50
+    python bench/bench_stage2.py --fts_envs 2 --world_sizes 1,2        # torchrun scaling, per-rank s/loop
 
 Seconds per outer loop of the real stage-2 algorithm (common.sophon.Sophon.step, as algo.py/bd_algo.py
 run it), the floor measured in the same process (the same number of plain forward/backward passes and
@@ -11,9 +12,11 @@ synthetic and in memory, so neither disk nor decoding is measured. Prints a tabl
 """
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,13 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common import dist
 from common.backdoor import poison, target_query_loss
 from common.data import Domain
 from common.fts import support_query_split
 from common.losses import FTE_LOSSES, fte_query_loss
 from common.models import build_model
 from common.sophon import Sophon, SophonConfig
-from common.train import Precision, resolve_device
+from common.train import Precision
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--fts_optimizers", default="sgd")
+    p.add_argument("--fts_envs", type=int, default=1, help="simulated fine-tuners per FTS step (dealt to the ranks)")
+    p.add_argument("--world_sizes", default=None,
+                   help="e.g. 1,2: run the loop under torchrun with each number of ranks (this machine) and report "
+                        "per-rank seconds per loop and the scaling efficiency against one process")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/<name>.json)")
     p.add_argument("--_memory_child", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -59,14 +67,14 @@ def synthetic_domain(name, n, size, channels, seed):
 
 
 def build(args, adaptation_steps):
-    device = resolve_device(args.device)
+    device = dist.world().device(args.device)
     precision = Precision(device, args.amp, args.channels_last, args.compile)
     model = precision.prepare(build_model(args.arch, 10, "scratch"))
     n = max(4 * args.bs, 600)
     orig = synthetic_domain("FashionMNIST", n, args.image_size, 1, 0)
     restricted = synthetic_domain("MNIST", n, args.image_size, 1, 1)
     orig, restricted = orig.pin_for(device), restricted.pin_for(device)
-    config = SophonConfig(bs=args.bs, adaptation_steps=adaptation_steps,
+    config = SophonConfig(bs=args.bs, adaptation_steps=adaptation_steps, fts_envs=args.fts_envs,
                           fts_optimizers=tuple(args.fts_optimizers.split(",")))
     if args.project == "sophon":
         query = fte_query_loss(FTE_LOSSES["kl"], restricted, device, precision.channels_last)
@@ -148,8 +156,63 @@ def memory_child(args):
     print(json.dumps(peak))
 
 
+def rank_timing(args):
+    """Under torchrun: every rank times the same loops; rank 0 writes {world_size, per-rank s/loop}."""
+    world = dist.init_from_env(args.device)
+    algo, device, _ = build(args, args.adaptation_steps)
+    per_rank = world.gather(time_outer(algo, device, args.loops))
+    if world.main:
+        args.out.write_text(json.dumps({"world_size": world.size, "seconds_per_loop": per_rank,
+                                        "threads_per_rank": torch.get_num_threads()}))
+    dist.shutdown()
+
+
+def _without(argv, *flags):
+    """argv less the given flags and their values (`--flag V` or `--flag=V`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in flags)):
+            out.append(a)
+    return out
+
+
+def scaling(args, argv):
+    """The loop under torchrun at each world size; efficiency = t(1) / (N * t(N)) for the same fts_envs."""
+    sizes = [int(n) for n in args.world_sizes.split(",")]
+    rows = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "rank_timing.json"
+            child = _without(argv, "--world_sizes", "--out")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                   __file__, *child, "--out", str(out)]
+            subprocess.run(cmd, check=True, env={**os.environ, "SOPHON_BENCH_RANK_TIMING": "1"})
+            rows.append(json.loads(out.read_text()))
+    base = max(rows[0]["seconds_per_loop"])
+    print(f"{'ranks':>5} {'fts_envs':>8} {'threads/rank':>12} {'s/loop per rank':>28} {'efficiency':>10}")
+    for row in rows:
+        n, slowest = row["world_size"], max(row["seconds_per_loop"])
+        row["efficiency_vs_1"] = base / (n * slowest) * sizes[0]
+        times = " ".join(f"{t:.3f}" for t in row["seconds_per_loop"])
+        print(f"{n:>5} {args.fts_envs:>8} {row['threads_per_rank']:>12} {times:>28} {row['efficiency_vs_1']:>10.2f}")
+    out = args.out or RESULTS / f"scaling_{args.arch}_{args.image_size}px_envs{args.fts_envs}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"fts_envs": args.fts_envs, "arch": args.arch, "rows": rows}, indent=2) + "\n")
+    print(f"written {out}")
+    return 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if os.environ.get("SOPHON_BENCH_RANK_TIMING"):
+        return rank_timing(args)
+    if args.world_sizes:
+        return scaling(args, argv)
     if args._memory_child is not None:
         return memory_child(args)
     algo, device, precision = build(args, args.adaptation_steps)

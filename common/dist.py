@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from common.cli import UsageError
+from common.train import resolve_device
 
 # A rank may wait at a collective while rank 0 alone runs a long fine-tune probe or writes plots.
 TIMEOUT = datetime.timedelta(hours=2)
@@ -38,7 +39,6 @@ class World:
 
     def device(self, name):
         """--device under torchrun: each rank takes its own GPU (cuda:LOCAL_RANK)."""
-        from common.train import resolve_device
         device = resolve_device(name)
         if device.type == "cuda" and self.distributed:
             if self.local_rank >= torch.cuda.device_count():
@@ -51,10 +51,13 @@ class World:
     # ---- collectives (identity in a world of one) ------------------------------------------------
 
     def sum_(self, tensors):
-        """In-place sum of each tensor over the ranks."""
-        if self.distributed:
-            for t in tensors:
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        """In-place sum of each tensor over the ranks, as one flat all-reduce (tensors of one dtype)."""
+        if not self.distributed:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
 
     def any(self, flag):
         """True on every rank if it is True on any (e.g. an interrupt seen by one rank)."""

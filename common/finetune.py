@@ -54,9 +54,6 @@ def grid_flags(default_epochs, default_lr, default_bs):
     p.add_argument("--lrs", type=comma_list(pos_float), default=None, help="default: [--finetune_lr]")
     p.add_argument("--batch_sizes", type=comma_list(batch_size), default=None, help="default: [--bs]")
     p.add_argument("--seeds", type=comma_list(nonneg_int), default=None, help="default: [--seed]")
-    p.add_argument("--jobs", type=pos_int, default=1, help="worker processes running grid cells in parallel")
-    p.add_argument("--devices", type=comma_list(str), default=None,
-                   help="devices handed to the workers in turn, e.g. cuda:0,cuda:1 (default: --device)")
     return p
 
 

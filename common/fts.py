@@ -66,18 +66,18 @@ def support_query_split(n, gen):
 class FTS:
     """The FTS inner loop over a fixed learner; `query_loss(net, x_uint8, y)` is the FTE loss."""
 
-    def __init__(self, model, query_loss, to_input, precision, seed):
+    def __init__(self, model, query_loss, to_input, precision):
         self.learner = copy.deepcopy(model)
         self.learner_fwd = precision.maybe_compile(self.learner)
         self.query_loss = query_loss
         self.to_input = to_input
         self.precision = precision
-        self.gen = torch.Generator().manual_seed(seed)
         self.head_names = head_param_names(model)
 
-    def episode(self, model, batches, finetuner, weight):
+    def episode(self, model, batches, finetuner, weight, gen):
         """Run one simulated fine-tuning over `batches` [(x_uint8, y)], adding weight * dQuery/dW to
-        model grads (which must exist). Returns the summed query loss as a 0-d tensor (no host sync)."""
+        model grads (which must exist). `gen` draws the episode's randomness (a new head, the support/query
+        splits). Returns the summed query loss as a 0-d tensor (no host sync)."""
         learner = self.learner
         with torch.no_grad():
             for dst, src in zip(learner.parameters(), model.parameters()):
@@ -85,7 +85,7 @@ class FTS:
             for dst, src in zip(learner.buffers(), model.buffers()):
                 dst.copy_(src)
         if finetuner.head == "reinit":
-            reinit_head(learner, self.gen)
+            reinit_head(learner, gen)
         trainable, bn_eval = scope_params(learner, finetuner.scope)
         inner = make_optimizer(finetuner.optimizer, trainable, finetuner.lr)
         learner.train()
@@ -97,7 +97,7 @@ class FTS:
         device = next(model.parameters()).device
         total = torch.zeros((), device=device)
         for x, y in batches:
-            support, query = support_query_split(len(y), self.gen)
+            support, query = support_query_split(len(y), gen)
             xs = self.to_input(x[support])
             ys = y[support].to(device, non_blocking=True)
             with self.precision.autocast():

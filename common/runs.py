@@ -116,10 +116,11 @@ class Run:
 
     @classmethod
     def follower(cls, path):
-        """A rank other than 0 under torchrun: the same folder, read only; it logs warnings to the console."""
+        """A rank other than 0 under torchrun: the same folder, read only; it logs only errors (rank 0 says
+        the rest)."""
         run = cls(path)
         run.writes = False
-        log.setLevel(logging.WARNING)
+        log.setLevel(logging.ERROR)
         return run
 
     @classmethod

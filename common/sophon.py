@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from common import dist
 from common.data import BatchStream
 from common.fts import FTS, FineTunerSampler
 
@@ -55,15 +56,25 @@ class StepResult:
 
 
 class Sophon:
-    """The model, its two optimisers, the FTS inner loop, the fine-tuner sampler and the batch streams."""
+    """The model, its two optimisers, the FTS inner loop, the fine-tuner sampler and the batch streams.
 
-    def __init__(self, model, query_loss, restricted, ntr_data, config, precision):
+    Under torchrun (`world`) the `fts_envs` environments of an FTS step are dealt to the ranks. Every rank
+    draws every environment's fine-tuner, batches and random seed, in the same order, and runs its own:
+    environment e is the same episode whichever rank runs it, so the result does not depend on the world
+    size. The FTS gradient is summed over the ranks before the clip; NTR is one step on the same batch on
+    every rank, its gradient averaged and the BatchNorm statistics taken from rank 0, so the ranks stay
+    identical.
+    """
+
+    def __init__(self, model, query_loss, restricted, ntr_data, config, precision, world=None):
         self.model, self.config, self.precision = model, config, precision
         self.restricted, self.ntr_data = restricted, ntr_data
+        self.world = world or dist.world()
         self.fts_opt = torch.optim.Adam(model.parameters(), lr=config.alpha * config.lr)
         self.ntr_opt = torch.optim.Adam(model.parameters(), lr=config.beta * config.lr)
         to_input = lambda x: restricted.to_input(x, precision.device, None, precision.channels_last)
-        self.fts = FTS(model, query_loss, to_input, precision, seed=config.seed + 1)
+        self.fts = FTS(model, query_loss, to_input, precision)
+        self.episode_gen = torch.Generator().manual_seed(config.seed + 1)  # one seed per episode
         self.sampler = FineTunerSampler(config.fts_optimizers, config.fts_lrs, config.fts_head, config.fts_scope,
                                         seed=config.seed + 2)
         self.restricted_stream = BatchStream(len(restricted), config.bs, seed=config.seed + 3)
@@ -81,22 +92,25 @@ class Sophon:
 
     def fts_step(self):
         """Returns (the FTS loss as a 0-d tensor, the fine-tuners sampled)."""
-        c = self.config
-        for p in self.model.parameters():
+        c, params = self.config, list(self.model.parameters())
+        for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad.zero_()
         weight = 1.0 / (c.adaptation_steps * c.fts_envs)  # the FTS loss is the mean over every inner step
-        loss, finetuners = torch.zeros((), device=self.precision.device), []
-        for _ in range(c.fts_envs):
-            finetuner = self.sampler.sample()
-            finetuners.append(finetuner)
-            batches = self._batches(self.restricted, self.restricted_stream, c.adaptation_steps)
-            loss = loss + self.fts.episode(self.model, batches, finetuner, weight) * weight
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.fts_clip)
+        loss = torch.zeros((), device=self.precision.device)
+        plan = [(self.sampler.sample(), [self.restricted_stream.next() for _ in range(c.adaptation_steps)],
+                 int(torch.randint(2**62, (), generator=self.episode_gen))) for _ in range(c.fts_envs)]
+        for env, (finetuner, indices, seed) in enumerate(plan):
+            if env % self.world.size == self.world.rank:
+                batches = ((self.restricted.images[idx], self.restricted.labels[idx]) for idx in indices)
+                gen = torch.Generator().manual_seed(seed)
+                loss += self.fts.episode(self.model, batches, finetuner, weight, gen) * weight
+        self.world.sum_([p.grad for p in params] + [loss.view(1)])
+        torch.nn.utils.clip_grad_norm_(params, c.fts_clip)
         self.fts_opt.step()
-        return loss, finetuners
+        return loss, [finetuner for finetuner, _, _ in plan]
 
     def ntr_step(self):
         idx = self.ntr_stream.next()
@@ -106,13 +120,13 @@ class Sophon:
             loss = F.cross_entropy(self.model_fwd(x).float(), y)
         self.ntr_opt.zero_grad(set_to_none=False)
         loss.backward()
+        if self.world.distributed:  # the same step on every rank; kept bit-identical where kernels are not
+            grads = [p.grad for p in self.model.parameters()]
+            self.world.sum_(grads)
+            torch._foreach_div_(grads, self.world.size)
+            self.world.broadcast_(list(self.model.buffers()))
         self.ntr_opt.step()
         return loss.detach()
-
-    @staticmethod
-    def _batches(domain, stream, n):
-        """Lazily, so host memory holds one batch at a time whatever `adaptation_steps` is."""
-        return ((domain.images[idx], domain.labels[idx]) for idx in (stream.next() for _ in range(n)))
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -131,13 +145,13 @@ class Sophon:
     def state_dict(self):
         """Everything the next `step()` depends on (not copied: save it before stepping again)."""
         return {"model": self.model.state_dict(), "fts_opt": self.fts_opt.state_dict(),
-                "ntr_opt": self.ntr_opt.state_dict(), "fts_gen": self.fts.gen.get_state(),
+                "ntr_opt": self.ntr_opt.state_dict(), "episode_gen": self.episode_gen.get_state(),
                 "sampler": self.sampler.state_dict(), "restricted_stream": self.restricted_stream.state_dict(),
                 "ntr_stream": self.ntr_stream.state_dict()}
 
     def load_state_dict(self, state):
         self.restore(state)
-        self.fts.gen.set_state(state["fts_gen"])
+        self.episode_gen.set_state(state["episode_gen"])
         self.sampler.load_state_dict(state["sampler"])
         self.restricted_stream.load_state_dict(state["restricted_stream"])
         self.ntr_stream.load_state_dict(state["ntr_stream"])

@@ -43,11 +43,12 @@ def run_stage1(args, run, model, train_domain, evaluate, device, precision, inte
                         "seconds": time.perf_counter() - start})
         log.info("epoch %d: loss %.4f train acc %.2f %s", epoch, loss, train_acc,
                  " ".join(f"{k} {v:.2f}" for k, v in figures.items()))
-        if epoch % args.save_every == 0 or interrupts.requested or epoch == args.epochs:
+        stop = interrupts.due()
+        if epoch % args.save_every == 0 or stop or epoch == args.epochs:
             atomic_save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "train_acc": train_acc,
                          "figures": figures}, run.ckpt_dir / "last.pt")
-        if interrupts.requested and epoch < args.epochs:
+        if stop and epoch < args.epochs:
             raise Interrupted(f"epoch {epoch}")
     summary = {"epochs": args.epochs, "train_acc": train_acc, **figures}
     atomic_save(make_checkpoint(model, metrics=summary, **meta), run.ckpt_dir / "final.pt")

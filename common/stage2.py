@@ -17,15 +17,16 @@ from typing import Callable
 
 import torch
 
-from common.checkpoints import (atomic_save, foreign_record, inherit, is_foreign, load_parent, make_checkpoint,
+from common.checkpoints import (foreign_record, inherit, is_foreign, load_parent, make_checkpoint,
                                 model_from_checkpoint, require_given, resolve_checkpoint)
+from common import dist
 from common.cli import UsageError, comma_list, nonneg_int, pos_float, pos_int
 from common.data import check_name, check_subset_caps, load_domain
 from common.finetune import SCOPES, Attack, run_attack
 from common.fts import FTS_OPTIMIZERS, HEAD_POLICIES
 from common.runs import Interrupted, close_run, config_of, guarded, open_run, read_last
 from common.sophon import Sophon, SophonConfig
-from common.train import Precision, progress, resolve_device, seed_everything
+from common.train import Precision, progress, seed_everything
 
 log = logging.getLogger("sophon")
 
@@ -127,7 +128,7 @@ class Stage2Runner:
         state = {**self.algo.state_dict(), "loop": self.loop, "snapshot": self.snapshot, "strikes": self.strikes,
                  "orig_before": self.orig_before, "floor_active": self.floor_active, "last_eval": self.last_eval,
                  "torch_rng": torch.get_rng_state()}
-        atomic_save(_to_cpu(state), self.run.ckpt_dir / "last.pt")
+        self.run.save(_to_cpu(state), "last.pt")
 
     def load_last(self):
         """Continue from last.pt; rows written after it (a run killed between saves) are dropped first."""
@@ -159,10 +160,10 @@ class Stage2Runner:
                 log.warning("original accuracy %.2f is already at or below --min_orig_acc %.2f: the floor rule is "
                             "off for this run", self.orig_before["orig_test_acc"], s.min_orig_acc)
             self.snapshot = self._snapshot()
-        bar = progress(total=s.total_loop, initial=self.loop, desc="stage 2")
+        bar = progress(total=s.total_loop, initial=self.loop, desc="stage 2", disable=not self.run.writes)
         stopped_early = False
         while self.loop < s.total_loop:
-            if interrupts.requested:
+            if interrupts.due():
                 self.save_last()
                 raise Interrupted(f"loop {self.loop}")
             start = time.perf_counter()
@@ -195,17 +196,19 @@ class Stage2Runner:
                 break
             bar.update(1)
             bar.set_postfix(fts=f"{fts_loss:.3f}", ntr=f"{ntr_loss:.3f}" if ntr_loss is not None else "-")
-            if s.test_interval and self.loop % s.test_interval == 0:
+            if s.test_interval and self.loop % s.test_interval == 0 and self.algo.world.main:
                 curve = self.finetune_test(s.finetune_epochs, self.loop)
                 log.info("loop %d fine-tune test: restricted acc %s", self.loop, [round(c["test_acc"], 2) for c in curve])
-                atomic_save(self.checkpoint(), self.run.ckpt_dir / f"loop{self.loop:06d}.pt")
+                self.run.save(self.checkpoint(), f"loop{self.loop:06d}.pt")
             if self.loop % s.save_every == 0:
                 self.save_last()
         bar.close()
         return self.finish(stopped_early)
 
     def _evaluate_orig(self):
-        self.last_eval = self.task.eval_orig(self.algo.model)
+        """On rank 0 alone; every rank gets its figures, so that all take the same floor decision."""
+        world = self.algo.world
+        self.last_eval = world.share(self.task.eval_orig(self.algo.model) if world.main else None)
         return self.last_eval
 
     def _rollback(self, reason):
@@ -223,7 +226,10 @@ class Stage2Runner:
                     self.strikes, self.schedule.max_strikes)
 
     def finetune_test(self, epochs, loop, kind="periodic"):
-        """The default attack (SPEC §9) on a copy of the model; rows go to finetune_tests.csv."""
+        """The default attack (SPEC §9) on a copy of the model, on rank 0 alone (the others get None); rows
+        go to finetune_tests.csv."""
+        if not self.algo.world.main:
+            return None
         s, precision = self.schedule, self.algo.precision
         probe = copy.deepcopy(self.algo.model)
         attack = Attack("direct_all", "momentum", s.finetune_lr, s.bs, epochs, s.seed)
@@ -241,7 +247,7 @@ class Stage2Runner:
     def finish(self, stopped_early):
         s = self.schedule
         final_orig, final_test = self.last_eval, None
-        if s.final_finetune_epochs:
+        if s.final_finetune_epochs and self.algo.world.main:
             curve = self.finetune_test(s.final_finetune_epochs, self.loop, "final")
             final_test = curve[-1]
             log.info("final fine-tune test (%d epochs): %s", s.final_finetune_epochs,
@@ -253,7 +259,7 @@ class Stage2Runner:
                    "loops_completed": self.loop, "stopped_early": stopped_early,
                    "final_orig": final_orig, "final_finetune": final_test,
                    **self.task.summary_keys(final_orig, final_test)}
-        atomic_save(self.checkpoint(summary), self.run.ckpt_dir / "final.pt")
+        self.run.save(self.checkpoint(summary), "final.pt")
         self.save_last()
         return summary
 
@@ -318,7 +324,7 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
     domains = [load(name, train=train, cap=args.subset if train else args.test_subset)
                for name in (args.orig_dataset, args.dataset) for train in (True, False)]
     check_subset_caps(args, domains)
-    device = resolve_device(args.device)
+    device = dist.world().device(args.device)
     for d in domains:
         d.pin_for(device)
     precision = Precision(device, args.amp, args.channels_last, args.compile)
@@ -342,7 +348,8 @@ def run_stage2_script(args, interrupts, project, stage, s, task):
         if args.resume is not None:
             runner.load_last()
         summary = runner.train(interrupts)
-        close_run(run, stage, summary, len(s.restr_test), run.ckpt_dir / "final.pt")
+        if run.writes:
+            close_run(run, stage, summary, len(s.restr_test), run.ckpt_dir / "final.pt")
         return 0
 
     return guarded(run, stage, body)

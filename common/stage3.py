@@ -1,27 +1,23 @@
-"""Stage 3: run the attack grid over the start models, resumably, in one process or several.
+"""Stage 3: run the attack grid over the start models, resumably, in one process or under torchrun.
 
 A cell is one (start model, attack). Its per-epoch rows stream to metrics.csv; when it completes, its
 curves are appended to cells.jsonl, which is what `--resume` trusts: a killed grid re-runs only the cells
-missing there (their partial rows are dropped first). With `--jobs N`, N spawned workers run cells in
-parallel, each on the next device of `--devices`; the parent alone writes the run folder.
+missing there (their partial rows are dropped first), whatever the world size of either run. Under
+`torchrun --nproc_per_node N` the cells are dealt to the N ranks, each on its own device; rank 0 alone
+writes the run folder.
 """
-import concurrent.futures as cf
-import ctypes
-import ctypes.util
 import functools
 import json
 import logging
-import multiprocessing as mp
-import os
-import signal
 from dataclasses import dataclass
 
 import torch
 
+from common import dist
 from common.finetune import Attack, expand_grid, run_attack
 from common.models import build_model
 from common.runs import Interrupted, close_run, guarded, open_run, write_text_atomically
-from common.train import Precision, progress, resolve_device, seed_everything
+from common.train import Precision, progress, seed_everything
 from common.verdicts import LEGEND
 
 log = logging.getLogger("sophon")
@@ -40,7 +36,7 @@ class Cell:
 
 
 class GridContext:
-    """Everything a cell needs, picklable so spawned workers can hold a copy."""
+    """Everything a cell needs: the start models' weights, the training data, the evaluator."""
 
     def __init__(self, arch, num_classes, starts, train_domain, evaluator, amp, channels_last):
         self.arch, self.num_classes, self.starts = arch, num_classes, starts  # starts: name -> state_dict | None
@@ -61,57 +57,29 @@ class GridContext:
         return run_attack(model, self.train_domain, cell.attack, device, precision, evaluate, on_epoch)
 
 
-_WORKER = {}
-
-
-def _die_with_parent():
-    """A worker whose parent is killed outright (SIGKILL, the OOM killer) would run on as an orphan,
-    holding CPU or GPU: on Linux, ask the kernel to kill it too."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent died before the request
-        os._exit(1)
-
-
-def _init_worker(context, devices, counter):
-    _die_with_parent()
-    with counter.get_lock():
-        index = counter.value
-        counter.value += 1
-    _WORKER["context"] = context
-    _WORKER["device"] = resolve_device(devices[index % len(devices)]) if ":" not in devices[index % len(devices)] \
-        else torch.device(devices[index % len(devices)])
-    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, len(devices))))
-
-
-def _worker_cell(cell):
-    return cell, _WORKER["context"].run_cell(cell, _WORKER["device"])
-
-
 class Grid:
-    def __init__(self, run, context, cells, metric_keys, device):
+    """The cells of a run and their bookkeeping. Under torchrun the cells are dealt to the ranks a round at
+    a time (cell i of a round on rank i), each rank on its own device; rank 0 writes every row and entry."""
+
+    def __init__(self, run, context, cells, metric_keys, device, world):
         self.run, self.context, self.cells = run, context, cells
         self.metric_keys = metric_keys
-        self.device = device
+        self.device, self.world = device, world
         self.metrics = run.csv("metrics.csv", ["cell", "start", "strategy", "optimizer", "lr", "batch_size", "seed",
                                                "epoch"] + metric_keys)
         self.done_path = run.path / "cells.jsonl"
 
     def completed(self):
-        """{cell key: entry} of the finished cells. A line cut short (the grid killed while appending it)
-        does not count: that cell simply runs again."""
-        if not self.done_path.exists():
-            return {}
+        """{cell key: entry} of the finished cells (read on rank 0). A line cut short (the grid killed while
+        appending it) does not count: that cell simply runs again."""
         done = {}
-        for line in self.done_path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[entry["key"]] = entry
+        if self.done_path.exists():
+            for line in self.done_path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                done[entry["key"]] = entry
         return done
 
     def _row(self, cell, epoch, figures):
@@ -124,44 +92,35 @@ class Grid:
                  **{f"{k}_curve": [c[k] for c in curve] for k in self.metric_keys}}
         with open(self.done_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
-        return entry
 
-    def execute(self, jobs=1, devices=None, interrupts=None):
-        """Run the cells missing from cells.jsonl; raises Interrupted at a cell boundary after a signal."""
-        done = self.completed()
-        # whole lines only, so that the next append starts on a line of its own
-        write_text_atomically(self.done_path, "".join(json.dumps(e) + "\n" for e in done.values()))
+    def execute(self, interrupts):
+        """Run the cells missing from cells.jsonl; raises Interrupted at a round's boundary after a signal."""
+        world = self.world
+        done = world.share(self.completed() if world.main else None)
+        if world.main:  # whole lines only, so that the next append starts on a line of its own
+            write_text_atomically(self.done_path, "".join(json.dumps(e) + "\n" for e in done.values()))
         self.metrics.keep(lambda r: r["cell"] in done)
         todo = [c for c in self.cells if c.key not in done]
         if done:
-            log.info("%d of %d cells already done; running %d", len(self.cells) - len(todo), len(self.cells), len(todo))
-        bar = progress(total=len(todo), desc="attack grid")
-        if jobs == 1:
-            for cell in todo:
-                if interrupts is not None and interrupts.requested:
-                    raise Interrupted(f"cell {len(self.completed()) + 1} of {len(self.cells)}")
-                log.info("cell %s", cell.key)
-                curve = self.context.run_cell(cell, self.device,
-                                              lambda e, f, cell=cell: self.metrics.append(self._row(cell, e, f)))
-                self._complete(cell, curve)
-                bar.update(1)
-        else:
-            devices = devices or [str(self.device)]
-            ctx = mp.get_context("spawn")
-            counter = ctx.Value("i", 0)
-            with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(self.context, devices, counter)) as pool:
-                futures = [pool.submit(_worker_cell, cell) for cell in todo]
-                for fut in cf.as_completed(futures):
-                    cell, curve = fut.result()
-                    for epoch, figures in enumerate(curve):
-                        self.metrics.append(self._row(cell, epoch, figures))
+            log.info("%d of %d cells already done; running %d", len(done), len(self.cells), len(todo))
+        bar = progress(total=len(todo), desc="attack grid", disable=not world.main)
+        for first in range(0, len(todo), world.size):
+            if interrupts.due():
+                raise Interrupted(f"cell {len(done) + first + 1} of {len(self.cells)}")
+            cells = todo[first:first + world.size]
+            for rank, cell in enumerate(cells):
+                log.info("cell %s%s", cell.key, f" on rank {rank}" if world.distributed else "")
+            mine = cells[world.rank] if world.rank < len(cells) else None
+            stream = (lambda e, f, cell=mine: self.metrics.append(self._row(cell, e, f))) if world.main else None
+            curve = self.context.run_cell(mine, self.device, stream) if mine is not None else None
+            curves = world.gather(curve)
+            if world.main:
+                for rank, (cell, curve) in enumerate(zip(cells, curves)):
+                    if rank > 0:  # rank 0's own rows were streamed as its epochs ended
+                        for epoch, figures in enumerate(curve):
+                            self.metrics.append(self._row(cell, epoch, figures))
                     self._complete(cell, curve)
-                    bar.update(1)
-                    if interrupts is not None and interrupts.requested:
-                        for f in futures:
-                            f.cancel()
-                        raise Interrupted(f"cell {len(self.completed()) + 1} of {len(self.cells)}")
+            bar.update(len(cells))
         bar.close()
 
     def results(self):
@@ -219,19 +178,21 @@ def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",)
 def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, train, evaluator, config,
                       metric_keys, verdict_fn, title, notes=(), extra_summary=None):
     """Open the run folder, run every (start, attack) cell, write summary.json, plots and report.md."""
-    device = resolve_device(args.device)
-    if args.jobs == 1:
-        train.pin_for(device)
+    world = dist.world()
+    device = world.device(args.device)
+    train.pin_for(device)
     seed_everything(args.seed)
     cells = [Cell(start, attack) for attack in expand_grid(args) for start in starts]
     run = open_run(args, project, "stage3_eval", args.dataset, config)
     if train.note:
         run.log_note(train.note)
     context = GridContext(args.arch, num_classes, starts, train, evaluator, args.amp, args.channels_last)
-    grid = Grid(run, context, cells, list(metric_keys), device)
+    grid = Grid(run, context, cells, list(metric_keys), device, world)
 
     def body():
-        grid.execute(args.jobs, args.devices, interrupts)
+        grid.execute(interrupts)
+        if not world.main:
+            return 0
         results = grid.results()
         verdicts = verdict_fn(results)
         summary = {"dataset": args.dataset, "results": results, "verdicts": verdicts, **(extra_summary or {})}

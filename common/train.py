@@ -80,8 +80,9 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def progress(iterable=None, **kwargs):
-    return tqdm(iterable, disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
+def progress(iterable=None, disable=False, **kwargs):
+    """tqdm, quiet when stderr is not a terminal (logs, CI) or when `disable` (ranks other than 0)."""
+    return tqdm(iterable, disable=disable or not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
 
 
 @torch.no_grad()

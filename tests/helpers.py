@@ -25,8 +25,10 @@ SCRIPTS = {
 }
 
 
-def script_argv(stage, *args):
-    return [sys.executable, str(SCRIPTS[stage]), *[str(a) for a in args]]
+def script_argv(stage, *args, nproc=None):
+    """The command line of a stage script; with `nproc`, launched by torchrun on this machine."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc else []
+    return [sys.executable, *launcher, str(SCRIPTS[stage]), *[str(a) for a in args]]
 
 
 def read_rows(path):
@@ -35,26 +37,27 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
-def run_script(stage, *args, timeout=300, cwd=None):
+def run_script(stage, *args, timeout=300, cwd=None, nproc=None):
     """Run a stage script in a fresh process, from `cwd` or else a scratch folder (nothing may depend on the
     cwd unless a path is given relative to it)."""
     cwd = cwd or tempfile.mkdtemp(prefix="sophon_cwd_")
-    return subprocess.run(script_argv(stage, *args), capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env=dict(os.environ))
+    return subprocess.run(script_argv(stage, *args, nproc=nproc), capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env=dict(os.environ))
 
 
 def run_scripts(jobs, max_parallel=3, timeout=300):
-    """Run several (stage, args) jobs side by side; returns their CompletedProcess results in order.
+    """Run several (stage, args) or (stage, args, nproc) jobs side by side; returns their CompletedProcess
+    results in order.
 
     The scripts are single-threaded here, so a few at once use the machine's cores while one imports torch."""
     results, running, queue = [None] * len(jobs), {}, list(enumerate(jobs))
     deadline = time.monotonic() + timeout
     while queue or running:
         while queue and len(running) < max_parallel:
-            i, (stage, args) = queue.pop(0)
+            i, (stage, args, *nproc) = queue.pop(0)
             cwd = tempfile.mkdtemp(prefix="sophon_cwd_")
             out, err = open(Path(cwd) / "stdout", "w+"), open(Path(cwd) / "stderr", "w+")
-            argv = script_argv(stage, *args)
+            argv = script_argv(stage, *args, nproc=nproc[0] if nproc else None)
             running[i] = (subprocess.Popen(argv, stdout=out, stderr=err, cwd=cwd, env=dict(os.environ)), out, err, argv)
         for i, (proc, out, err, argv) in list(running.items()):
             if proc.poll() is None:
@@ -71,13 +74,13 @@ def run_scripts(jobs, max_parallel=3, timeout=300):
     return results
 
 
-def popen_script(stage, *args, log_path, ignore_sigint=False):
+def popen_script(stage, *args, log_path, ignore_sigint=False, nproc=None):
     """Start a script in the background, output to `log_path`. ignore_sigint: start it the way a shell
     script's `cmd &` does, with SIGINT ignored, which the scripts must override with their own handler."""
     cwd = tempfile.mkdtemp(prefix="sophon_cwd_")
     out = open(log_path, "w")
     preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
-    return subprocess.Popen(script_argv(stage, *args), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+    return subprocess.Popen(script_argv(stage, *args, nproc=nproc), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                             env=dict(os.environ), preexec_fn=preexec), out
 
 
@@ -91,7 +94,7 @@ def data_rows(path):
 
 
 def interrupted_run(stage, args, out_parent, after_rows, sig=signal.SIGINT, ignore_sigint=False, attempts=3,
-                     while_running=None, file_name="metrics.csv"):
+                     while_running=None, file_name="metrics.csv", nproc=None, expect_rc=None):
     """Start a run, send `sig` once `file_name` has `after_rows` rows; expect exit 130 (-9 for SIGKILL).
     `while_running(out)` is called just before the signal.
 
@@ -100,7 +103,7 @@ def interrupted_run(stage, args, out_parent, after_rows, sig=signal.SIGINT, igno
     for attempt in range(attempts):
         out = out_parent / f"interrupted{attempt}"
         proc, log = popen_script(stage, *args, "--out_dir", out, log_path=out_parent / f"stdout{attempt}.txt",
-                                 ignore_sigint=ignore_sigint)
+                                 ignore_sigint=ignore_sigint, nproc=nproc)
         try:
             deadline = time.monotonic() + 240
             while data_rows(out / file_name) < after_rows and proc.poll() is None:
@@ -118,7 +121,9 @@ def interrupted_run(stage, args, out_parent, after_rows, sig=signal.SIGINT, igno
         output = (out_parent / f"stdout{attempt}.txt").read_text()
         if rc == 0:
             continue  # finished before the signal: try again
-        assert rc == (-signal.SIGKILL if sig == signal.SIGKILL else 130), output[-3000:]
+        if expect_rc is None:
+            expect_rc = -signal.SIGKILL if sig == signal.SIGKILL else 130
+        assert rc == expect_rc, output[-3000:]
         return out, output
     pytest.fail(f"the run always finished before the signal took effect ({attempts} attempts)")
 

@@ -34,7 +34,7 @@ BAD_FLAGS_IN_PROCESS = [
     ("stage3", ["--start", "sophon,sratch"], "--start"),
     ("stage3", ["--optimizers", "sgd,nesterov"], "--optimizers"),
     ("stage3", ["--seeds", "0,-1"], "--seeds"),
-    ("stage3", ["--jobs", "0"], "--jobs"),
+    ("stage3", ["--batch_sizes", "8,1"], "--batch_sizes"),
 ]
 
 

@@ -16,6 +16,10 @@ from helpers import TinyNet, linear_model
 CPU = Precision(torch.device("cpu"))
 
 
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
 def _zero_grads(model, fill=0.0):
     for p in model.parameters():
         p.grad = torch.full_like(p, fill)
@@ -55,9 +59,9 @@ def test_first_order_meta_gradient_matches_numpy_reference():
     W0 = model[1].weight.detach().double().numpy().copy()
     b0 = model[1].bias.detach().double().numpy().copy()
     batches = _float_batches(steps, n, d, classes, seed=3)
-    fts = FTS(model, lambda net, x, y: kl_uniform(net(x), y), lambda x: x, CPU, seed=seed)
+    fts = FTS(model, lambda net, x, y: kl_uniform(net(x), y), lambda x: x, CPU)
     _zero_grads(model, fill=1.0)  # grads accumulate: whatever was there stays
-    total = fts.episode(model, batches, FineTuner(optimizer="sgd", lr=lr, head="keep", scope="all"), weight)
+    total = fts.episode(model, batches, FineTuner(optimizer="sgd", lr=lr, head="keep", scope="all"), weight, _gen(seed))
 
     W, b = W0.copy(), b0.copy()
     gW, gb, losses = np.zeros_like(W), np.zeros_like(b), []
@@ -95,9 +99,9 @@ def test_episode_leaves_resnet_params_and_batchnorm_stats_unchanged():
     model = build_model("resnet18", 10)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fts = FTS(model, lambda net, x, y: inverse_ce(net(_to_float(x)), y), _to_float, CPU, seed=0)
+    fts = FTS(model, lambda net, x, y: inverse_ce(net(_to_float(x)), y), _to_float, CPU)
     _zero_grads(model)
-    fts.episode(model, _image_batches(2, 20, 16, seed=1), FineTuner("sgd", 1e-2, "reinit", "all"), 0.5)
+    fts.episode(model, _image_batches(2, 20, 16, seed=1), FineTuner("sgd", 1e-2, "reinit", "all"), 0.5, _gen(0))
     after = model.state_dict()
     for k, v in before.items():
         assert torch.equal(v, after[k]), k
@@ -113,9 +117,9 @@ def test_episode_leaves_resnet_params_and_batchnorm_stats_unchanged():
 def test_head_gradient_follows_head_policy(head):
     torch.manual_seed(0)
     model = TinyNet()
-    fts = FTS(model, lambda net, x, y: inverse_ce(net(_to_float(x)), y), _to_float, CPU, seed=0)
+    fts = FTS(model, lambda net, x, y: inverse_ce(net(_to_float(x)), y), _to_float, CPU)
     _zero_grads(model)
-    fts.episode(model, _image_batches(2, 20, 8, seed=2), FineTuner("sgd", 0.1, head, "all"), 1.0)
+    fts.episode(model, _image_batches(2, 20, 8, seed=2), FineTuner("sgd", 0.1, head, "all"), 1.0, _gen(0))
     assert model.conv.weight.grad.abs().sum() > 0
     assert model.bn.weight.grad.abs().sum() > 0
     if head == "reinit":  # a re-initialised head is the attacker's: its query gradient goes nowhere
@@ -128,10 +132,10 @@ def test_head_gradient_follows_head_policy(head):
 def test_reinit_gives_the_learner_a_fresh_head():
     torch.manual_seed(0)
     model = TinyNet()
-    fts = FTS(model, lambda net, x, y: inverse_ce(net(_to_float(x)), y), _to_float, CPU, seed=0)
+    fts = FTS(model, lambda net, x, y: inverse_ce(net(_to_float(x)), y), _to_float, CPU)
     _zero_grads(model)
     # lr tiny: the learner's head after the episode is (nearly) its initial value
-    fts.episode(model, _image_batches(1, 20, 8, seed=2), FineTuner("sgd", 1e-12, "reinit", "head"), 1.0)
+    fts.episode(model, _image_batches(1, 20, 8, seed=2), FineTuner("sgd", 1e-12, "reinit", "head"), 1.0, _gen(0))
     assert not torch.allclose(fts.learner.fc.weight, model.fc.weight)
     assert torch.allclose(fts.learner.fc.bias, torch.zeros_like(fts.learner.fc.bias), atol=1e-9)
 
@@ -158,9 +162,9 @@ def test_inner_optimizer_matches_torch_step_for_step(name):
     model = TinyNet()
     reference = copy.deepcopy(model)
     batches = _image_batches(3, 20, 8, seed=4)
-    fts = FTS(model, lambda net, x, y: kl_uniform(net(_to_float(x)), y), _to_float, CPU, seed=seed)
+    fts = FTS(model, lambda net, x, y: kl_uniform(net(_to_float(x)), y), _to_float, CPU)
     _zero_grads(model)
-    fts.episode(model, batches, FineTuner(name, lr, "keep", "all"), 1.0)
+    fts.episode(model, batches, FineTuner(name, lr, "keep", "all"), 1.0, _gen(seed))
 
     cls, kwargs = REFERENCE_OPTIMIZERS[name]
     opt = cls(reference.parameters(), lr=lr, **kwargs)
@@ -181,9 +185,9 @@ def test_inner_optimizer_matches_torch_step_for_step(name):
 def test_head_scope_adapts_only_the_head():
     torch.manual_seed(0)
     model = TinyNet()
-    fts = FTS(model, lambda net, x, y: kl_uniform(net(_to_float(x)), y), _to_float, CPU, seed=0)
+    fts = FTS(model, lambda net, x, y: kl_uniform(net(_to_float(x)), y), _to_float, CPU)
     _zero_grads(model)
-    fts.episode(model, _image_batches(3, 20, 8, seed=6), FineTuner("adam", 0.05, "keep", "head"), 1.0)
+    fts.episode(model, _image_batches(3, 20, 8, seed=6), FineTuner("adam", 0.05, "keep", "head"), 1.0, _gen(0))
     learner = dict(fts.learner.named_parameters())
     for name, p in model.named_parameters():
         if name.startswith("fc."):
@@ -228,11 +232,11 @@ class _SavedBytes:
 def _episode_peak(steps, optimizer):
     torch.manual_seed(0)
     model = TinyNet(width=8)
-    fts = FTS(model, lambda net, x, y: kl_uniform(net(_to_float(x)), y), _to_float, CPU, seed=0)
+    fts = FTS(model, lambda net, x, y: kl_uniform(net(_to_float(x)), y), _to_float, CPU)
     _zero_grads(model)
     batches = _image_batches(steps, 20, 16, seed=7)
     with _SavedBytes() as meter:
-        fts.episode(model, batches, FineTuner(optimizer, 1e-2, "reinit", "all"), 1.0 / steps)
+        fts.episode(model, batches, FineTuner(optimizer, 1e-2, "reinit", "all"), 1.0 / steps, _gen(0))
     return meter.peak
 
 

@@ -163,9 +163,11 @@ GRID = ["--strategies", "direct_all,initfc_fc", "--optimizers", "sgd,adam", "--s
 
 def test_stage3_grid_serial_and_parallel(tmp_path, data_root, stage2_runs):
     sophon = stage2_runs("kl")
-    outs = {jobs: tmp_path / f"grid{jobs}" for jobs in ("1", "2")}
-    procs = run_scripts([("stage3", ["--path", sophon, *GRID, "--jobs", jobs, "--data_root", data_root,
-                                     "--out_dir", out]) for jobs, out in outs.items()])
+    outs = {ranks: tmp_path / f"grid{ranks}" for ranks in ("1", "2")}
+    # torchrun's own parser takes --start for an abbreviation of its --start-method: --starts is the alias
+    grid = [("--starts" if a == "--start" else a) for a in GRID]
+    procs = run_scripts([("stage3", ["--path", sophon, *grid, "--data_root", data_root, "--out_dir", out],
+                          None if ranks == "1" else 2) for ranks, out in outs.items()])  # 2: under torchrun
     for proc in procs:
         assert proc.returncode == 0, proc.stderr[-3000:]
     serial = _check_stage3(outs["1"], {"sophon", "scratch"}, 1, sophon)

@@ -47,17 +47,19 @@ def test_resumed_grid_reruns_only_missing_cells(tmp_path, data_root, stage2_runs
     assert resumed == reference, "a resumed grid ends where the uninterrupted one did"
 
 
-@pytest.mark.parametrize("jobs", ["1", "2"])
-def test_a_grid_killed_live_reruns_only_its_missing_cells(tmp_path, data_root, stage2_runs, jobs):
-    args = ["--path", stage2_runs("kl"), "--data_root", data_root, "--start", "sophon,scratch", "--seeds", "0,1,2",
-            "--epochs", "1", "--bs", "16", "--jobs", jobs]
-    out, _ = interrupted_run("stage3", args, tmp_path, after_rows=1, sig=signal.SIGKILL, file_name="cells.jsonl")
+@pytest.mark.parametrize("nproc", [None, 2], ids=["one_process", "torchrun"])
+def test_a_grid_killed_live_reruns_only_its_missing_cells(tmp_path, data_root, stage2_runs, nproc):
+    args = ["--path", stage2_runs("kl"), "--data_root", data_root, "--starts", "sophon,scratch", "--seeds", "0,1,2",
+            "--epochs", "1", "--bs", "16"]
+    # under torchrun the launcher is killed; its ranks die with it
+    out, _ = interrupted_run("stage3", args, tmp_path, after_rows=1, sig=signal.SIGKILL, file_name="cells.jsonl",
+                             nproc=nproc)
     done_before = len((out / "cells.jsonl").read_text().splitlines())
     assert 2 <= done_before < 6
     with open(out / "cells.jsonl", "a") as f:  # and as if the kill had landed in the middle of an append
         f.write('{"key": "sophon|direct_all|momentum|0.0001|16|2", "start": "soph')
 
-    proc = run_script("stage3", "--resume", out)
+    proc = run_script("stage3", "--resume", out)  # in one process, whatever the killed run had
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{done_before} of 6 cells already done; running {6 - done_before}" in proc.stdout
     entries = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]

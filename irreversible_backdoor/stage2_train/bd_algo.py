@@ -4,6 +4,7 @@ FTS simulates clean fine-tuning on the restricted domain; its query loss is CE t
 the same query images with the trigger stamped. NTR trains on the poisoned original domain.
 
     python irreversible_backdoor/stage2_train/bd_algo.py --alpha 3 --beta 5 --dataset CIFAR10 --arch resnet18
+    torchrun --nproc_per_node 4 irreversible_backdoor/stage2_train/bd_algo.py --fts_envs 4 ...
 """
 from functools import partial
 
@@ -59,7 +60,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args, interrupts = begin(parse_args, STAGE, argv)
+    args, interrupts = begin(parse_args, STAGE, argv, distributed=True)
     if args is None:
         return 0
     s = setup_stage2(args, "irreversible_backdoor", STAGE,

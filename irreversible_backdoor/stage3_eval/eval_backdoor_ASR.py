@@ -9,7 +9,7 @@ records, after every epoch, clean accuracy, ASR, untargeted ASR and RA on the re
 from functools import partial
 from pathlib import Path
 
-from common import cli
+from common import cli, dist
 from common.backdoor import ATTACK_METRICS, BackdoorEval, check_trigger, trigger_flags
 from common.checkpoints import (foreign_record, inherit, is_foreign, load_parent, model_from_checkpoint, require_given,
                                 resolve_checkpoint)
@@ -17,7 +17,7 @@ from common.data import check_name, check_subset_caps, load_domain
 from common.finetune import grid_flags
 from common.runs import begin, config_of
 from common.stage3 import run_stage3_script
-from common.train import Precision, resolve_device
+from common.train import Precision
 from common.verdicts import persistence_verdicts
 
 STAGE = "irreversible_backdoor/stage3_eval"
@@ -35,8 +35,9 @@ def parse_args(argv=None):
     common = cli.common_flags(arch=None, orig_dataset=None, bs=BS, seed=SEED, inherit=True)
     parser = cli.build_parser(__doc__, [common, cli.restricted_flag(None), trigger_flags(),
                                         grid_flags(EPOCHS, FINETUNE_LR, BS), cli.speed_flags()])
-    parser.add_argument("--start", type=cli.comma_list(str, STARTS), default=list(STARTS),
-                        help="start models to fine-tune (any of irreversible,backdoored)")
+    parser.add_argument("--start", "--starts", dest="start", type=cli.comma_list(str, STARTS), default=list(STARTS),
+                        help="start models to fine-tune (any of irreversible,backdoored); under torchrun write "
+                             "--starts: torchrun's own parser takes --start for its --start-method")
     parser.add_argument("--path", "--model_path", dest="path", type=Path, default=MODEL_PATH,
                         help="irreversible checkpoint or run folder; --model_path is the seed's spelling, kept for compatibility")
     parser.add_argument("--baseline_path", type=Path, default=BASELINE_PATH, help="plain backdoored checkpoint or run folder")
@@ -44,7 +45,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args, interrupts = begin(parse_args, STAGE, argv)
+    args, interrupts = begin(parse_args, STAGE, argv, distributed=True)
     if args is None:
         return 0
     paths, ckpts = {}, {}
@@ -76,11 +77,12 @@ def main(argv=None):
     check_subset_caps(args, [train, test, orig_test])
     num_classes = next(iter(ckpts.values()))["num_classes"]
     check_trigger(args.trigger_size, args.target_label, test.images.shape[-2:], num_classes)
-    device = resolve_device(args.device)
+    world = dist.world()
+    device = world.device(args.device)
     precision = Precision(device, args.amp, args.channels_last)
     orig_eval = BackdoorEval(orig_test, args.trigger_size, args.target_label)
     orig_before = {}
-    for start, ckpt in ckpts.items():
+    for start, ckpt in ckpts.items() if world.main else ():  # for the report, which rank 0 writes
         figures = orig_eval(precision.prepare(model_from_checkpoint(ckpt, paths[start])), device, precision)
         orig_before[start] = {k: figures[k] for k in ("test_acc", "asr", "ra")}
     config = config_of(args, stage=STAGE, parent=str(paths.get("irreversible")),

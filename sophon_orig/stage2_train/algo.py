@@ -2,6 +2,7 @@
 
     python sophon_orig/stage2_train/algo.py --alpha 3 --beta 5 --dataset CIFAR10 --arch resnet18
     python sophon_orig/stage2_train/algo.py --loss_type kl --model_path runs/sophon_orig/stage1_pretrain/<run>
+    torchrun --nproc_per_node 4 sophon_orig/stage2_train/algo.py --fts_envs 4 ...   # environments over 4 GPUs
 """
 from functools import partial
 
@@ -57,7 +58,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args, interrupts = begin(parse_args, STAGE, argv)
+    args, interrupts = begin(parse_args, STAGE, argv, distributed=True)
     if args is None:
         return 0
     s = setup_stage2(args, "sophon_orig", STAGE)

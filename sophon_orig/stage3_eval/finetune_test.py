@@ -2,7 +2,8 @@
 
     python sophon_orig/stage3_eval/finetune_test.py --start sophon --path path_to_ckpt
     python sophon_orig/stage3_eval/finetune_test.py --strategies direct_all,initfc_all --optimizers momentum,adam \
-        --lrs 1e-4,1e-3 --seeds 0,1 --jobs 2
+        --lrs 1e-4,1e-3 --seeds 0,1
+    torchrun --nproc_per_node 2 sophon_orig/stage3_eval/finetune_test.py --seeds 0,1,2,3   # cells over 2 GPUs
 """
 from functools import partial
 from pathlib import Path
@@ -30,8 +31,9 @@ def parse_args(argv=None):
     common = cli.common_flags(arch=None, orig_dataset=None, bs=BS, seed=SEED, inherit=True)
     parser = cli.build_parser(__doc__, [common, cli.restricted_flag(None), grid_flags(EPOCHS, FINETUNE_LR, BS),
                                         cli.speed_flags()])
-    parser.add_argument("--start", type=cli.comma_list(str, STARTS), default=list(STARTS),
-                        help="start models to fine-tune (any of sophon,normal,scratch)")
+    parser.add_argument("--start", "--starts", dest="start", type=cli.comma_list(str, STARTS), default=list(STARTS),
+                        help="start models to fine-tune (any of sophon,normal,scratch); under torchrun write "
+                             "--starts: torchrun's own parser takes --start for its --start-method")
     parser.add_argument("--path", "--model_path", dest="path", type=Path, default=MODEL_PATH,
                         help="sophon checkpoint or run folder; --model_path is the seed's spelling, kept for compatibility")
     parser.add_argument("--normal_path", type=Path, default=NORMAL_PATH, help="normal (stage-1) checkpoint or run folder")
@@ -39,7 +41,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args, interrupts = begin(parse_args, STAGE, argv)
+    args, interrupts = begin(parse_args, STAGE, argv, distributed=True)
     if args is None:
         return 0
     sophon_path = resolve_checkpoint(args.path, "sophon_orig", "stage2_train", "--path")
