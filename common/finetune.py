@@ -43,8 +43,12 @@ class Attack:
         return asdict(self)
 
 
-def grid_flags(default_epochs, default_lr, default_bs):
+def grid_flags(default_epochs, default_lr, default_bs, starts):
+    """The attack grid's flags; `starts` names the start models a script fine-tunes (default: all)."""
     p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--start", "--starts", dest="start", type=comma_list(str, starts), default=list(starts),
+                   help=f"start models to fine-tune (any of {','.join(starts)}); under torchrun write --starts: "
+                        f"torchrun's own parser takes --start for its --start-method")
     p.add_argument("--epochs", type=pos_int, default=default_epochs, help="fine-tuning epochs per attack")
     p.add_argument("--finetune_lr", type=pos_float, default=default_lr)
     p.add_argument("--strategies", type=comma_list(str, tuple(STRATEGIES)), default=["direct_all"],

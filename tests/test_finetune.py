@@ -160,7 +160,7 @@ def test_no_verdict_without_scratch():
 # ---- the grid -----------------------------------------------------------------------------------------------
 
 def _grid_args(argv):
-    p = Parser(parents=[grid_flags(20, 1e-4, 200)])
+    p = Parser(parents=[grid_flags(20, 1e-4, 200, ("sophon", "scratch"))])
     p.add_argument("--bs", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)

@@ -34,10 +34,7 @@ TRIGGER_FLAGS = ("trigger_size", "target_label", "poison_percent")
 def parse_args(argv=None):
     common = cli.common_flags(arch=None, orig_dataset=None, bs=BS, seed=SEED, inherit=True)
     parser = cli.build_parser(__doc__, [common, cli.restricted_flag(None), trigger_flags(),
-                                        grid_flags(EPOCHS, FINETUNE_LR, BS), cli.speed_flags()])
-    parser.add_argument("--start", "--starts", dest="start", type=cli.comma_list(str, STARTS), default=list(STARTS),
-                        help="start models to fine-tune (any of irreversible,backdoored); under torchrun write "
-                             "--starts: torchrun's own parser takes --start for its --start-method")
+                                        grid_flags(EPOCHS, FINETUNE_LR, BS, STARTS), cli.speed_flags()])
     parser.add_argument("--path", "--model_path", dest="path", type=Path, default=MODEL_PATH,
                         help="irreversible checkpoint or run folder; --model_path is the seed's spelling, kept for compatibility")
     parser.add_argument("--baseline_path", type=Path, default=BASELINE_PATH, help="plain backdoored checkpoint or run folder")

@@ -29,11 +29,8 @@ SEED = 0
 
 def parse_args(argv=None):
     common = cli.common_flags(arch=None, orig_dataset=None, bs=BS, seed=SEED, inherit=True)
-    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(None), grid_flags(EPOCHS, FINETUNE_LR, BS),
+    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(None), grid_flags(EPOCHS, FINETUNE_LR, BS, STARTS),
                                         cli.speed_flags()])
-    parser.add_argument("--start", "--starts", dest="start", type=cli.comma_list(str, STARTS), default=list(STARTS),
-                        help="start models to fine-tune (any of sophon,normal,scratch); under torchrun write "
-                             "--starts: torchrun's own parser takes --start for its --start-method")
     parser.add_argument("--path", "--model_path", dest="path", type=Path, default=MODEL_PATH,
                         help="sophon checkpoint or run folder; --model_path is the seed's spelling, kept for compatibility")
     parser.add_argument("--normal_path", type=Path, default=NORMAL_PATH, help="normal (stage-1) checkpoint or run folder")
