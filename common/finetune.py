@@ -1,19 +1,27 @@
 """Fine-tuning attacks: strategies, the attack grid, and one attack run on a model."""
 import argparse
 import itertools
-from dataclasses import asdict, dataclass
+import logging
+import math
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
-from common.cli import UsageError, batch_size, comma_list, nonneg_int, pos_float, pos_int
+from common.cli import UsageError, batch_size, comma_list, fraction, nonneg_int, pos_float, pos_int
+from common.data import epoch_batches
 from common.models import head_param_names, head_path, reinit_head
 from common.train import OPTIMIZERS, make_optimizer, train_epoch
+
+log = logging.getLogger("sophon")
 
 # strategy -> (re-initialise the head, which parameters train)
 STRATEGIES = {"direct_all": (False, "all"), "initfc_all": (True, "all"),
               "direct_fc": (False, "head"), "initfc_fc": (True, "head")}
 SCOPES = ("all", "head")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+WARMUP_FRACTION = 0.1  # warmup_cosine: linear warmup over this share of the run's optimisation steps
+ATTACK_SUBSET_SEED = 20250101  # fixed, independent of the cell seed: every start model and seed gets the same subset
 
 
 def scope_params(model, scope):
@@ -38,9 +46,100 @@ class Attack:
     batch_size: int
     epochs: int
     seed: int
+    train_fraction: float = 1.0  # share of the restricted training split the attacker has (a fixed subset)
+    schedule: str = "constant"  # lr schedule over the run's optimisation steps: one of SCHEDULES
 
     def as_dict(self):
         return asdict(self)
+
+
+def subset_indices(labels, fraction):
+    """Sorted indices of a fixed, stratified subset of round(fraction * N) samples.
+
+    Each class keeps its share (largest remainders settle the rounding, ties to the smaller class id); within
+    a class the samples are drawn by a generator seeded with ATTACK_SUBSET_SEED alone, so every start model,
+    cell seed and rank fine-tunes on the very same samples."""
+    n = len(labels)
+    if fraction >= 1:
+        return torch.arange(n)
+    total = round(fraction * n)
+    classes, counts = torch.unique(labels, return_counts=True)
+    quotas = [fraction * int(c) for c in counts]
+    take = [math.floor(q) for q in quotas]
+    order = sorted(range(len(quotas)), key=lambda i: (-(quotas[i] - take[i]), i))
+    for i in order[:total - sum(take)]:
+        take[i] += 1
+    gen = torch.Generator().manual_seed(ATTACK_SUBSET_SEED)
+    picked = []
+    for c, k in zip(classes.tolist(), take):
+        members = torch.nonzero(labels == c).flatten()
+        picked.append(members[torch.randperm(len(members), generator=gen)[:k]])
+    return torch.cat(picked).sort().values
+
+
+def attack_subset(domain, fraction):
+    """The attacker's training data: `domain` itself, or its fixed stratified subset (see subset_indices)."""
+    if fraction >= 1:
+        return domain
+    idx = subset_indices(domain.labels, fraction)
+    if len(idx) < 2:
+        raise UsageError(f"--train_fractions {fraction:g} leaves {len(idx)} of {len(domain)} training samples; "
+                         f"BatchNorm needs two")
+    images = domain.images[idx]
+    if domain.images.is_pinned():
+        images = images.pin_memory()
+    return replace(domain, images=images, labels=domain.labels[idx], note=(domain.note + " " if domain.note else "")
+                   + f"attacker subset: {len(idx)} of {len(domain)} samples ({fraction:g}, stratified)")
+
+
+def schedule_factor(schedule, steps):
+    """step index k (0-based) -> lr multiplier of `schedule` over a run of `steps` optimisation steps.
+
+    constant: 1. cosine: 0.5 (1 + cos(pi k / steps)), from 1 at the first step towards 0 at the last.
+    warmup_cosine: (k + 1) / W over the first W = max(1, round(WARMUP_FRACTION * steps)) steps (no step at
+    lr 0), then 0.5 (1 + cos(pi (k - W) / (steps - W)))."""
+    if schedule == "constant":
+        return lambda k: 1.0
+    if schedule == "cosine":
+        return lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / max(steps, 1)))
+    if schedule == "warmup_cosine":
+        warm = max(1, round(WARMUP_FRACTION * steps))
+
+        def factor(k):
+            if k < warm:
+                return (k + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(k - warm, steps - warm) / max(steps - warm, 1)))
+        return factor
+    raise ValueError(f"unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
+
+
+class _ScheduledSteps:
+    """The optimiser train_epoch drives: each step() is the attack's optimisation step, then the lr schedule's.
+
+    A step whose gradients are not finite (a diverging attack: the loss overflowed) is skipped, as a careful
+    attacker or torch's GradScaler would skip it, and counted; the schedule moves on regardless, so the lr
+    sequence depends on the step index alone."""
+
+    def __init__(self, optimizer, schedule, steps):
+        self.optimizer = optimizer
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(schedule, steps))
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.skipped = 0
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            self.skipped += 1
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
 
 
 def grid_flags(default_epochs, default_lr, default_bs, starts):
@@ -58,6 +157,14 @@ def grid_flags(default_epochs, default_lr, default_bs, starts):
     p.add_argument("--lrs", type=comma_list(pos_float), default=None, help="default: [--finetune_lr]")
     p.add_argument("--batch_sizes", type=comma_list(batch_size), default=None, help="default: [--bs]")
     p.add_argument("--seeds", type=comma_list(nonneg_int), default=None, help="default: [--seed]")
+    p.add_argument("--train_fractions", type=comma_list(fraction), default=[1.0],
+                   help="shares in (0, 1] of the restricted training split the attacker fine-tunes on (a fixed "
+                        "subset, stratified per class, the same for every start model and seed); evaluation "
+                        "stays on the whole test split")
+    p.add_argument("--schedules", type=comma_list(str, SCHEDULES), default=["constant"],
+                   help="attacker lr schedules, per optimisation step over the whole run: constant, cosine "
+                        f"(to 0), warmup_cosine (linear warmup over the first {WARMUP_FRACTION:.0%} of the steps, "
+                        "then cosine to 0)")
     return p
 
 
@@ -66,17 +173,39 @@ def expand_grid(args):
     lrs = args.lrs or [args.finetune_lr]
     sizes = args.batch_sizes or [args.bs]
     seeds = args.seeds if args.seeds is not None else [args.seed]
-    return [Attack(s, o, float(lr), int(b), args.epochs, int(seed))
-            for s, o, lr, b, seed in itertools.product(args.strategies, args.optimizers, lrs, sizes, seeds)]
+    fractions = getattr(args, "train_fractions", None) or [1.0]
+    schedules = getattr(args, "schedules", None) or ["constant"]
+    return [Attack(s, o, float(lr), int(b), args.epochs, int(seed), float(f), sch)
+            for s, o, lr, b, f, sch, seed in itertools.product(args.strategies, args.optimizers, lrs, sizes,
+                                                                fractions, schedules, seeds)]
+
+
+class AttackCurve(list):
+    """[evaluate(model)] for epochs 0..epochs, and how the run went: `skipped_steps` (steps skipped for
+    non-finite gradients), `diverged_epoch` (the epoch after which weights or BatchNorm statistics were no
+    longer finite, None if never; training stops there and that evaluation stands for the remaining
+    epochs, so every curve has epochs + 1 points) and `train_samples` (the attacker's training set size)."""
+    skipped_steps = 0
+    diverged_epoch = None
+    train_samples = None
+
+
+def _finite(model):
+    return all(bool(t.isfinite().all()) for t in itertools.chain(model.parameters(), model.buffers())
+               if t.is_floating_point())
 
 
 def run_attack(model, train_domain, attack, device, precision, evaluate, on_epoch=None):
-    """Fine-tune `model` in place under `attack`; returns [evaluate(model)] for epochs 0..attack.epochs.
+    """Fine-tune `model` in place under `attack`; returns an AttackCurve, [evaluate(model)] for epochs
+    0..attack.epochs.
 
-    Epoch 0 is measured as fine-tuning starts, after any head re-initialisation.
+    Epoch 0 is measured as fine-tuning starts, after any head re-initialisation. The attacker trains on
+    attack_subset(train_domain, attack.train_fraction), one pass over it per epoch, under attack.schedule
+    (stepped after every optimisation step).
     """
     if attack.batch_size < 2:
         raise UsageError(f"batch size {attack.batch_size}: BatchNorm needs two samples per batch")
+    train_domain = attack_subset(train_domain, attack.train_fraction)
     gen = torch.Generator().manual_seed(attack.seed)
     reinit, scope = STRATEGIES[attack.strategy]
     if reinit:
@@ -86,16 +215,29 @@ def run_attack(model, train_domain, attack, device, precision, evaluate, on_epoc
     was_trainable = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
-    optimizer = make_optimizer(attack.optimizer, trainable, attack.lr, attack=True)
-    curve = [evaluate(model)]
+    steps_per_epoch = sum(1 for _ in epoch_batches(len(train_domain), attack.batch_size, torch.Generator()))
+    optimizer = _ScheduledSteps(make_optimizer(attack.optimizer, trainable, attack.lr, attack=True),
+                                attack.schedule, steps_per_epoch * attack.epochs)
+    curve = AttackCurve([evaluate(model)])
+    curve.train_samples = len(train_domain)
     if on_epoch:
         on_epoch(0, curve[0])
     for epoch in range(1, attack.epochs + 1):
-        train_epoch(model, train_domain, optimizer, device, precision, attack.batch_size, gen,
-                    bn_eval_modules=bn_eval, desc=f"fine-tune epoch {epoch}/{attack.epochs}")
-        curve.append(evaluate(model))
+        if curve.diverged_epoch is None:
+            train_epoch(model, train_domain, optimizer, device, precision, attack.batch_size, gen,
+                        bn_eval_modules=bn_eval, desc=f"fine-tune epoch {epoch}/{attack.epochs}")
+            curve.append(evaluate(model))
+            if not _finite(model):
+                curve.diverged_epoch = epoch
+                log.warning("attack %s diverged in epoch %d: weights not finite; its evaluation stands for the "
+                            "remaining epochs", attack, epoch)
+        else:
+            curve.append(dict(curve[-1]))
         if on_epoch:
             on_epoch(epoch, curve[-1])
+    curve.skipped_steps = optimizer.skipped
+    if optimizer.skipped:
+        log.warning("attack %s: %d optimisation steps skipped for non-finite gradients", attack, optimizer.skipped)
     for p, flag in was_trainable:
         p.requires_grad_(flag)
     return curve

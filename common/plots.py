@@ -14,6 +14,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 START_STYLE = {"sophon": ("tab:red", "-"), "normal": ("tab:blue", "--"), "scratch": ("tab:gray", ":"),
                "irreversible": ("tab:red", "-"), "backdoored": ("tab:blue", "--")}
+EXTRA_COLOURS = ("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def start_styles(starts):
+    """(colour, line style) per start; protected models beyond the known names get distinct colours, in order."""
+    extra = iter(EXTRA_COLOURS * (1 + len(starts) // len(EXTRA_COLOURS)))
+    return {s: START_STYLE[s] if s in START_STYLE else (next(extra), "-") for s in sorted(starts)}
 
 
 def read_csv(path):
@@ -94,37 +101,43 @@ def plot_stage2(run_dir):
 
 
 def plot_grid(run_dir, metric_keys=("test_acc",)):
-    """One figure per strategy (attack family); a panel per (optimizer, lr, batch size); mean over seeds."""
+    """One figure per strategy (attack family); a panel per (optimizer, lr, batch size, train fraction,
+    schedule); mean over seeds. Rows written before the fraction and schedule axes read as 1 and constant."""
     run_dir = Path(run_dir)
     rows = read_csv(run_dir / "metrics.csv")
     if not rows:
         return []
     out = []
     for key in metric_keys:
-        curves = defaultdict(lambda: defaultdict(list))  # strategy -> (opt, lr, bs, start, seed) -> pts
+        curves = defaultdict(lambda: defaultdict(list))  # strategy -> (opt, lr, bs, fraction, schedule, start, seed) -> pts
         for r in rows:
             v = _num(r.get(key))
             if v is not None:
-                curves[r["strategy"]][(r["optimizer"], r["lr"], r["batch_size"], r["start"], r["seed"])].append(
-                    (int(r["epoch"]), v))
+                panel = (r["optimizer"], r["lr"], r["batch_size"], r.get("train_fraction") or "1",
+                         r.get("schedule") or "constant")
+                curves[r["strategy"]][(*panel, r["start"], r["seed"])].append((int(r["epoch"]), v))
+        styles = start_styles({k[5] for cells in curves.values() for k in cells})
         for strategy, cells in curves.items():
-            panels = sorted({k[:3] for k in cells}, key=lambda p: (p[0], float(p[1]), int(p[2])))
+            panels = sorted({k[:5] for k in cells}, key=lambda p: (p[0], float(p[1]), int(p[2]), -float(p[3]), p[4]))
             cols = min(3, len(panels))
             nrows = (len(panels) + cols - 1) // cols
             fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
             for ax, panel in zip(axes.flat, panels):
-                starts = sorted({k[3] for k in cells if k[:3] == panel})
+                starts = sorted({k[5] for k in cells if k[:5] == panel})
                 for start in starts:
-                    series = [dict(pts) for k, pts in cells.items() if k[:3] == panel and k[3] == start]
+                    series = [dict(pts) for k, pts in cells.items() if k[:5] == panel and k[5] == start]
                     epochs = sorted(set().union(*series))
                     mean = [sum(s[e] for s in series if e in s) / sum(e in s for s in series) for e in epochs]
-                    color, style = START_STYLE.get(start, (None, "-"))
+                    color, style = styles[start]
                     ax.plot(epochs, mean, style, color=color, marker=".", label=f"{start} (n={len(series)})")
                     if len(series) > 1:
                         lo = [min(s[e] for s in series if e in s) for e in epochs]
                         hi = [max(s[e] for s in series if e in s) for e in epochs]
                         ax.fill_between(epochs, lo, hi, color=color, alpha=0.15)
-                ax.set(title=f"{panel[0]} lr={float(panel[1]):g} bs={panel[2]}", xlabel="epoch", ylabel=f"{key} (%)")
+                extra = (f" data={float(panel[3]):g}" if float(panel[3]) != 1 else "") + \
+                    (f" {panel[4]}" if panel[4] != "constant" else "")
+                ax.set(title=f"{panel[0]} lr={float(panel[1]):g} bs={panel[2]}{extra}", xlabel="epoch",
+                       ylabel=f"{key} (%)")
                 ax.legend(fontsize=8)
             for ax in list(axes.flat)[len(panels):]:
                 ax.axis("off")

@@ -18,7 +18,7 @@ from common.finetune import Attack, expand_grid, run_attack
 from common.models import build_model
 from common.runs import Interrupted, close_run, guarded, open_run, write_text_atomically
 from common.train import Precision, progress, seed_everything
-from common.verdicts import LEGEND
+from common.verdicts import FAMILY, LEGEND, ROBUSTNESS_LEGEND
 
 log = logging.getLogger("sophon")
 
@@ -31,8 +31,15 @@ class Cell:
 
     @property
     def key(self):
+        """start|strategy|optimizer|lr|bs|seed, then |f<fraction> and |<schedule> where they are not the
+        defaults (1.0, constant), so the keys of a run folder from before those axes still name its cells."""
         a = self.attack
-        return f"{self.start}|{a.strategy}|{a.optimizer}|{a.lr:g}|{a.batch_size}|{a.seed}"
+        key = f"{self.start}|{a.strategy}|{a.optimizer}|{a.lr:g}|{a.batch_size}|{a.seed}"
+        if a.train_fraction != 1.0:
+            key += f"|f{a.train_fraction:g}"
+        if a.schedule != "constant":
+            key += f"|{a.schedule}"
+        return key
 
 
 class GridContext:
@@ -65,8 +72,8 @@ class Grid:
         self.run, self.context, self.cells = run, context, cells
         self.metric_keys = metric_keys
         self.device, self.world = device, world
-        self.metrics = run.csv("metrics.csv", ["cell", "start", "strategy", "optimizer", "lr", "batch_size", "seed",
-                                               "epoch"] + metric_keys)
+        self.metrics = run.csv("metrics.csv", ["cell", "start", "strategy", "optimizer", "lr", "batch_size",
+                                               "train_fraction", "schedule", "seed", "epoch"] + metric_keys)
         self.done_path = run.path / "cells.jsonl"
 
     def completed(self):
@@ -85,11 +92,15 @@ class Grid:
     def _row(self, cell, epoch, figures):
         a = cell.attack
         return {"cell": cell.key, "start": cell.start, "strategy": a.strategy, "optimizer": a.optimizer, "lr": a.lr,
-                "batch_size": a.batch_size, "seed": a.seed, "epoch": epoch, **figures}
+                "batch_size": a.batch_size, "train_fraction": a.train_fraction, "schedule": a.schedule,
+                "seed": a.seed, "epoch": epoch, **figures}
 
     def _complete(self, cell, curve):
         entry = {"key": cell.key, "start": cell.start, **cell.attack.as_dict(),
-                 **{f"{k}_curve": [c[k] for c in curve] for k in self.metric_keys}}
+                 **{f"{k}_curve": [c[k] for c in curve] for k in self.metric_keys},
+                 "train_samples": getattr(curve, "train_samples", None),
+                 "skipped_steps": getattr(curve, "skipped_steps", 0),
+                 "diverged_epoch": getattr(curve, "diverged_epoch", None)}
         with open(self.done_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -129,7 +140,10 @@ class Grid:
         for cell in self.cells:
             e = done[cell.key]
             entry = {"start": e["start"], "strategy": e["strategy"], "optimizer": e["optimizer"], "lr": e["lr"],
-                     "batch_size": e["batch_size"], "epochs": e["epochs"], "seed": e["seed"]}
+                     "batch_size": e["batch_size"], "train_fraction": e.get("train_fraction", 1.0),
+                     "schedule": e.get("schedule", "constant"), "epochs": e["epochs"], "seed": e["seed"],
+                     "train_samples": e.get("train_samples"), "skipped_steps": e.get("skipped_steps", 0),
+                     "diverged_epoch": e.get("diverged_epoch")}
             entry.update({f"{k}_curve": e[f"{k}_curve"] for k in self.metric_keys})
             entry["final_test_acc"] = e["test_acc_curve"][-1]
             out.append(entry)
@@ -146,10 +160,43 @@ def _fmt(value, none="n/a"):
     return str(value)
 
 
-def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",), notes=()):
+def _robustness_lines(robustness):
+    """report.md's robustness section: one row per protected model, then the head start of every cell."""
+    lines = ["## Robustness per protected model", "", ROBUSTNESS_LEGEND, "",
+             "| protected | attack families | share auc ratio < 1 | per seed: mean +- std | 95% CI over seeds | "
+             "families unable to show protection | share < 1 where shown | worst (auc ratio) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, r in robustness.items():
+        w = r["worst_cell"]
+        worst = (f"{w['strategy']} {w['optimizer']} lr {w['lr']:g} bs {w['batch_size']} f {w['train_fraction']:g} "
+                 f"{w['schedule']} ({_fmt(w['auc_ratio_mean'])})")
+        ci = r["share_below_1_ci95"]
+        lines.append(f"| {label} | {r['cells']} | {_fmt(r['share_below_1'])} | "
+                     f"{_fmt(r['share_below_1_per_seed_mean'])} +- {_fmt(r['share_below_1_per_seed_std'])} | "
+                     f"{'n/a' if ci is None else f'{ci[0]:.2f} - {ci[1]:.2f}'} ({r['ci_note']}) | "
+                     f"{r['cells_unable_to_show_protection']} | {_fmt(r['share_below_1_where_shown'])} | {worst} |")
+    lines += ["", "Head start of normal over scratch per attack family (auc(normal) / auc(scratch), mean over seeds) "
+              "and each protected model's auc ratio vs scratch:", ""]
+    labels = list(robustness)
+    lines += ["| strategy | optimizer | lr | bs | train fraction | schedule | head start | shows protection | "
+              + " | ".join(labels) + " |", "| " + " | ".join("---" for _ in range(8 + len(labels))) + " |"]
+    rows = {}
+    for label, r in robustness.items():
+        for c in r["per_cell"]:
+            axes = tuple(c[k] for k in FAMILY)
+            rows.setdefault(axes, {"head": c["head_start"], "shows": c["shows_protection"]})[label] = c["auc_ratio_mean"]
+    for (s, o, lr, bs, f, sch), row in rows.items():
+        lines.append(f"| {s} | {o} | {lr:g} | {bs} | {f:g} | {sch} | {_fmt(row['head'])} | "
+                     f"{_fmt(row['shows'], 'n/a').lower()} | " + " | ".join(_fmt(row.get(l)) for l in labels) + " |")
+    return lines + [""]
+
+
+def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",), notes=(), robustness=None):
     """report.md: the verdict table and the final figures, readable without opening the CSVs."""
     lines = [f"# {title}", ""]
     lines += list(notes) + ([""] if notes else [])
+    if robustness:
+        lines += _robustness_lines(robustness)
     if verdicts:
         columns = list(verdicts[0])
         lines += ["## Verdict per attack", "", LEGEND, "",
@@ -160,14 +207,19 @@ def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",)
         lines.append("")
     for key in metric_keys:
         lines += [f"## {key}: epoch 0 -> final, mean over seeds", "",
-                  "| strategy | optimizer | lr | bs | start | epoch 0 | final | seeds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| strategy | optimizer | lr | bs | train fraction | schedule | start | epoch 0 | final | seeds | "
+                  "diverged seeds |", "| " + " | ".join("---" for _ in range(11)) + " |"]
         groups = {}
         for r in results:
-            groups.setdefault((r["strategy"], r["optimizer"], r["lr"], r["batch_size"], r["start"]), []).append(r[f"{key}_curve"])
-        for (s, o, lr, bs, start), curves in groups.items():
+            groups.setdefault((r["strategy"], r["optimizer"], r["lr"], r["batch_size"], r.get("train_fraction", 1.0),
+                               r.get("schedule", "constant"), r["start"]), []).append(r)
+        for (s, o, lr, bs, f, sch, start), rows in groups.items():
+            curves = [r[f"{key}_curve"] for r in rows]
             first = sum(c[0] for c in curves) / len(curves)
             last = sum(c[-1] for c in curves) / len(curves)
-            lines.append(f"| {s} | {o} | {lr:g} | {bs} | {start} | {first:.2f} | {last:.2f} | {len(curves)} |")
+            diverged = sum(r.get("diverged_epoch") is not None for r in rows)
+            lines.append(f"| {s} | {o} | {lr:g} | {bs} | {f:g} | {sch} | {start} | {first:.2f} | {last:.2f} | "
+                         f"{len(curves)} | {diverged} |")
         lines.append("")
     if plots:
         lines += ["## Figures", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
@@ -176,7 +228,7 @@ def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",)
 
 
 def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, train, evaluator, config,
-                      metric_keys, verdict_fn, title, notes=(), extra_summary=None):
+                      metric_keys, verdict_fn, title, notes=(), extra_summary=None, robustness_fn=None):
     """Open the run folder, run every (start, attack) cell, write summary.json, plots and report.md."""
     world = dist.world()
     device = world.device(args.device)
@@ -196,8 +248,12 @@ def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, 
         results = grid.results()
         verdicts = verdict_fn(results)
         summary = {"dataset": args.dataset, "results": results, "verdicts": verdicts, **(extra_summary or {})}
+        robustness = robustness_fn(results) if robustness_fn else None
+        if robustness_fn:
+            summary["robustness"] = robustness
         close_run(run, stage, summary, len(evaluator.domain))
-        report = write_report(run, title, results, verdicts, sorted(run.plots_dir.glob("*.png")), metric_keys, notes)
+        report = write_report(run, title, results, verdicts, sorted(run.plots_dir.glob("*.png")), metric_keys, notes,
+                              robustness)
         print(report.read_text())
         return 0
 

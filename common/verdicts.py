@@ -13,6 +13,14 @@ LEGEND = (
     "scratch; backdoor ASR: > 1 = the backdoor outlives the plain one). first epoch asr below 50: per seed "
     "(never = it never drops).")
 
+ROBUSTNESS_LEGEND = (
+    "An attack family is strategy x optimizer x lr x bs x train fraction x schedule, seeds pooled. share auc "
+    "ratio < 1: share of the families where the protected model learns slower than scratch (auc ratio mean "
+    "over seeds); per seed: the same share computed seed by seed, mean +- std and its t-interval over seeds. "
+    "head start: auc(normal) / auc(scratch); a family whose normal model has no head start (<= 1) cannot "
+    "show protection, since from scratch the task is learned as fast as from a pretrained model. worst: the "
+    "family with the largest auc ratio.")
+
 
 def epochs_to_reach(curve, target):
     """First epoch whose value reaches `target`; None if never."""
@@ -47,13 +55,33 @@ def mean_std(values):
     return mean, std
 
 
+FAMILY = ("strategy", "optimizer", "lr", "batch_size", "train_fraction", "schedule")  # a cell's axes, seeds pooled
+FAMILY_DEFAULTS = {"train_fraction": 1.0, "schedule": "constant"}  # results written before those axes
+HEAD_START_MIN = 1.0  # a cell shows protection only where normal's AUC over scratch's exceeds this
+
+
+def _family(r):
+    return tuple(r.get(k, FAMILY_DEFAULTS.get(k)) for k in FAMILY)
+
+
 def _by_attack(results, metric):
-    """{(strategy, optimizer, lr, batch_size): {seed: {start: curve}}}"""
+    """{(strategy, optimizer, lr, batch_size, train_fraction, schedule): {seed: {start: curve}}}"""
     grouped = {}
     for r in results:
-        family = (r["strategy"], r["optimizer"], r["lr"], r["batch_size"])
-        grouped.setdefault(family, {}).setdefault(r["seed"], {})[r["start"]] = r[metric]
+        grouped.setdefault(_family(r), {}).setdefault(r["seed"], {})[r["start"]] = r[metric]
     return grouped
+
+
+def t_interval(values, level=0.95):
+    """(low, high, t) of the t-distribution interval for the mean of `values`; None with fewer than two."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if len(values) < 2:
+        return None
+    from scipy.stats import t as student_t
+    mean, std = mean_std(values)
+    t = float(student_t.ppf(0.5 + level / 2, len(values) - 1))
+    half = t * std / len(values) ** 0.5
+    return mean - half, mean + half, t
 
 
 def scratch_verdicts(results, protected="sophon", reference="scratch", metric="test_acc_curve"):
@@ -64,7 +92,7 @@ def scratch_verdicts(results, protected="sophon", reference="scratch", metric="t
     under the protected curve over the reference's (< 1: learns slower than scratch), mean +- std over seeds.
     """
     verdicts = []
-    for (strategy, optimizer, lr, bs), seeds in _by_attack(results, metric).items():
+    for family, seeds in _by_attack(results, metric).items():
         reach, ratios = [], []
         for curves in seeds.values():
             if protected not in curves or reference not in curves:
@@ -76,8 +104,7 @@ def scratch_verdicts(results, protected="sophon", reference="scratch", metric="t
             continue
         reached = [e for e in reach if e is not None]
         mean, std = mean_std(ratios)
-        verdicts.append({"strategy": strategy, "optimizer": optimizer, "lr": lr, "batch_size": bs,
-                         "protected": protected, "reference": reference,
+        verdicts.append({**dict(zip(FAMILY, family)), "protected": protected, "reference": reference,
                          "epochs_to_scratch_final": min(reached) if reached else None,
                          "epochs_to_scratch_final_per_seed": reach,
                          "auc_ratio_mean": mean, "auc_ratio_std": std, "seeds": len(reach)})
@@ -92,18 +119,74 @@ def persistence_verdicts(results, protected="irreversible", reference="backdoore
     the first epoch whose ASR is below 50% (None = it never drops).
     """
     verdicts = []
-    for (strategy, optimizer, lr, bs), seeds in _by_attack(results, "asr_curve").items():
+    for family, seeds in _by_attack(results, "asr_curve").items():
         pairs = [c for c in seeds.values() if protected in c and reference in c]
         if not pairs:
             continue
         ratios = [auc(c[protected]) / auc(c[reference]) if auc(c[reference]) > 0 else None for c in pairs]
         mean, std = mean_std(ratios)
         verdicts.append({
-            "strategy": strategy, "optimizer": optimizer, "lr": lr, "batch_size": bs,
-            "protected": protected, "reference": reference, "seeds": len(pairs),
+            **dict(zip(FAMILY, family)), "protected": protected, "reference": reference, "seeds": len(pairs),
             f"final_asr_{protected}": mean_std([c[protected][-1] for c in pairs])[0],
             f"final_asr_{reference}": mean_std([c[reference][-1] for c in pairs])[0],
             "auc_ratio_mean": mean, "auc_ratio_std": std,
             f"first_epoch_asr_below_50_{protected}": [first_epoch_below(c[protected]) for c in pairs],
             f"first_epoch_asr_below_50_{reference}": [first_epoch_below(c[reference]) for c in pairs]})
     return verdicts
+
+
+def robustness_summary(results, protected="sophon", reference="scratch", baseline="normal",
+                       metric="test_acc_curve", level=0.95):
+    """How robust one protected model is over the whole grid, a cell being one attack family (strategy x
+    optimizer x lr x batch size x train fraction x schedule, seeds pooled).
+
+    share_below_1: share of cells whose auc_ratio_mean (protected over reference) is below 1.
+    share_below_1_per_seed_mean/_std/_ci95: the same share computed per seed, its mean, sample std and the
+    `level` t-interval over seeds (clipped to [0, 1]; None with one seed; wide with few seeds).
+    worst_cell: the cell with the largest auc_ratio_mean (the attacker's best). per_cell: each cell's auc
+    ratio and the baseline's head start, auc(baseline) / auc(reference) mean over seeds; a cell where that is
+    not above HEAD_START_MIN cannot show protection (`shows_protection: false`): the task is learned from
+    scratch as fast as from the pretrained model. None where the baseline did not run.
+    """
+    cells, per_seed = [], {}
+    for family, seeds in _by_attack(results, metric).items():
+        ratios, heads = {}, []
+        for seed, curves in seeds.items():
+            ref = curves.get(reference)
+            if ref is None or auc(ref) <= 0:
+                continue
+            if protected in curves:
+                ratios[seed] = auc(curves[protected]) / auc(ref)
+            if baseline in curves:
+                heads.append(auc(curves[baseline]) / auc(ref))
+        if not ratios:
+            continue
+        mean, std = mean_std(list(ratios.values()))
+        head = mean_std(heads)[0]
+        cells.append({**dict(zip(FAMILY, family)), "auc_ratio_mean": mean, "auc_ratio_std": std,
+                      "seeds": len(ratios), "head_start": head,
+                      "shows_protection": None if head is None else head > HEAD_START_MIN})
+        for seed, ratio in ratios.items():
+            per_seed.setdefault(seed, []).append(ratio < 1)
+    if not cells:
+        return None
+    shares = [sum(flags) / len(flags) for flags in per_seed.values()]
+    seed_mean, seed_std = mean_std(shares)
+    interval = t_interval(shares, level)
+    shown = [c for c in cells if c["shows_protection"]]
+    if interval is None:
+        note = "one seed: no interval over seeds"
+    else:
+        note = (f"{level:.0%} t-interval over {len(shares)} seeds (t = {interval[2]:.2f})"
+                + ("; wide with so few seeds" if len(shares) < 5 else ""))
+    return {
+        "protected": protected, "reference": reference, "baseline": baseline, "cells": len(cells),
+        "seeds": len(shares),
+        "share_below_1": sum(c["auc_ratio_mean"] < 1 for c in cells) / len(cells),
+        "share_below_1_per_seed_mean": seed_mean, "share_below_1_per_seed_std": seed_std,
+        "share_below_1_ci95": None if interval is None else [max(0.0, interval[0]), min(1.0, interval[1])],
+        "ci_note": note,
+        "cells_unable_to_show_protection": sum(c["shows_protection"] is False for c in cells),
+        "share_below_1_where_shown": sum(c["auc_ratio_mean"] < 1 for c in shown) / len(shown) if shown else None,
+        "worst_cell": max(cells, key=lambda c: c["auc_ratio_mean"]),
+        "per_cell": cells}

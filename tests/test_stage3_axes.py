@@ -1,0 +1,264 @@
+"""Stage 3's robustness axes: the attacker's data share, lr schedules, a diverging attack, several protected
+models in one grid, and the robustness summary."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+import common.finetune as ft
+from common.cli import UsageError
+from common.finetune import Attack, attack_subset, expand_grid, run_attack, subset_indices
+from common.plots import plot_grid
+from common.stage3 import Cell
+from common.train import OPTIMIZERS, Precision, make_optimizer
+from common.verdicts import auc, robustness_summary, scratch_verdicts
+from helpers import TinyNet, read_rows, run_script
+from test_finetune import _domain, _grid_args
+
+CPU = torch.device("cpu")
+
+
+# ---- the attacker's data share ---------------------------------------------------------------------------
+
+def test_subset_is_stratified_sized_and_fixed():
+    labels = torch.tensor([c for c in range(10) for _ in range(40 + c)])  # 40..49 per class, 445 in all
+    idx = subset_indices(labels, 0.1)
+    assert len(idx) == round(0.1 * len(labels)) == 44 and len(set(idx.tolist())) == 44
+    counts = torch.bincount(labels[idx], minlength=10)
+    for c in range(10):  # each class keeps its share, up to rounding
+        assert math.floor(0.1 * (40 + c)) <= counts[c] <= math.ceil(0.1 * (40 + c))
+    torch.manual_seed(123)  # the global RNG (and so the cell seed) does not move it
+    assert torch.equal(subset_indices(labels, 0.1), idx)
+    assert torch.equal(subset_indices(labels, 1.0), torch.arange(len(labels)))
+
+
+def test_every_start_and_seed_fine_tunes_on_the_same_subset(monkeypatch):
+    seen = []
+
+    def spy(model, domain, *args, **kwargs):
+        seen.append((domain.images.clone(), domain.labels.clone()))
+
+    monkeypatch.setattr(ft, "train_epoch", spy)
+    domain = _domain(40)
+    for seed in (0, 1, 2):
+        for start_seed in (0, 5):  # two different start models
+            torch.manual_seed(start_seed)
+            curve = run_attack(TinyNet(), domain, Attack("direct_all", "sgd", 1e-3, 8, 1, seed, 0.5), CPU,
+                               Precision(CPU), lambda m: {})
+            assert curve.train_samples == 20
+    assert len(seen) == 6 and len(seen[0][1]) == 20
+    assert all(torch.equal(x, seen[0][0]) and torch.equal(y, seen[0][1]) for x, y in seen)
+    assert torch.equal(torch.bincount(seen[0][1], minlength=10), torch.full((10,), 2))  # 4 per class -> 2
+    assert attack_subset(domain, 1.0) is domain
+
+
+def test_a_subset_too_small_for_batchnorm_is_refused():
+    with pytest.raises(UsageError, match="BatchNorm"):
+        attack_subset(_domain(24), 0.01)
+
+
+# ---- lr schedules -------------------------------------------------------------------------------------------
+
+def _lrs(monkeypatch, schedule, lr=0.1, n=40, bs=8, epochs=4, fraction=1.0):
+    lrs = []
+
+    def make(name, params, lr, *, attack=False):
+        opt = make_optimizer(name, params, lr, attack=attack)
+        opt.register_step_pre_hook(lambda o, a, k: lrs.append(o.param_groups[0]["lr"]))
+        return opt
+
+    monkeypatch.setattr(ft, "make_optimizer", make)
+    torch.manual_seed(0)
+    run_attack(TinyNet(), _domain(n), Attack("direct_all", "adam", lr, bs, epochs, 0, fraction, schedule), CPU,
+               Precision(CPU), lambda m: {})
+    return lrs
+
+
+def test_schedules_step_per_optimisation_step(monkeypatch):
+    steps = 5 * 4  # 40 samples in batches of 8, 4 epochs
+    assert _lrs(monkeypatch, "constant") == pytest.approx([0.1] * steps)
+    assert _lrs(monkeypatch, "cosine") == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * k / 20))
+                                                         for k in range(steps)])
+    warm = 2  # WARMUP_FRACTION 0.1 of 20 steps
+    assert ft.WARMUP_FRACTION == 0.1
+    assert _lrs(monkeypatch, "warmup_cosine") == pytest.approx(
+        [0.05, 0.1] + [0.1 * 0.5 * (1 + math.cos(math.pi * (k - warm) / 18)) for k in range(warm, steps)])
+    # on a subset the run is shorter: 20 samples -> 3 steps an epoch (8, 8, 4), 12 in all
+    assert _lrs(monkeypatch, "cosine", fraction=0.5) == pytest.approx(
+        [0.1 * 0.5 * (1 + math.cos(math.pi * k / 12)) for k in range(12)])
+
+
+# ---- large learning rates ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_lr_1e2_and_a_diverging_attack_still_give_a_curve(optimizer):
+    torch.manual_seed(0)
+    curve = run_attack(TinyNet(), _domain(40), Attack("direct_all", optimizer, 1e-2, 8, 2, 0), CPU, Precision(CPU),
+                       lambda m: {"test_acc": 50.0})
+    assert len(curve) == 3 and curve.diverged_epoch is None
+    torch.manual_seed(0)
+    evaluations = []
+    curve = run_attack(TinyNet(), _domain(40), Attack("direct_all", optimizer, 1e30, 8, 3, 0), CPU, Precision(CPU),
+                       lambda m: evaluations.append(1) or {"test_acc": float(len(evaluations))})
+    assert [c["test_acc"] for c in curve] == [1.0, 2.0, 2.0, 2.0], "training stops at divergence; its figure stands"
+    assert curve.diverged_epoch == 1 and curve.skipped_steps > 0
+
+
+# ---- the grid -------------------------------------------------------------------------------------------------
+
+def test_grid_expands_fractions_and_schedules_with_unique_keys():
+    attacks = expand_grid(_grid_args(["--train_fractions", "1.0,0.1,1", "--schedules", "constant,cosine",
+                                      "--seeds", "0,1"]))
+    assert len(attacks) == 2 * 2 * 2
+    assert {(a.train_fraction, a.schedule) for a in attacks} == {(1.0, "constant"), (1.0, "cosine"),
+                                                                 (0.1, "constant"), (0.1, "cosine")}
+    keys = [Cell(s, a).key for a in attacks for s in ("sophon", "scratch")]
+    assert len(set(keys)) == len(keys)
+    # a default-valued cell keeps the key it had before these axes, so an old run folder resumes
+    old = Attack("direct_all", "momentum", 1e-4, 16, 1, 2)
+    assert Cell("sophon", old).key == "sophon|direct_all|momentum|0.0001|16|2"
+    assert Cell("sophon", Attack("direct_all", "momentum", 1e-4, 16, 1, 2, 0.1, "warmup_cosine")).key == \
+        "sophon|direct_all|momentum|0.0001|16|2|f0.1|warmup_cosine"
+    default = expand_grid(_grid_args([]))
+    assert [(a.train_fraction, a.schedule) for a in default] == [(1.0, "constant")]
+
+
+@pytest.mark.parametrize("argv", [["--train_fractions", "0"], ["--train_fractions", "1.5"],
+                                  ["--train_fractions", "x"], ["--schedules", "linear"]])
+def test_bad_axis_item(argv):
+    with pytest.raises(UsageError):
+        _grid_args(argv)
+
+
+# ---- verdicts and the robustness summary ----------------------------------------------------------------------
+
+def _r(start, seed, curve, optimizer="momentum", fraction=1.0, schedule="constant"):
+    return {"start": start, "strategy": "direct_all", "optimizer": optimizer, "lr": 1e-4, "batch_size": 16,
+            "train_fraction": fraction, "schedule": schedule, "seed": seed, "test_acc_curve": curve}
+
+
+def test_verdicts_keep_the_new_axes_apart():
+    results = [_r(s, 0, c, fraction=f) for f in (1.0, 0.1) for s, c in (("sophon", [1, 2]), ("scratch", [2, 4]))]
+    verdicts = scratch_verdicts(results)
+    assert [(v["train_fraction"], v["schedule"]) for v in verdicts] == [(1.0, "constant"), (0.1, "constant")]
+
+
+def test_robustness_summary_by_hand():
+    # cell A (momentum): sophon slower than scratch in every seed; normal has a head start
+    # cell B (adam): sophon slower in seed 0 only; normal has no head start -> cannot show protection
+    results = []
+    for seed, (a_sophon, b_sophon) in enumerate([([10, 20], [10, 20]), ([10, 30], [60, 80]), ([20, 20], [50, 70])]):
+        results += [_r("sophon", seed, a_sophon), _r("scratch", seed, [20, 40]), _r("normal", seed, [60, 80]),
+                    _r("sophon", seed, b_sophon, "adam"), _r("scratch", seed, [40, 60], "adam"),
+                    _r("normal", seed, [30, 50], "adam")]
+    r = robustness_summary(results)
+    assert r["cells"] == 2 and r["seeds"] == 3
+    a, b = r["per_cell"]
+    assert a["optimizer"] == "momentum" and a["train_fraction"] == 1.0 and a["schedule"] == "constant"
+    assert a["auc_ratio_mean"] == pytest.approx((15 / 30 + 20 / 30 + 20 / 30) / 3)
+    assert a["head_start"] == pytest.approx(70 / 30) and a["shows_protection"] is True
+    assert b["auc_ratio_mean"] == pytest.approx((15 / 50 + 70 / 50 + 60 / 50) / 3)  # 0.967: below 1 on average
+    assert b["head_start"] == pytest.approx(40 / 50) and b["shows_protection"] is False
+    assert r["share_below_1"] == 1.0
+    shares = [1.0, 0.5, 0.5]  # per seed: seed 0 both cells below 1, seeds 1 and 2 only cell A
+    mean = sum(shares) / 3
+    std = (sum((s - mean) ** 2 for s in shares) / 2) ** 0.5
+    assert r["share_below_1_per_seed_mean"] == pytest.approx(mean)
+    assert r["share_below_1_per_seed_std"] == pytest.approx(std)
+    half = 4.302652729911275 * std / 3 ** 0.5  # t(0.975, 2 degrees of freedom)
+    assert mean - half < 0 and mean + half > 1  # 3 seeds: wider than the whole range
+    assert r["share_below_1_ci95"] == [0.0, 1.0]  # clipped to [0, 1]
+    narrow = robustness_summary(results + [dict(x, seed=x["seed"] + 3) for x in results])  # the same 6 times
+    half6 = 2.570581835636314 * (sum((s - mean) ** 2 for s in shares * 2) / 5) ** 0.5 / 6 ** 0.5
+    assert narrow["share_below_1_ci95"] == pytest.approx([mean - half6, mean + half6])
+    assert "3 seeds" in r["ci_note"] and "wide" in r["ci_note"]
+    assert r["worst_cell"]["optimizer"] == "adam"
+    assert r["cells_unable_to_show_protection"] == 1 and r["share_below_1_where_shown"] == 1.0
+    # one seed: no interval; no normal model: the head start is unknown
+    one = robustness_summary([x for x in results if x["seed"] == 0 and x["start"] != "normal"])
+    assert one["share_below_1_ci95"] is None and one["per_cell"][0]["shows_protection"] is None
+    assert robustness_summary([x for x in results if x["start"] != "scratch"]) is None
+
+
+def test_plots_group_by_the_new_axes_and_colour_several_models(tmp_path):
+    header = "cell,start,strategy,optimizer,lr,batch_size,train_fraction,schedule,seed,epoch,test_acc\n"
+    lines = [f"x,{s},direct_all,sgd,0.001,16,{f},{sch},0,{e},{10 * e + i}\n"
+             for i, s in enumerate(("A", "B", "normal", "scratch")) for f in (1.0, 0.1)
+             for sch in ("constant", "cosine") for e in (0, 1)]
+    (tmp_path / "metrics.csv").write_text(header + "".join(lines))
+    import matplotlib.pyplot as plt
+    titles = []
+    real = plt.Axes.set
+
+    def spy(self, **kw):
+        titles.append(kw.get("title"))
+        return real(self, **kw)
+
+    plt.Axes.set = spy
+    try:
+        pngs = plot_grid(tmp_path)
+    finally:
+        plt.Axes.set = real
+    assert [p.name for p in pngs] == ["test_acc_direct_all.png"]
+    assert sorted(t for t in titles if t) == sorted(["sgd lr=0.001 bs=16", "sgd lr=0.001 bs=16 cosine",
+                                                     "sgd lr=0.001 bs=16 data=0.1",
+                                                     "sgd lr=0.001 bs=16 data=0.1 cosine"])
+    from common.plots import start_styles
+    styles = start_styles({"A", "B", "normal", "scratch"})
+    assert len({styles[s][0] for s in styles}) == 4
+
+
+# ---- through the stage-3 script --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_labelled_models_in_one_grid_then_resumed(tmp_path, data_root, stage2_runs):
+    out = tmp_path / "grid"
+    args = ["--path", f"kl={stage2_runs('kl')},inv={stage2_runs('inverse')}", "--data_root", data_root,
+            "--train_fractions", "1.0,0.5", "--schedules", "warmup_cosine", "--seeds", "0,1", "--epochs", "1",
+            "--bs", "16"]
+    proc = run_script("stage3", *args, "--out_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    results = s["results"]
+    assert len(results) == 4 * 2 * 2  # (kl, inv, normal, scratch) x 2 fractions x 2 seeds
+    assert {r["start"] for r in results} == {"kl", "inv", "normal", "scratch"}
+    assert {(r["train_fraction"], r["schedule"]) for r in results} == {(1.0, "warmup_cosine"), (0.5, "warmup_cosine")}
+    full = {r["train_samples"] for r in results if r["train_fraction"] == 1.0}
+    half = {r["train_samples"] for r in results if r["train_fraction"] == 0.5}
+    assert len(full) == len(half) == 1 and half == {round(full.pop() / 2)}
+    assert {(v["protected"], v["train_fraction"]) for v in s["verdicts"]} == {
+        ("kl", 1.0), ("kl", 0.5), ("inv", 1.0), ("inv", 0.5)}
+    assert set(s["robustness"]) == {"kl", "inv"}
+    for label, rob in s["robustness"].items():
+        assert rob["protected"] == label and rob["cells"] == 2 and rob["seeds"] == 2
+        assert all(isinstance(c["shows_protection"], bool) for c in rob["per_cell"])
+        for c in rob["per_cell"]:  # the head start and ratios come from the same curves as the results
+            curve = lambda start, seed: next(r["test_acc_curve"] for r in results if r["start"] == start and r[
+                "seed"] == seed and r["train_fraction"] == c["train_fraction"])
+            ratios = [auc(curve(label, sd)) / auc(curve("scratch", sd)) for sd in (0, 1)]
+            assert c["auc_ratio_mean"] == pytest.approx(sum(ratios) / 2)
+    report = (out / "report.md").read_text()
+    assert "Robustness per protected model" in report and "| kl |" in report and "| inv |" in report
+    rows = read_rows(out / "metrics.csv")
+    assert {r["train_fraction"] for r in rows} == {"1", "0.5"} and {r["schedule"] for r in rows} == {"warmup_cosine"}
+    # cut the last two cells and resume with the run folder alone: the labelled paths come from config.json
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    lines = (cut / "cells.jsonl").read_text().splitlines()
+    (cut / "cells.jsonl").write_text("\n".join(lines[:-2]) + "\n")
+    (cut / "summary.json").unlink()
+    proc = run_script("stage3", "--resume", cut)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "14 of 16 cells already done; running 2" in proc.stdout
+    resumed = json.loads((cut / "summary.json").read_text())
+    assert resumed["results"] == results and resumed["robustness"] == s["robustness"]
+
+
+@pytest.mark.slow
+def test_duplicate_labels_are_one_line(tmp_path, data_root, stage2_runs):
+    proc = run_script("stage3", "--path", f"a={stage2_runs('kl')},a={stage2_runs('inverse')}", "--data_root",
+                      data_root, "--out_dir", tmp_path / "x")
+    assert proc.returncode == 2 and "label 'a' names two models" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
