@@ -9,10 +9,17 @@ run it), the floor measured in the same process (the same number of plain forwar
 optimiser steps on one model: adaptation_steps x (support + query) + ntr_loop x NTR), their ratio, and
 peak memory at two values of --adaptation_steps (each in a fresh process; it must not grow). Data is
 synthetic and in memory, so neither disk nor decoding is measured. Prints a table, writes JSON.
+
+How far from the hardware: images/s, the FLOPs of one outer loop (torch.utils.flop_counter.FlopCounterMode,
+counted on one eager loop: convolutions and matmuls, forward and backward), the achieved TFLOP/s, the
+device's name and the projected time of an 800-loop run (loops only: no evaluation, probes or checkpoints).
+--profile prints the top-15 operators by self time (device time on CUDA, CPU time on CPU) over two loops.
 """
 import argparse
+import contextlib
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -26,12 +33,12 @@ import torch.nn.functional as F
 
 from common import dist
 from common.backdoor import poison, target_query_loss
-from common.data import Domain
+from common.data import DATA_ON_DEVICE, Domain
 from common.fts import support_query_split
 from common.losses import FTE_LOSSES, fte_query_loss
 from common.models import build_model
 from common.sophon import Sophon, SophonConfig
-from common.train import Precision
+from common.train import Precision, make_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,8 +54,14 @@ def parse_args(argv=None):
     p.add_argument("--loops", type=int, default=5, help="timed outer loops (after one warm-up)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=("auto", "off"), default="auto")
-    p.add_argument("--channels_last", action="store_true")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--channels_last", action="store_true", help="CUDA only; not applied with --compile")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the learner's and the model's forward (and backward), also on CPU here; the "
+                        "first loop's time (compilation included) is reported apart")
+    p.add_argument("--data_on_device", choices=DATA_ON_DEVICE, default="auto",
+                   help="training data on the device (auto: on CUDA when it takes a modest share of free memory)")
+    p.add_argument("--profile", action="store_true", help="print the top-15 operators by self time over two loops")
+    p.add_argument("--projected_loops", type=int, default=800, help="loops of the projected run time")
     p.add_argument("--fts_optimizers", default="sgd")
     p.add_argument("--fts_envs", type=int, default=1, help="simulated fine-tuners per FTS step (dealt to the ranks)")
     p.add_argument("--world_sizes", default=None,
@@ -68,7 +81,7 @@ def synthetic_domain(name, n, size, channels, seed):
 
 def build(args, adaptation_steps):
     device = dist.world().device(args.device)
-    precision = Precision(device, args.amp, args.channels_last, args.compile)
+    precision = Precision(device, args.amp, args.channels_last, "always" if args.compile else False)
     model = precision.prepare(build_model(args.arch, 10, "scratch"))
     n = max(4 * args.bs, 600)
     orig = synthetic_domain("FashionMNIST", n, args.image_size, 1, 0)
@@ -83,7 +96,7 @@ def build(args, adaptation_steps):
         config = replace(config, fts_head=("keep",))
         query = target_query_loss(restricted, 3, 0, device, precision.channels_last)
         ntr, _ = poison(orig, 0.1, 0, 3)
-    return Sophon(model, query, restricted, ntr, config, precision), device, precision
+    return Sophon(model, query, restricted, ntr, config, precision, data_on_device=args.data_on_device), device, precision
 
 
 def sync(device):
@@ -92,37 +105,48 @@ def sync(device):
 
 
 def time_outer(algo, device, loops):
-    algo.step()  # warm-up (allocator, cudnn autotune, compile)
+    """(seconds of the first loop: warm-up, allocator, cudnn autotune, compilation; mean seconds per loop after)."""
+    start = time.perf_counter()
+    algo.step()
     sync(device)
+    first = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(loops):
         algo.step()
     sync(device)
-    return (time.perf_counter() - start) / loops
+    return first, (time.perf_counter() - start) / loops
 
 
 def time_floor(algo, args, device, precision, loops):
-    """The same passes without FTS bookkeeping: one model, plain SGD, the same batch shapes and data path."""
-    model = algo.fts.learner
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    domain = algo.restricted
+    """The same passes without FTS bookkeeping: one model (the learner, compiled when the loop's is), the
+    loop's SGD, the same batch shapes and the same data path (the loop's gather, one index copy per loop)."""
+    model, forward = algo.fts.learner, algo.fts.learner_fwd
+    opt = make_optimizer("sgd", model.parameters(), 1e-4, device=device)
+    domain, gather = algo.restricted, algo.restricted_gather
     gen = torch.Generator().manual_seed(0)
 
     def step(x, y):
         with precision.autocast():
-            loss = F.cross_entropy(model(domain.to_input(x, device, None, precision.channels_last)).float(), y.to(device))
+            loss = F.cross_entropy(forward(domain.to_input(x, device, None, precision.channels_last)).float(),
+                                   y.to(device, non_blocking=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     def one_loop():
+        rows = []
         for _ in range(args.adaptation_steps):
             idx = torch.randint(0, len(domain), (args.bs,), generator=gen)
             support, query = support_query_split(args.bs, gen)
-            step(domain.images[idx[support]], domain.labels[idx[support]])
-            step(domain.images[idx[query]], domain.labels[idx[query]])
-        idx = torch.randint(0, len(domain), (args.bs,), generator=gen)
-        step(domain.images[idx], domain.labels[idx])
+            rows.append(idx[torch.cat([support, query])])
+        cut = len(support)
+        rows.append(torch.randint(0, len(domain), (args.bs,), generator=gen))
+        rows = gather.indices(torch.stack(rows))
+        for row in rows[:-1]:
+            x, y = gather(row)
+            step(x[:cut], y[:cut])
+            step(x[cut:], y[cut:])
+        step(*gather(rows[-1]))
 
     model.train()
     one_loop()
@@ -132,6 +156,53 @@ def time_floor(algo, args, device, precision, loops):
         one_loop()
     sync(device)
     return (time.perf_counter() - start) / loops
+
+
+@contextlib.contextmanager
+def eager(algo):
+    """The loop with its compiled forwards swapped for the plain modules (FLOP counting)."""
+    saved = algo.fts.learner_fwd, algo.model_fwd
+    algo.fts.learner_fwd, algo.model_fwd = algo.fts.learner, algo.model
+    try:
+        yield algo
+    finally:
+        algo.fts.learner_fwd, algo.model_fwd = saved
+
+
+def flops_per_loop(algo):
+    """FLOPs of one outer loop (convolutions, matmuls; forward and backward), counted on an eager loop."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with eager(algo), FlopCounterMode(display=False) as counter:
+        algo.step()
+    return counter.get_total_flops()
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        model = None
+    return f"{model or platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def profile(algo, device, loops=2, rows=15):
+    """Top operators by self time over `loops` outer loops (device time on CUDA, CPU time on CPU)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(loops):
+            algo.step()
+        sync(device)
+    averages = prof.key_averages()
+    key = "self_cpu_time_total"
+    if cuda:
+        key = "self_device_time_total" if hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
+    print(f"top {rows} operators by {key} over {loops} loops:")
+    print(averages.table(sort_by=key, row_limit=rows))
 
 
 def peak_memory_mb(args, steps):
@@ -152,15 +223,28 @@ def memory_child(args):
     if device.type == "cuda":
         peak = {"device": "cuda", "peak_mb": torch.cuda.max_memory_allocated() / 2**20}
     else:
-        peak = {"device": "cpu", "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        peak = {"device": "cpu", "peak_mb": peak_rss_mb()}
     print(json.dumps(peak))
+
+
+def peak_rss_mb():
+    """This process's peak resident memory. Linux's VmHWM, not ru_maxrss: ru_maxrss survives execve, so a child
+    started by a large parent would report the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def rank_timing(args):
     """Under torchrun: every rank times the same loops; rank 0 writes {world_size, per-rank s/loop}."""
     world = dist.init_from_env(args.device)
     algo, device, _ = build(args, args.adaptation_steps)
-    per_rank = world.gather(time_outer(algo, device, args.loops))
+    per_rank = world.gather(time_outer(algo, device, args.loops)[1])
     if world.main:
         args.out.write_text(json.dumps({"world_size": world.size, "seconds_per_loop": per_rank,
                                         "threads_per_rank": torch.get_num_threads()}))
@@ -216,21 +300,36 @@ def main(argv=None):
     if args._memory_child is not None:
         return memory_child(args)
     algo, device, precision = build(args, args.adaptation_steps)
-    loop_s = time_outer(algo, device, args.loops)
+    first_s, loop_s = time_outer(algo, device, args.loops)
+    if args.profile:
+        profile(algo, device)
+    flops = flops_per_loop(algo)
     floor_s = time_floor(algo, args, device, precision, args.loops)
     steps = [int(s) for s in args.memory_steps.split(",")]
     memory = {s: peak_memory_mb(args, s)["peak_mb"] for s in steps}
     name = f"{args.project}_{args.arch}_{args.image_size}px_bs{args.bs}_steps{args.adaptation_steps}_{device.type}"
-    result = {"name": name, "device": str(device), "threads": torch.get_num_threads(),
+    name += "_compile" * precision.compile + "_devdata" * algo.data_on_device
+    images_per_s = (args.adaptation_steps + 1) * args.bs / loop_s
+    tflops = flops / loop_s / 1e12
+    projected_min = args.projected_loops * loop_s / 60
+    result = {"name": name, "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
               "precision": precision.describe(), "arch": args.arch, "image_size": args.image_size, "bs": args.bs,
               "adaptation_steps": args.adaptation_steps, "fts_optimizers": args.fts_optimizers,
+              "compile": precision.compile, "data_on_device": algo.data_on_device,
               "seconds_per_loop": loop_s, "floor_seconds_per_loop": floor_s, "ratio": loop_s / floor_s,
-              "images_per_second": (args.adaptation_steps + 1) * args.bs / loop_s,
+              "first_loop_seconds": first_s, "images_per_second": images_per_s,
+              "flops_per_loop": flops, "gflop_per_loop": flops / 1e9, "achieved_tflops": tflops,
+              f"projected_{args.projected_loops}_loops_minutes": projected_min,
               "peak_memory_mb": {str(k): v for k, v in memory.items()},
               "torch": torch.__version__}
-    print(f"{'setting':<52} {'s/loop':>8} {'floor':>8} {'ratio':>6} " + " ".join(f"{'mem@' + str(s):>10}" for s in steps))
+    print(f"device: {result['device_name']} ({device}); {precision.describe()}; torch {torch.__version__}")
+    print(f"{'setting':<52} {'s/loop':>8} {'floor':>8} {'ratio':>6} " + " ".join(f"{'mem@' + str(s):>10}" for s in steps)
+          + f" {'img/s':>8} {'GFLOP':>8} {'TFLOP/s':>8} {f'{args.projected_loops}-loop min':>14} {'1st loop s':>10}"
+          f" {'compile':>7} {'data_on_dev':>11}")
     print(f"{name:<52} {loop_s:8.3f} {floor_s:8.3f} {loop_s / floor_s:6.2f} " +
-          " ".join(f"{memory[s]:9.0f}M" for s in steps))
+          " ".join(f"{memory[s]:9.0f}M" for s in steps) +
+          f" {images_per_s:8.0f} {flops / 1e9:8.1f} {tflops:8.3f} {projected_min:14.1f} {first_s:10.2f}"
+          f" {str(precision.compile):>7} {str(algo.data_on_device):>11}")
     out = args.out or RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

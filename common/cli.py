@@ -152,8 +152,11 @@ def speed_flags():
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--amp", choices=("auto", "off"), default="auto",
                    help="bf16 autocast on CUDA when supported (never on CPU)")
-    p.add_argument("--channels_last", action="store_true", help="channels_last memory format on CUDA")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model on CUDA")
+    p.add_argument("--channels_last", action="store_true",
+                   help="channels_last memory format on CUDA (not applied with --compile: inductor picks the layout)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile (inductor) the model's forward and backward on CUDA, one graph per batch shape, "
+                        "compiled on first use; ignored on CPU (no faster there, and over a minute to compile on two cores)")
     return p
 
 

@@ -518,6 +518,61 @@ class BatchStream:
         self.perm, self.pos = state["perm"], int(state["pos"])
 
 
+DATA_ON_DEVICE = ("auto", "on", "off")
+DEVICE_DATA_SHARE = 0.25  # --data_on_device auto: the uint8 tensors may take this share of free GPU memory
+
+
+def resolve_data_on_device(mode, domains, device):
+    """--data_on_device: True when the training domains' tensors are to live on the device.
+
+    'on' and 'off' are obeyed ('on' on CPU runs the device-gather path on tensors that already are where the
+    model is); 'auto' is on for CUDA when the uint8 images and labels take at most DEVICE_DATA_SHARE of the
+    free device memory, and off elsewhere (on CPU they are in the model's memory already)."""
+    if mode not in DATA_ON_DEVICE:
+        raise ValueError(f"data_on_device must be one of {DATA_ON_DEVICE}, got {mode!r}")
+    if mode != "auto":
+        return mode == "on"
+    if device.type != "cuda":
+        return False
+    unique = {id(d): d for d in domains}.values()
+    need = sum(d.images.nbytes + d.labels.nbytes for d in unique)
+    free, _ = torch.cuda.mem_get_info(device)
+    return need <= DEVICE_DATA_SHARE * free
+
+
+class Gather:
+    """Batches of a domain's samples, by index, on `device`: one gather per batch.
+
+    on_device: images and labels are copied to the device once and every batch is gathered there; only the
+    indices travel (`indices`, one small asynchronous copy for many batches). Otherwise they stay on the host
+    and each batch is gathered there, on CUDA into page-locked memory so that its copy does not block.
+    Either way a batch holds exactly the samples `domain.images[idx]`, `domain.labels[idx]`."""
+
+    def __init__(self, domain, device, on_device):
+        self.device, self.on_device = device, on_device
+        self.pinned = device.type == "cuda"
+        if on_device:
+            self.images, self.labels = domain.images.to(device), domain.labels.to(device)
+        else:
+            self.images, self.labels = domain.images, domain.labels
+
+    def indices(self, idx):
+        """Host int64 indices -> where the gather runs (the device when on_device)."""
+        if not self.on_device or idx.device == self.device:
+            return idx
+        return (idx.pin_memory() if self.pinned else idx).to(self.device, non_blocking=True)
+
+    def __call__(self, idx):
+        """(uint8 images, labels) of the samples `idx` (as returned by `indices`), on the device on CUDA."""
+        if self.on_device or not self.pinned:
+            return self.images.index_select(0, idx), self.labels.index_select(0, idx)
+        x = torch.empty((len(idx), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
+        y = torch.empty((len(idx),), dtype=self.labels.dtype, pin_memory=True)
+        torch.index_select(self.images, 0, idx, out=x)
+        torch.index_select(self.labels, 0, idx, out=y)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
 def epoch_batches(n, batch_size, gen):
     """One shuffled epoch of index batches; a trailing batch of one is dropped (BatchNorm needs two)."""
     perm = torch.randperm(n, generator=gen)

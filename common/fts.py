@@ -63,6 +63,37 @@ def support_query_split(n, gen):
     return perm[q:], perm[:q]
 
 
+class IndexedBatches:
+    """An episode's batches as rows of sample indices, for `FTS.episode`; `gather` (common.data.Gather) turns
+    a row into (uint8 images, labels).
+
+    The episode's support/query splits are drawn first, in order, from its generator, and each row is
+    permuted by its split: then one copy brings every row of the episode to the device (when the data lives
+    there), one gather per batch yields support and query together, and each is a slice of it. The samples
+    are those of `(images[idx][support], images[idx][query])`, the (x, y) pairs' path."""
+
+    def __init__(self, indices, gather):
+        self.indices, self.gather = list(indices), gather
+
+    def split(self, gen):
+        """Yields (x_support, y_support, x_query, y_query) per batch."""
+        rows, cuts = [], []
+        for idx in self.indices:
+            support, query = support_query_split(len(idx), gen)
+            rows.append(idx[torch.cat([support, query])])
+            cuts.append(len(support))
+        moved = self.gather.indices(torch.cat(rows)).split([len(r) for r in rows])
+        for row, cut in zip(moved, cuts):
+            x, y = self.gather(row)
+            yield x[:cut], y[:cut], x[cut:], y[cut:]
+
+
+def _split_pairs(batches, gen):
+    for x, y in batches:
+        support, query = support_query_split(len(y), gen)
+        yield x[support], y[support], x[query], y[query]
+
+
 class FTS:
     """The FTS inner loop over a fixed learner; `query_loss(net, x_uint8, y)` is the FTE loss."""
 
@@ -75,9 +106,9 @@ class FTS:
         self.head_names = head_param_names(model)
 
     def episode(self, model, batches, finetuner, weight, gen):
-        """Run one simulated fine-tuning over `batches` [(x_uint8, y)], adding weight * dQuery/dW to
-        model grads (which must exist). `gen` draws the episode's randomness (a new head, the support/query
-        splits). Returns the summed query loss as a 0-d tensor (no host sync)."""
+        """Run one simulated fine-tuning over `batches` ([(x_uint8, y)], or an IndexedBatches), adding
+        weight * dQuery/dW to model grads (which must exist). `gen` draws the episode's randomness (a new
+        head, then the support/query splits). Returns the summed query loss as a 0-d tensor (no host sync)."""
         learner = self.learner
         with torch.no_grad():
             for dst, src in zip(learner.parameters(), model.parameters()):
@@ -87,19 +118,20 @@ class FTS:
         if finetuner.head == "reinit":
             reinit_head(learner, gen)
         trainable, bn_eval = scope_params(learner, finetuner.scope)
-        inner = make_optimizer(finetuner.optimizer, trainable, finetuner.lr)
+        device = next(model.parameters()).device
+        inner = make_optimizer(finetuner.optimizer, trainable, finetuner.lr, device=device)
         learner.train()
         for m in bn_eval:
             m.eval()
         pairs = [(lp, mp) for (name, lp), mp in zip(learner.named_parameters(), model.parameters())
                  if not (finetuner.head == "reinit" and name in self.head_names)]
         learner_params = [lp for lp, _ in pairs]
-        device = next(model.parameters()).device
+        model_grads = [mp.grad for _, mp in pairs]
         total = torch.zeros((), device=device)
-        for x, y in batches:
-            support, query = support_query_split(len(y), gen)
-            xs = self.to_input(x[support])
-            ys = y[support].to(device, non_blocking=True)
+        steps = batches.split(gen) if isinstance(batches, IndexedBatches) else _split_pairs(batches, gen)
+        for x_support, y_support, x_query, y_query in steps:
+            xs = self.to_input(x_support)
+            ys = y_support.to(device, non_blocking=True)
             with self.precision.autocast():
                 support_loss = F.cross_entropy(self.learner_fwd(xs).float(), ys)
             grads = torch.autograd.grad(support_loss, trainable)
@@ -107,10 +139,9 @@ class FTS:
                 p.grad = g
             inner.step()
             with self.precision.autocast():
-                q_loss = self.query_loss(self.learner_fwd, x[query], y[query])
+                q_loss = self.query_loss(self.learner_fwd, x_query, y_query)
             q_grads = torch.autograd.grad(q_loss, learner_params)
-            for (_, mp), g in zip(pairs, q_grads):
-                mp.grad.add_(g, alpha=weight)
+            torch._foreach_add_(model_grads, q_grads, alpha=weight)
             total += q_loss.detach()
         for p in trainable:
             p.grad = None

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from common import dist
-from common.data import BatchStream
-from common.fts import FTS, FineTunerSampler
+from common.data import BatchStream, Gather, resolve_data_on_device
+from common.fts import FTS, FineTunerSampler, IndexedBatches
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,21 @@ class Sophon:
     size. The FTS gradient is summed over the ranks before the clip; NTR is one step on the same batch on
     every rank, its gradient averaged and the BatchNorm statistics taken from rank 0, so the ranks stay
     identical.
+
+    `data_on_device` ('auto', 'on', 'off'; common.data.resolve_data_on_device): the restricted and NTR images
+    live on the device and batches are gathered there. The indices are drawn on the host either way (the
+    streams' generators are what a resume restores and what makes environment e the same on every rank),
+    so both placements see exactly the same batches.
     """
 
-    def __init__(self, model, query_loss, restricted, ntr_data, config, precision, world=None):
+    def __init__(self, model, query_loss, restricted, ntr_data, config, precision, world=None, data_on_device="auto"):
         self.model, self.config, self.precision = model, config, precision
         self.restricted, self.ntr_data = restricted, ntr_data
         self.world = world or dist.world()
+        self.data_on_device = resolve_data_on_device(data_on_device, [restricted, ntr_data], precision.device)
+        self.restricted_gather = Gather(restricted, precision.device, self.data_on_device)
+        self.ntr_gather = (self.restricted_gather if ntr_data is restricted
+                           else Gather(ntr_data, precision.device, self.data_on_device))
         self.fts_opt = torch.optim.Adam(model.parameters(), lr=config.alpha * config.lr)
         self.ntr_opt = torch.optim.Adam(model.parameters(), lr=config.beta * config.lr)
         to_input = lambda x: restricted.to_input(x, precision.device, None, precision.channels_last)
@@ -96,15 +105,14 @@ class Sophon:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            else:
-                p.grad.zero_()
+        torch._foreach_zero_([p.grad for p in params])
         weight = 1.0 / (c.adaptation_steps * c.fts_envs)  # the FTS loss is the mean over every inner step
         loss = torch.zeros((), device=self.precision.device)
         plan = [(self.sampler.sample(), [self.restricted_stream.next() for _ in range(c.adaptation_steps)],
                  int(torch.randint(2**62, (), generator=self.episode_gen))) for _ in range(c.fts_envs)]
         for env, (finetuner, indices, seed) in enumerate(plan):
             if env % self.world.size == self.world.rank:
-                batches = ((self.restricted.images[idx], self.restricted.labels[idx]) for idx in indices)
+                batches = IndexedBatches(indices, self.restricted_gather)
                 gen = torch.Generator().manual_seed(seed)
                 loss += self.fts.episode(self.model, batches, finetuner, weight, gen) * weight
         self.world.sum_([p.grad for p in params] + [loss.view(1)])
@@ -113,9 +121,10 @@ class Sophon:
         return loss, [finetuner for finetuner, _, _ in plan]
 
     def ntr_step(self):
-        idx = self.ntr_stream.next()
-        x = self.ntr_data.to_input(self.ntr_data.images[idx], self.precision.device, None, self.precision.channels_last)
-        y = self.ntr_data.labels[idx].to(self.precision.device, non_blocking=True)
+        gather = self.ntr_gather
+        x, y = gather(gather.indices(self.ntr_stream.next()))
+        x = self.ntr_data.to_input(x, self.precision.device, None, self.precision.channels_last)
+        y = y.to(self.precision.device, non_blocking=True)
         with self.precision.autocast():
             loss = F.cross_entropy(self.model_fwd(x).float(), y)
         self.ntr_opt.zero_grad(set_to_none=False)

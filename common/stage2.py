@@ -21,7 +21,7 @@ from common.checkpoints import (foreign_record, inherit, is_foreign, load_parent
                                 model_from_checkpoint, require_given, resolve_checkpoint)
 from common import dist
 from common.cli import UsageError, comma_list, nonneg_int, pos_float, pos_int
-from common.data import check_name, check_subset_caps, load_domain
+from common.data import DATA_ON_DEVICE, DEVICE_DATA_SHARE, check_name, check_subset_caps, load_domain
 from common.finetune import SCOPES, Attack, run_attack
 from common.fts import FTS_OPTIMIZERS, HEAD_POLICIES
 from common.runs import Interrupted, close_run, config_of, guarded, open_run, read_last
@@ -37,7 +37,8 @@ COMPAT = "the seed's spelling, kept for compatibility"
 
 def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, total_loop, adaptation_steps,
                  test_interval, finetune_epochs, final_finetune_epochs, finetune_lr, min_orig_acc, max_strikes,
-                 eval_interval, save_every, fts_optimizers, fts_lrs, fts_head, fts_scope, fts_envs, fts_clip):
+                 eval_interval, save_every, fts_optimizers, fts_lrs, fts_head, fts_scope, fts_envs, fts_clip,
+                 data_on_device="auto"):
     """Stage-2 flags; each default is the script's constant of the same (upper-case) name. Comma-list
     constants are written as on the command line ("sgd,adam"): argparse parses a string default too."""
     p = argparse.ArgumentParser(add_help=False)
@@ -72,6 +73,10 @@ def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, to
                    help="all layers, or the head only (body frozen)")
     p.add_argument("--fts_envs", default=fts_envs, type=pos_int, help="fine-tuners per FTS step, gradients averaged")
     p.add_argument("--fts_clip", default=fts_clip, type=pos_float, help="max norm of the FTS gradient")
+    p.add_argument("--data_on_device", choices=DATA_ON_DEVICE, default=data_on_device,
+                   help="keep the training domains' uint8 images on the GPU and gather each batch there (the same "
+                        f"batches either way); auto: on CUDA when they take at most {DEVICE_DATA_SHARE * 100:.0f}%% of the "
+                        "free GPU memory. On CPU the data is where the model is already: auto means off")
     return p
 
 
@@ -340,7 +345,9 @@ def run_stage2_script(args, interrupts, project, stage, s, task):
     for note in {d.note for d in (s.orig_train, s.restr_train) if d.note}:
         run.log_note(note)
     algo = Sophon(s.model, task.query_loss, task.restricted_train, task.ntr_train, SophonConfig.from_args(args),
-                  s.precision)
+                  s.precision, data_on_device=getattr(args, "data_on_device", "auto"))
+    log.info("stage 2 on %s: %s, training data on the %s", s.device, s.precision.describe(),
+             "device" if algo.data_on_device else "host")
     meta = dict(arch=args.arch, dataset=args.dataset, stage=stage, parent=s.parent, config=s.config)
     runner = Stage2Runner(algo, task, Schedule.from_args(args), run, meta)
 

@@ -1,5 +1,7 @@
 """Device, precision, optimisers, and the plain training / evaluation loops."""
 import contextlib
+import inspect
+import logging
 import random
 import sys
 
@@ -10,6 +12,8 @@ from tqdm import tqdm
 
 from common.cli import UsageError
 from common.data import epoch_batches
+
+log = logging.getLogger("sophon")
 
 # One table for attacks and simulated fine-tuners: torch defaults except lr (SPEC §9).
 OPTIMIZERS = {
@@ -24,12 +28,23 @@ OPTIMIZERS = {
 ATTACK_WEIGHT_DECAY = {"sgd": 1e-4, "momentum": 1e-4}
 
 
-def make_optimizer(name, params, lr, *, attack=False):
+def make_optimizer(name, params, lr, *, attack=False, device=None):
+    """`device` (the simulated fine-tuners' optimisers pass it): few kernel launches per step, fused on CUDA
+    where torch has it (Adam, AdamW, SGD), else foreach; the same update up to float rounding."""
     cls, kwargs = OPTIMIZERS[name]
     kwargs = dict(kwargs, lr=lr)
     if attack and name in ATTACK_WEIGHT_DECAY:
         kwargs["weight_decay"] = ATTACK_WEIGHT_DECAY[name]
+    if device is not None:
+        kwargs.update(_launch_options(cls, device))
     return cls(params, **kwargs)
+
+
+def _launch_options(cls, device):
+    accepted = inspect.signature(cls.__init__).parameters
+    if device.type == "cuda" and "fused" in accepted and cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD):
+        return {"fused": True}  # SGD has it from torch 2.3 on (else foreach)
+    return {"foreach": True} if "foreach" in accepted else {}
 
 
 def resolve_device(name):
@@ -47,14 +62,25 @@ def resolve_device(name):
 
 
 class Precision:
-    """Speed options resolved once: bf16 autocast and channels_last on CUDA only."""
+    """Speed options resolved once: bf16 autocast and channels_last on CUDA only; torch.compile on CUDA, and
+    on any device with compile="always" (the benchmark, the tests).
+
+    channels_last is not applied under compile: inductor lays out convolutions itself on CUDA
+    (torch._inductor.config.layout_optimization), and channels_last parameters under compile crash torch 2.11's
+    compiled convolution backward (assert_size_stride 'stride 9==1 at dim=1': its meta function predicted
+    the weight gradient's layout from (input, grad_output) where cuDNN uses (input, weight);
+    https://github.com/pytorch/pytorch/issues/171622, changed in 2.12; not re-tested on a GPU here)."""
 
     def __init__(self, device, amp="off", channels_last=False, compile=False):
         self.device = device
         cuda = device.type == "cuda"
         self.amp = cuda and amp == "auto" and torch.cuda.is_bf16_supported()
-        self.channels_last = cuda and channels_last
-        self.compile = cuda and compile
+        self.compile = bool(compile) and (cuda or compile == "always")
+        self.channels_last = cuda and channels_last and not self.compile
+        if cuda and channels_last and self.compile:
+            log.warning("--channels_last is not applied under --compile (inductor chooses the convolution layout "
+                        "itself; channels_last parameters crash the compiled backward of torch 2.11, "
+                        "pytorch/pytorch#171622)")
 
     def autocast(self):
         if self.amp:
@@ -68,7 +94,11 @@ class Precision:
         return model
 
     def maybe_compile(self, model):
-        return torch.compile(model) if self.compile else model
+        """The model's forward (and, through AOTAutograd, its backward) compiled for fixed shapes: one graph
+        per batch shape and BatchNorm mode (stage 2: support, query, NTR, and the query and support shapes again
+        with frozen BatchNorm for head-only fine-tuners; stage 1: full and last batch), never a dynamic-shape
+        recompile."""
+        return torch.compile(model, dynamic=False) if self.compile else model
 
     def describe(self):
         return f"amp={'bf16' if self.amp else 'off'} channels_last={self.channels_last} compile={self.compile}"
