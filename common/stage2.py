@@ -345,7 +345,7 @@ def run_stage2_script(args, interrupts, project, stage, s, task):
     for note in {d.note for d in (s.orig_train, s.restr_train) if d.note}:
         run.log_note(note)
     algo = Sophon(s.model, task.query_loss, task.restricted_train, task.ntr_train, SophonConfig.from_args(args),
-                  s.precision, data_on_device=getattr(args, "data_on_device", "auto"))
+                  s.precision, data_on_device=args.data_on_device)
     log.info("stage 2 on %s: %s, training data on the %s", s.device, s.precision.describe(),
              "device" if algo.data_on_device else "host")
     meta = dict(arch=args.arch, dataset=args.dataset, stage=stage, parent=s.parent, config=s.config)
