@@ -163,7 +163,7 @@ def inherit(args, ckpt, path, names):
 # ---- foreign weights: plain state_dicts and .safetensors files -----------------------------------------
 
 WRAPPER_KEYS = ("state_dict", "model")  # timm's training checkpoints wrap the weights under these
-STRIP_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+STRIP_PREFIXES = ("module.", "_orig_mod.")  # saved from a multi-GPU wrapper, or from torch.compile
 EXPECTED_FORM = ("a dict of tensors as torch.save(model.state_dict(), path) writes it (or one wrapping it under "
                  "'state_dict' or 'model'), or a .safetensors file")
 LAYOUTS = {"resnet18": "torchvision's or timm's resnet18", "resnet34": "torchvision's or timm's resnet34",
