@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from common import dist
 from common.data import BatchStream, Gather, resolve_data_on_device
 from common.fts import FTS, FineTunerSampler, IndexedBatches
+from common.train import launch_options
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,9 @@ class Sophon:
         self.restricted_gather = Gather(restricted, precision.device, self.data_on_device)
         self.ntr_gather = (self.restricted_gather if ntr_data is restricted
                            else Gather(ntr_data, precision.device, self.data_on_device))
-        self.fts_opt = torch.optim.Adam(model.parameters(), lr=config.alpha * config.lr)
-        self.ntr_opt = torch.optim.Adam(model.parameters(), lr=config.beta * config.lr)
+        fast = launch_options(torch.optim.Adam, precision.device) if precision.device.type == "cuda" else {}
+        self.fts_opt = torch.optim.Adam(model.parameters(), lr=config.alpha * config.lr, **fast)
+        self.ntr_opt = torch.optim.Adam(model.parameters(), lr=config.beta * config.lr, **fast)
         to_input = lambda x: restricted.to_input(x, precision.device, None, precision.channels_last)
         self.fts = FTS(model, query_loss, to_input, precision)
         self.episode_gen = torch.Generator().manual_seed(config.seed + 1)  # one seed per episode

@@ -36,11 +36,11 @@ def make_optimizer(name, params, lr, *, attack=False, device=None):
     if attack and name in ATTACK_WEIGHT_DECAY:
         kwargs["weight_decay"] = ATTACK_WEIGHT_DECAY[name]
     if device is not None:
-        kwargs.update(_launch_options(cls, device))
+        kwargs.update(launch_options(cls, device))
     return cls(params, **kwargs)
 
 
-def _launch_options(cls, device):
+def launch_options(cls, device):
     accepted = inspect.signature(cls.__init__).parameters
     if device.type == "cuda" and "fused" in accepted and cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD):
         return {"fused": True}  # SGD has it from torch 2.3 on (else foreach)

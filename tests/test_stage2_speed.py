@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from common.data import DEVICE_DATA_SHARE, Gather, resolve_data_on_device
 from common.fts import FTS, FineTuner, IndexedBatches
 from common.sophon import Sophon, SophonConfig
-from common.train import Precision, _launch_options
+from common.train import Precision, launch_options
 from helpers import TinyNet, tiny_domain
 
 CPU = torch.device("cpu")
@@ -92,11 +92,11 @@ def test_auto_puts_data_on_the_device_only_on_cuda_and_when_it_fits(monkeypatch)
 
 def test_inner_optimizers_fused_on_cuda_foreach_elsewhere():
     cuda, sgd_fused = torch.device("cuda"), "fused" in torch.optim.SGD.__init__.__code__.co_varnames
-    assert _launch_options(torch.optim.Adam, cuda) == {"fused": True}
-    assert _launch_options(torch.optim.AdamW, cuda) == {"fused": True}
-    assert _launch_options(torch.optim.SGD, cuda) == ({"fused": True} if sgd_fused else {"foreach": True})
-    assert _launch_options(torch.optim.RMSprop, cuda) == {"foreach": True}
-    assert _launch_options(torch.optim.Adam, CPU) == {"foreach": True}
+    assert launch_options(torch.optim.Adam, cuda) == {"fused": True}
+    assert launch_options(torch.optim.AdamW, cuda) == {"fused": True}
+    assert launch_options(torch.optim.SGD, cuda) == ({"fused": True} if sgd_fused else {"foreach": True})
+    assert launch_options(torch.optim.RMSprop, cuda) == {"foreach": True}
+    assert launch_options(torch.optim.Adam, CPU) == {"foreach": True}
 
 
 def test_compile_switches():
