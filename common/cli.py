@@ -106,6 +106,16 @@ def comma_list(item_type, choices=None):
     return parse
 
 
+def value_range(text):
+    """'LO,HI' of positive floats with LO <= HI, as a list (what config.json gives back on --resume)."""
+    items = [pos_float(t.strip()) for t in text.split(",")]
+    if len(items) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers LO,HI, got {text!r}")
+    if items[0] > items[1]:
+        raise argparse.ArgumentTypeError(f"LO {items[0]:g} is above HI {items[1]:g}")
+    return items
+
+
 def default_data_root():
     env = os.environ.get("SOPHON_DATA_ROOT")
     if env:
@@ -158,6 +168,25 @@ def speed_flags():
                    help="torch.compile (inductor) the model's forward and backward on CUDA, one graph per batch shape, "
                         "compiled on first use; ignored on CPU (no faster there, and over a minute to compile on two cores)")
     return p
+
+
+def preset_flag(presets):
+    """--preset NAME: a named set of flag values (flag -> value as typed on the command line). The preset
+    only changes defaults, so every flag given on the command line, before or after it, still wins."""
+    p = argparse.ArgumentParser(add_help=False)
+    listing = "; ".join(f"{name}: " + " ".join(f"--{k} {v}" for k, v in values.items()) for name, values in presets.items())
+    p.add_argument("--preset", choices=tuple(presets), default=None, help=f"named configuration ({listing})")
+    return p
+
+
+def parse_with_presets(parser, argv, presets):
+    """parser.parse_args(argv) with the chosen preset's values as defaults."""
+    chooser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    chooser.add_argument("--preset")  # an unknown name is the full parser's to refuse, in its own words
+    chosen, _ = chooser.parse_known_args(argv)
+    if chosen.preset in presets:
+        parser.set_defaults(**presets[chosen.preset])
+    return parser.parse_args(argv)
 
 
 def build_parser(doc, parents):

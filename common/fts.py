@@ -11,18 +11,36 @@ model's, so the model's head only receives FTS gradient from episodes that keep 
 """
 import copy
 import itertools
+import math
 import random
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from common.finetune import scope_params
+from common.finetune import SCHEDULES, schedule_factor, scope_params
 from common.models import head_param_names, reinit_head
 from common.train import make_optimizer
 
-FTS_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
+FTS_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "sign", "normalized")
 HEAD_POLICIES = ("reinit", "keep")
+STEP_WEIGHTS = ("uniform", "exp")
+EXP_STEP_RATE = 3.0  # exp step weights: the last queried step weighs e^3 (about 20) times the first
+
+
+def query_weights(steps, every=1, kind="uniform"):
+    """Weight of the query loss after each of an episode's `steps` inner steps, summing to 1.
+
+    The query is taken after every `every`-th step and after the last (the adapted weights the attacker ends
+    with always count); the other steps get weight 0 and skip the query pass. uniform: equal weights.
+    exp: weight proportional to exp(EXP_STEP_RATE * k / steps) at step k (1-based), so that the loss late in
+    the simulated fine-tuning, where a real attacker goes on, dominates (TAR, Tamirisa et al. ICLR'25)."""
+    if kind not in STEP_WEIGHTS:
+        raise ValueError(f"unknown step weights {kind!r} (choose from {', '.join(STEP_WEIGHTS)})")
+    queried = [k for k in range(1, steps + 1) if k % every == 0 or k == steps]
+    raw = {k: (1.0 if kind == "uniform" else math.exp(EXP_STEP_RATE * k / steps)) for k in queried}
+    total = sum(raw.values())
+    return [raw.get(k, 0.0) / total for k in range(1, steps + 1)]
 
 
 @dataclass(frozen=True)
@@ -32,17 +50,29 @@ class FineTuner:
     lr: float = 1e-4
     head: str = "reinit"
     scope: str = "all"
+    schedule: str = "constant"  # lr schedule over the episode's inner steps (common.finetune.SCHEDULES)
 
 
 class FineTunerSampler:
-    """Draws one simulated fine-tuner per episode, uniformly over every configured combination."""
+    """Draws one simulated fine-tuner per episode, uniformly over every configured combination.
 
-    def __init__(self, optimizers, lrs, heads, scopes, seed):
-        self.choices = [FineTuner(o, float(lr), h, s) for o, lr, h, s in itertools.product(optimizers, lrs, heads, scopes)]
+    With `lr_range` (lo, hi) the learning rate is not one of `lrs` but drawn log-uniformly from [lo, hi]
+    for each episode: an attacker's lr is a continuum, and a short list leaves gaps between its points."""
+
+    def __init__(self, optimizers, lrs, heads, scopes, seed, schedules=("constant",), lr_range=None):
+        lrs = [None] if lr_range else lrs
+        self.choices = [FineTuner(o, lr if lr is None else float(lr), h, s, sch) for o, lr, h, s, sch
+                        in itertools.product(optimizers, lrs, heads, scopes, schedules)]
+        self.lr_range = lr_range
         self.rng = random.Random(seed)
 
     def sample(self):
-        return self.choices[0] if len(self.choices) == 1 else self.rng.choice(self.choices)
+        tuner = self.choices[0] if len(self.choices) == 1 else self.rng.choice(self.choices)
+        if self.lr_range:
+            lo, hi = (math.log(v) for v in self.lr_range)
+            tuner = FineTuner(tuner.optimizer, math.exp(self.rng.uniform(lo, hi)), tuner.head, tuner.scope,
+                              tuner.schedule)
+        return tuner
 
     def state_dict(self):
         return {"rng": self.rng.getstate()}
@@ -105,10 +135,12 @@ class FTS:
         self.precision = precision
         self.head_names = head_param_names(model)
 
-    def episode(self, model, batches, finetuner, weight, gen):
+    def episode(self, model, batches, finetuner, weights, gen):
         """Run one simulated fine-tuning over `batches` ([(x_uint8, y)], or an IndexedBatches), adding
-        weight * dQuery/dW to model grads (which must exist). `gen` draws the episode's randomness (a new
-        head, then the support/query splits). Returns the summed query loss as a 0-d tensor (no host sync)."""
+        w_k * dQuery_k/dW to model grads (which must exist) after inner step k. `weights`: one float for every
+        step, or one per step (query_weights), where 0 skips that step's query pass. `gen` draws the episode's
+        randomness (a new head, then the support/query splits). Returns sum_k w_k Query_k, the loss whose
+        gradient was added, as a 0-d tensor (no host sync)."""
         learner = self.learner
         with torch.no_grad():
             for dst, src in zip(learner.parameters(), model.parameters()):
@@ -129,7 +161,12 @@ class FTS:
         model_grads = [mp.grad for _, mp in pairs]
         total = torch.zeros((), device=device)
         steps = batches.split(gen) if isinstance(batches, IndexedBatches) else _split_pairs(batches, gen)
-        for x_support, y_support, x_query, y_query in steps:
+        n_steps = len(batches.indices) if isinstance(batches, IndexedBatches) else len(batches)
+        per_step = [float(weights)] * n_steps if isinstance(weights, (int, float)) else list(weights)
+        if len(per_step) != n_steps:
+            raise ValueError(f"{len(per_step)} step weights for {n_steps} inner steps")
+        lr_factor = schedule_factor(finetuner.schedule, n_steps)
+        for k, (x_support, y_support, x_query, y_query) in enumerate(steps):
             xs = self.to_input(x_support)
             ys = y_support.to(device, non_blocking=True)
             with self.precision.autocast():
@@ -137,12 +174,16 @@ class FTS:
             grads = torch.autograd.grad(support_loss, trainable)
             for p, g in zip(trainable, grads):
                 p.grad = g
+            for group in inner.param_groups:
+                group["lr"] = finetuner.lr * lr_factor(k)
             inner.step()
+            if not per_step[k]:
+                continue
             with self.precision.autocast():
                 q_loss = self.query_loss(self.learner_fwd, x_query, y_query)
             q_grads = torch.autograd.grad(q_loss, learner_params)
-            torch._foreach_add_(model_grads, q_grads, alpha=weight)
-            total += q_loss.detach()
+            torch._foreach_add_(model_grads, q_grads, alpha=per_step[k])
+            total += q_loss.detach() * per_step[k]
         for p in trainable:
             p.grad = None
         return total

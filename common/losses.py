@@ -26,7 +26,16 @@ def inverse_code(logits, labels):
     return F.cross_entropy(1 - logits.float(), labels)
 
 
-FTE_LOSSES = {"inverse": inverse_ce, "inverse_code": inverse_code, "kl": kl_uniform}
+def entropy_gap(logits, labels=None):
+    """log C - H(softmax(z)), mean over the batch: zero iff the prediction is uniform, like kl_uniform, but
+    bounded by log C and with gradients that vanish as p approaches uniform from any side. Maximising the
+    entropy is TAR's tamper-resistance loss (Tamirisa et al. ICLR'25): unlike negated cross-entropy or KL,
+    it flattens the attacker's loss rather than pushing it up until just after the simulated horizon."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    return (math.log(logits.shape[1]) + (log_p.exp() * log_p).sum(dim=1)).mean()
+
+
+FTE_LOSSES = {"inverse": inverse_ce, "inverse_code": inverse_code, "kl": kl_uniform, "entropy": entropy_gap}
 
 
 def fte_query_loss(fte, domain, device, channels_last):

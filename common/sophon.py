@@ -4,8 +4,9 @@ Deng et al., IEEE S&P 2024, Algorithm 1 (classification), first-order. One outer
 
   FTS (`fts_loop` times): for each of `fts_envs` simulated fine-tuners (sampled per episode), run
       `adaptation_steps` inner steps on restricted-domain batches and add the gradient of the task's query
-      loss at the adapted weights to the model's gradient (common.fts.FTS.episode); clip the summed
-      gradient to `fts_clip`, then an Adam step at alpha * lr.
+      loss at the adapted weights to the model's gradient (common.fts.FTS.episode), after every
+      `fts_query_every`-th step and the last, weighted by `fts_step_weights`; clip the summed gradient to
+      `fts_clip`, then an Adam step at alpha * lr.
   NTR (`ntr_loop` times): cross-entropy on an original-domain batch, a separate Adam at beta * lr.
 
 The irreversible backdoor is this loop with another query loss and poisoned NTR data. The object touches
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from common import dist
 from common.data import BatchStream, Gather, resolve_data_on_device
-from common.fts import FTS, FineTunerSampler, IndexedBatches
+from common.fts import FTS, FineTunerSampler, IndexedBatches, query_weights
 from common.train import launch_options
 
 
@@ -39,6 +40,10 @@ class SophonConfig:
     fts_lrs: tuple = (1e-4,)
     fts_head: tuple = ("reinit",)
     fts_scope: tuple = ("all",)
+    fts_schedules: tuple = ("constant",)  # lr schedule inside an episode, sampled per episode
+    fts_lr_range: Optional[tuple] = None  # (lo, hi): lr drawn log-uniformly per episode instead of fts_lrs
+    fts_query_every: int = 1  # query loss after every N-th inner step (and the last)
+    fts_step_weights: str = "uniform"  # uniform | exp (later steps weigh more)
     seed: int = 0
 
     @classmethod
@@ -46,7 +51,7 @@ class SophonConfig:
         """From a stage-2 command line; `--fts_lrs` left out means the seed's single `--fast_lr`."""
         values = {f.name: getattr(args, f.name) for f in fields(cls)}
         values["fts_lrs"] = args.fts_lrs or [args.fast_lr]
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()})
 
 
 @dataclass
@@ -87,7 +92,11 @@ class Sophon:
         self.fts = FTS(model, query_loss, to_input, precision)
         self.episode_gen = torch.Generator().manual_seed(config.seed + 1)  # one seed per episode
         self.sampler = FineTunerSampler(config.fts_optimizers, config.fts_lrs, config.fts_head, config.fts_scope,
-                                        seed=config.seed + 2)
+                                        seed=config.seed + 2, schedules=config.fts_schedules,
+                                        lr_range=config.fts_lr_range)
+        # the FTS loss is the weighted mean over the queried inner steps and the environments
+        self.step_weights = [w / config.fts_envs for w in query_weights(
+            config.adaptation_steps, config.fts_query_every, config.fts_step_weights)]
         self.restricted_stream = BatchStream(len(restricted), config.bs, seed=config.seed + 3)
         self.ntr_stream = BatchStream(len(ntr_data), config.bs, seed=config.seed + 4)
         self.model_fwd = precision.maybe_compile(model)
@@ -108,7 +117,6 @@ class Sophon:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         torch._foreach_zero_([p.grad for p in params])
-        weight = 1.0 / (c.adaptation_steps * c.fts_envs)  # the FTS loss is the mean over every inner step
         loss = torch.zeros((), device=self.precision.device)
         plan = [(self.sampler.sample(), [self.restricted_stream.next() for _ in range(c.adaptation_steps)],
                  int(torch.randint(2**62, (), generator=self.episode_gen))) for _ in range(c.fts_envs)]
@@ -116,7 +124,7 @@ class Sophon:
             if env % self.world.size == self.world.rank:
                 batches = IndexedBatches(indices, self.restricted_gather)
                 gen = torch.Generator().manual_seed(seed)
-                loss += self.fts.episode(self.model, batches, finetuner, weight, gen) * weight
+                loss += self.fts.episode(self.model, batches, finetuner, self.step_weights, gen)
         self.world.sum_([p.grad for p in params] + [loss.view(1)])
         torch.nn.utils.clip_grad_norm_(params, c.fts_clip)
         self.fts_opt.step()

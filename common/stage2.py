@@ -20,10 +20,10 @@ import torch
 from common.checkpoints import (foreign_record, inherit, is_foreign, load_parent, make_checkpoint,
                                 model_from_checkpoint, require_given, resolve_checkpoint)
 from common import dist
-from common.cli import UsageError, comma_list, nonneg_int, pos_float, pos_int
+from common.cli import UsageError, comma_list, nonneg_int, pos_float, pos_int, value_range
 from common.data import DATA_ON_DEVICE, DEVICE_DATA_SHARE, check_name, check_subset_caps, load_domain
-from common.finetune import SCOPES, Attack, run_attack
-from common.fts import FTS_OPTIMIZERS, HEAD_POLICIES
+from common.finetune import SCHEDULES, SCOPES, Attack, run_attack
+from common.fts import EXP_STEP_RATE, FTS_OPTIMIZERS, HEAD_POLICIES, STEP_WEIGHTS
 from common.runs import Interrupted, close_run, config_of, guarded, open_run, read_last
 from common.sophon import Sophon, SophonConfig
 from common.train import Precision, progress, seed_everything
@@ -31,13 +31,14 @@ from common.train import Precision, progress, seed_everything
 log = logging.getLogger("sophon")
 
 HEADER = ["loop", "fts_loss", "ntr_loss", "orig_test_acc", "rolled_back",
-          "fts_optimizer", "fts_lr", "fts_head", "fts_scope", "seconds"]
+          "fts_optimizer", "fts_lr", "fts_head", "fts_scope", "fts_schedule", "seconds"]
 COMPAT = "the seed's spelling, kept for compatibility"
 
 
 def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, total_loop, adaptation_steps,
                  test_interval, finetune_epochs, final_finetune_epochs, finetune_lr, min_orig_acc, max_strikes,
                  eval_interval, save_every, fts_optimizers, fts_lrs, fts_head, fts_scope, fts_envs, fts_clip,
+                 fts_schedules="constant", fts_lr_range=None, fts_query_every=1, fts_step_weights="uniform",
                  data_on_device="auto"):
     """Stage-2 flags; each default is the script's constant of the same (upper-case) name. Comma-list
     constants are written as on the command line ("sgd,adam"): argparse parses a string default too."""
@@ -71,6 +72,17 @@ def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, to
                    help="reinit: the simulated fine-tuner starts from a new head; keep: from the model's")
     p.add_argument("--fts_scope", default=fts_scope, type=comma_list(str, SCOPES),
                    help="all layers, or the head only (body frozen)")
+    p.add_argument("--fts_schedules", default=fts_schedules, type=comma_list(str, SCHEDULES),
+                   help="lr schedules inside an episode, over its inner steps, sampled per episode "
+                        f"({', '.join(SCHEDULES)}; as the stage-3 attacker's)")
+    p.add_argument("--fts_lr_range", default=fts_lr_range, type=value_range, metavar="LO,HI",
+                   help="draw each episode's lr log-uniformly from [LO, HI] instead of from --fts_lrs")
+    p.add_argument("--fts_query_every", default=fts_query_every, type=pos_int, metavar="N",
+                   help="query loss after every N-th inner step and the last; the others skip the query pass, so "
+                        "longer horizons cost less (TAR queries every 4th of 64 steps)")
+    p.add_argument("--fts_step_weights", default=fts_step_weights, choices=STEP_WEIGHTS,
+                   help="weights of the queried steps: uniform, or exp (proportional to exp(%g k/K) at step k: "
+                        "late steps dominate, as in TAR)" % EXP_STEP_RATE)
     p.add_argument("--fts_envs", default=fts_envs, type=pos_int, help="fine-tuners per FTS step, gradients averaged")
     p.add_argument("--fts_clip", default=fts_clip, type=pos_float, help="max norm of the FTS gradient")
     p.add_argument("--data_on_device", choices=DATA_ON_DEVICE, default=data_on_device,
@@ -177,7 +189,8 @@ class Stage2Runner:
             fts_loss, ntr_loss, tuners = result.fts_loss, result.ntr_loss, result.finetuners
             row = {"loop": self.loop, "fts_loss": fts_loss, "ntr_loss": ntr_loss, "rolled_back": 0,
                    "fts_optimizer": ";".join(t.optimizer for t in tuners), "fts_lr": ";".join(f"{t.lr:g}" for t in tuners),
-                   "fts_head": ";".join(t.head for t in tuners), "fts_scope": ";".join(t.scope for t in tuners)}
+                   "fts_head": ";".join(t.head for t in tuners), "fts_scope": ";".join(t.scope for t in tuners),
+                   "fts_schedule": ";".join(t.schedule for t in tuners)}
             finite = math.isfinite(fts_loss) and (ntr_loss is None or math.isfinite(ntr_loss))
             due = (s.eval_interval and self.loop % s.eval_interval == 0) or self.loop == s.total_loop
             if finite and due:

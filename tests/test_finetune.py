@@ -100,7 +100,7 @@ def test_run_attack_uses_the_attack_optimizer(monkeypatch):
     run_attack(TinyNet(), _domain(), Attack("direct_all", "momentum", 1e-3, 8, 1, 0), CPU, Precision(CPU),
                lambda m: {})
     assert made == [("momentum", 1e-3, True)]
-    assert set(OPTIMIZERS) == {"sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "adadelta"}
+    assert set(OPTIMIZERS) == {"sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "adadelta", "sign", "normalized"}
 
 
 # ---- verdict maths ----------------------------------------------------------------------------------------

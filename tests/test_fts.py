@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.fts import FTS, FTS_OPTIMIZERS, FineTuner, FineTunerSampler, support_query_split
+from common.fts import FTS, FTS_OPTIMIZERS, FineTuner, FineTunerSampler, query_weights, support_query_split
 from common.losses import inverse_ce, kl_uniform
 from common.models import build_model
 from common.train import Precision
@@ -78,7 +78,7 @@ def test_first_order_meta_gradient_matches_numpy_reference():
         gb += (Pq - 1 / classes).mean(axis=0)
     np.testing.assert_allclose(model[1].weight.grad.double().numpy(), 1.0 + weight * gW, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(model[1].bias.grad.double().numpy(), 1.0 + weight * gb, rtol=1e-4, atol=1e-6)
-    assert total.item() == pytest.approx(sum(losses), rel=1e-4)
+    assert total.item() == pytest.approx(weight * sum(losses), rel=1e-4)
     # the model itself did not move; the learner holds the adapted weights
     np.testing.assert_array_equal(model[1].weight.detach().double().numpy(), W0)
     np.testing.assert_allclose(fts.learner[1].weight.detach().double().numpy(), W, rtol=1e-4, atol=1e-6)
@@ -142,12 +142,35 @@ def test_reinit_gives_the_learner_a_fresh_head():
 
 # ---- d. inner optimisers are torch's own ----------------------------------------------------------
 
+class _HandStep:
+    """A hand-written update for the optimisers torch does not have: sign descent and the normalised step."""
+
+    def __init__(self, params, lr, rule):
+        self.params, self.lr, self.rule = list(params), lr, rule
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        if self.rule == "sign":
+            for p in self.params:
+                p -= self.lr * torch.where(p.grad > 0, 1.0, torch.where(p.grad < 0, -1.0, 0.0))
+        else:
+            norm = torch.cat([p.grad.flatten() for p in self.params]).double().pow(2).sum().sqrt().float()
+            for p in self.params:
+                p -= self.lr * p.grad / norm
+
+
 REFERENCE_OPTIMIZERS = {
     "sgd": (torch.optim.SGD, {}),
     "momentum": (torch.optim.SGD, {"momentum": 0.9}),
     "adam": (torch.optim.Adam, {}),
     "adamw": (torch.optim.AdamW, {}),
     "rmsprop": (torch.optim.RMSprop, {}),
+    "sign": (_HandStep, {"rule": "sign"}),
+    "normalized": (_HandStep, {"rule": "normalized"}),
 }
 
 
@@ -229,14 +252,15 @@ class _SavedBytes:
         self.hooks.__exit__(*exc)
 
 
-def _episode_peak(steps, optimizer):
+def _episode_peak(steps, optimizer, schedule="constant", every=1, kind="uniform"):
     torch.manual_seed(0)
     model = TinyNet(width=8)
     fts = FTS(model, lambda net, x, y: kl_uniform(net(_to_float(x)), y), _to_float, CPU)
     _zero_grads(model)
     batches = _image_batches(steps, 20, 16, seed=7)
     with _SavedBytes() as meter:
-        fts.episode(model, batches, FineTuner(optimizer, 1e-2, "reinit", "all"), 1.0 / steps, _gen(0))
+        fts.episode(model, batches, FineTuner(optimizer, 1e-2, "reinit", "all", schedule),
+                    query_weights(steps, every, kind), _gen(0))
     return meter.peak
 
 
@@ -253,9 +277,12 @@ def test_memory_meter_sees_graphs_kept_alive():
     assert naive(8) > 3 * naive(2)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_memory_does_not_grow_with_adaptation_steps(optimizer):
-    short, long = _episode_peak(2, optimizer), _episode_peak(8, optimizer)
+@pytest.mark.parametrize("optimizer,schedule,every,kind", [
+    ("sgd", "constant", 1, "uniform"), ("adam", "constant", 1, "uniform"), ("sign", "cosine", 2, "exp"),
+    ("normalized", "warmup_cosine", 3, "uniform")])
+def test_memory_does_not_grow_with_adaptation_steps(optimizer, schedule, every, kind):
+    short = _episode_peak(2, optimizer, schedule, every, kind)
+    long = _episode_peak(8, optimizer, schedule, every, kind)
     assert short > 0
     assert long <= short * 1.05
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.losses import FTE_LOSSES, inverse_ce, inverse_code, kl_uniform
+from common.losses import FTE_LOSSES, entropy_gap, inverse_ce, inverse_code, kl_uniform
 
 Z = np.array([[1.0, 2.0, 0.5, -0.3], [-1.0, 0.0, 3.0, 0.2], [0.3, 0.3, 0.3, 0.3]])
 Y = np.array([1, 2, 0])
@@ -32,6 +32,12 @@ def _expected_inverse_code(z, y):
     return np.mean([-math.log(p[i, y[i]]) for i in range(len(z))])
 
 
+def _expected_entropy_gap(z):
+    p = _softmax(z)
+    return np.mean([math.log(z.shape[1]) + sum(p[i, k] * math.log(p[i, k]) for k in range(z.shape[1]))
+                    for i in range(len(z))])
+
+
 def _t(a, dtype=torch.float32):
     return torch.tensor(a, dtype=dtype)
 
@@ -47,6 +53,14 @@ def test_kl_is_zero_only_for_uniform_prediction_and_uses_head_width():
     assert kl_uniform(_t(z)).item() == pytest.approx(_expected_kl(z), rel=1e-5)
 
 
+def test_entropy_gap_matches_hand_value_and_is_bounded():
+    assert entropy_gap(_t(Z)).item() == pytest.approx(_expected_entropy_gap(Z), rel=1e-5, abs=1e-6)
+    assert entropy_gap(torch.zeros(3, 5)).item() == pytest.approx(0.0, abs=1e-6)
+    confident = torch.tensor([[1e4, 0.0, 0.0, 0.0]])  # KL(u || p) grows without bound here; log C - H stays <= log C
+    assert entropy_gap(confident).item() == pytest.approx(math.log(4), rel=1e-5)
+    assert kl_uniform(confident).item() > 1e3
+
+
 def test_inverse_matches_hand_value():
     got = inverse_ce(_t(Z), _t(Y, torch.int64)).item()
     assert got == pytest.approx(_expected_inverse(Z, Y), rel=1e-5, abs=1e-6)
@@ -59,7 +73,8 @@ def test_inverse_code_matches_hand_value():
 
 @pytest.mark.parametrize("name,expected", [("inverse", lambda: _expected_inverse(Z, Y)),
                                            ("inverse_code", lambda: _expected_inverse_code(Z, Y)),
-                                           ("kl", lambda: _expected_kl(Z))])
+                                           ("kl", lambda: _expected_kl(Z)),
+                                           ("entropy", lambda: _expected_entropy_gap(Z))])
 def test_each_loss_type_name_computes_its_loss(name, expected):
     # --loss_type NAME looks the loss up here
     got = FTE_LOSSES[name](_t(Z), _t(Y, torch.int64)).item()

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow  # stage scripts in subprocesses
 
 STAGE2 = ["--dataset", "MNIST", "--bs", "20", "--total_loop", "6", "--adaptation_steps", "2", "--save_every", "1",
           "--test_interval", "3", "--finetune_epochs", "1", "--final_finetune_epochs", "1", "--eval_interval", "2",
-          "--loss_type", "inverse", "--fts_optimizers", "sgd,adam", "--fts_head", "reinit,keep"]
+          "--loss_type", "inverse", "--fts_optimizers", "sgd,adam,sign", "--fts_head", "reinit,keep",
+          "--fts_lr_range", "1e-4,1e-2", "--fts_schedules", "constant,cosine", "--fts_step_weights", "exp"]
 STAGE1 = ["--orig_dataset", "FashionMNIST", "--image_size", "16", "--init", "scratch", "--epochs", "3", "--bs", "16",
           "--save_every", "1"]
 
@@ -188,8 +189,8 @@ def test_the_original_command_plus_resume_is_accepted_for_every_stage(tmp_path, 
     data = os.path.relpath(data_root, tmp_path)
     commands = {
         "stage1": [*STAGE1[:-6], "--epochs", "1", "--bs", "16", "--data_root", data, "--out_dir", "s1"],
-        "stage2": ["--model_path", "s1", "--dataset", "MNIST", "--bs", "20", "--total_loop", "1",
-                   "--adaptation_steps", "1", "--test_interval", "0", "--final_finetune_epochs", "0",
+        "stage2": ["--model_path", "s1", "--dataset", "MNIST", "--bs", "20", "--total_loop", "1", "--preset", "robust",
+                   "--adaptation_steps", "1", "--fts_lr_range", "1e-4,1e-3", "--test_interval", "0", "--final_finetune_epochs", "0",
                    "--data_root", data, "--out_dir", "s2"],
         "stage3": ["--path", "s2", "--normal_path", "./s1", "--start", "sophon,normal", "--epochs", "1",
                    "--bs", "16", "--data_root", data, "--out_dir", "s3"],

@@ -43,6 +43,10 @@ FTS_HEAD = "keep"  # a new head has no target class: the query loss would carry 
 FTS_SCOPE = "all"  # all | head
 FTS_ENVS = 1  # simulated fine-tuners per FTS step
 FTS_CLIP = 0.5  # max norm of the FTS gradient (the official code's value)
+FTS_SCHEDULES = "constant"  # lr schedule inside an episode: constant | cosine | warmup_cosine
+FTS_LR_RANGE = None  # "LO,HI": each episode's lr drawn log-uniformly from it instead of FTS_LRS
+FTS_QUERY_EVERY = 1  # query loss after every N-th inner step (and the last)
+FTS_STEP_WEIGHTS = "uniform"  # uniform | exp (late inner steps weigh more)
 
 
 def parse_args(argv=None):
@@ -53,7 +57,8 @@ def parse_args(argv=None):
         finetune_epochs=FINETUNE_EPOCHS, final_finetune_epochs=FINAL_FINETUNE_EPOCHS, finetune_lr=FINETUNE_LR,
         min_orig_acc=MIN_ORIG_ACC, max_strikes=MAX_STRIKES, eval_interval=EVAL_INTERVAL, save_every=SAVE_EVERY,
         fts_optimizers=FTS_OPTIMIZERS, fts_lrs=FTS_LRS, fts_head=FTS_HEAD, fts_scope=FTS_SCOPE, fts_envs=FTS_ENVS,
-        fts_clip=FTS_CLIP)
+        fts_clip=FTS_CLIP, fts_schedules=FTS_SCHEDULES, fts_lr_range=FTS_LR_RANGE, fts_query_every=FTS_QUERY_EVERY,
+        fts_step_weights=FTS_STEP_WEIGHTS)
     parser = cli.build_parser(__doc__, [common, cli.restricted_flag(DATASET), stage2, trigger_flags(),
                                         cli.speed_flags()])
     return parser, parser.parse_args(argv)

@@ -2,6 +2,7 @@
 
     python sophon_orig/stage2_train/algo.py --alpha 3 --beta 5 --dataset CIFAR10 --arch resnet18
     python sophon_orig/stage2_train/algo.py --loss_type kl --model_path runs/sophon_orig/stage1_pretrain/<run>
+    python sophon_orig/stage2_train/algo.py --preset robust --dataset MNIST      # long, scale-free simulated attackers
     torchrun --nproc_per_node 4 sophon_orig/stage2_train/algo.py --fts_envs 4 ...   # environments over 4 GPUs
 """
 from functools import partial
@@ -15,7 +16,7 @@ from common.train import AccuracyEval
 STAGE = "sophon_orig/stage2_train"
 MODEL_PATH = None  # stage-1 checkpoint (.pt or run folder); None: newest under runs/sophon_orig/stage1_pretrain
 DATASET = "CIFAR10"  # restricted domain
-LOSS_TYPE = "inverse"  # inverse (paper) | inverse_code (official code) | kl
+LOSS_TYPE = "inverse"  # inverse (paper) | inverse_code (official code) | kl | entropy (TAR)
 ALPHA = 3.0  # FTS lr = ALPHA * LR
 BETA = 5.0  # NTR lr = BETA * LR
 LR = 1e-4
@@ -41,6 +42,15 @@ FTS_HEAD = "reinit"  # reinit | keep
 FTS_SCOPE = "all"  # all | head
 FTS_ENVS = 1  # simulated fine-tuners per FTS step
 FTS_CLIP = 0.5  # max norm of the FTS gradient (the official code's value)
+FTS_SCHEDULES = "constant"  # lr schedule inside an episode: constant | cosine | warmup_cosine
+FTS_LR_RANGE = None  # "LO,HI": each episode's lr drawn log-uniformly from it instead of FTS_LRS
+FTS_QUERY_EVERY = 1  # query loss after every N-th inner step (and the last)
+FTS_STEP_WEIGHTS = "uniform"  # uniform | exp (late inner steps weigh more)
+# Named configurations (--preset NAME): flag values as typed; flags on the command line still win.
+# robust: long, scale-free simulated attackers (README, "Protection against adaptive attackers").
+PRESETS = {"robust": {"loss_type": "entropy", "adaptation_steps": 20, "fts_query_every": 2, "fts_step_weights": "exp",
+                      "fts_optimizers": "momentum,adam,adamw,rmsprop,sign", "fts_lr_range": "1e-5,1e-3",
+                      "fts_schedules": "constant,cosine,warmup_cosine", "fts_head": "reinit,keep"}}
 
 
 def parse_args(argv=None):
@@ -51,10 +61,12 @@ def parse_args(argv=None):
         finetune_epochs=FINETUNE_EPOCHS, final_finetune_epochs=FINAL_FINETUNE_EPOCHS, finetune_lr=FINETUNE_LR,
         min_orig_acc=MIN_ORIG_ACC, max_strikes=MAX_STRIKES, eval_interval=EVAL_INTERVAL, save_every=SAVE_EVERY,
         fts_optimizers=FTS_OPTIMIZERS, fts_lrs=FTS_LRS, fts_head=FTS_HEAD, fts_scope=FTS_SCOPE, fts_envs=FTS_ENVS,
-        fts_clip=FTS_CLIP)
-    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(DATASET), stage2, cli.speed_flags()])
+        fts_clip=FTS_CLIP, fts_schedules=FTS_SCHEDULES, fts_lr_range=FTS_LR_RANGE, fts_query_every=FTS_QUERY_EVERY,
+        fts_step_weights=FTS_STEP_WEIGHTS)
+    parser = cli.build_parser(__doc__, [cli.preset_flag(PRESETS), common, cli.restricted_flag(DATASET), stage2,
+                                        cli.speed_flags()])
     parser.add_argument("--loss_type", choices=tuple(FTE_LOSSES), default=LOSS_TYPE)
-    return parser, parser.parse_args(argv)
+    return parser, cli.parse_with_presets(parser, argv, PRESETS)
 
 
 def main(argv=None):

@@ -1,0 +1,173 @@
+"""The long-horizon, scale-free simulated fine-tuners: queried steps and their weights, in-episode lr
+schedules, log-uniform learning rates, and the --preset that names a configuration."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.finetune import schedule_factor
+from common.fts import EXP_STEP_RATE, FTS, FineTuner, FineTunerSampler, query_weights, support_query_split
+from common.losses import kl_uniform
+from common.train import Precision
+from helpers import TinyNet, linear_model, load_script
+
+CPU = Precision(torch.device("cpu"))
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# ---- which inner steps are queried, and their weights ---------------------------------------------
+
+def test_query_weights_uniform_every_step_is_the_plain_mean():
+    assert query_weights(5) == pytest.approx([0.2] * 5)
+
+
+def test_query_weights_every_n_keeps_the_last_step():
+    w = query_weights(10, every=4)
+    assert [k + 1 for k, v in enumerate(w) if v] == [4, 8, 10]
+    assert w[3] == w[7] == w[9] == pytest.approx(1 / 3)
+
+
+def test_query_weights_exp_grow_by_the_documented_rate():
+    w = query_weights(8, every=2, kind="exp")
+    queried = {k + 1: v for k, v in enumerate(w) if v}
+    assert list(queried) == [2, 4, 6, 8] and sum(w) == pytest.approx(1.0)
+    raw = {k: math.exp(EXP_STEP_RATE * k / 8) for k in queried}
+    for k in queried:
+        assert queried[k] == pytest.approx(raw[k] / sum(raw.values()))
+    assert queried[8] / queried[2] == pytest.approx(math.exp(EXP_STEP_RATE * 6 / 8))
+
+
+# ---- the episode against a hand-computed one --------------------------------------------------------
+
+@pytest.mark.parametrize("every,kind,schedule", [(1, "uniform", "constant"), (2, "exp", "cosine"),
+                                                 (3, "uniform", "warmup_cosine"), (4, "exp", "constant")])
+def test_weighted_queries_and_schedule_match_numpy_reference(every, kind, schedule):
+    """Plain SGD with the schedule's lr at step k, query gradients only at the queried steps, each times
+    its weight: numpy, float64, written from the definitions."""
+    d, classes, n, steps, lr, seed = 6, 4, 20, 7, 0.5, 3
+    torch.manual_seed(0)
+    model = linear_model(d, classes)
+    W = model[1].weight.detach().double().numpy().copy()
+    b = model[1].bias.detach().double().numpy().copy()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)) for _ in range(steps)]
+    weights = query_weights(steps, every, kind)
+    calls = []
+
+    def query(net, x, y):
+        calls.append(len(x))
+        return kl_uniform(net(x), y)
+
+    fts = FTS(model, query, lambda x: x, CPU)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    total = fts.episode(model, batches, FineTuner("sgd", lr, "keep", "all", schedule), weights,
+                        torch.Generator().manual_seed(seed))
+
+    split_gen = torch.Generator().manual_seed(seed)
+    factor = schedule_factor(schedule, steps)
+    gW, gb, loss = np.zeros_like(W), np.zeros_like(b), 0.0
+    for k, (x, y) in enumerate(batches):
+        support, q = support_query_split(len(y), split_gen)
+        xs, ys = x[support].double().numpy(), y[support].numpy()
+        P = _softmax(xs @ W.T + b)
+        step_lr = lr * factor(k)
+        W = W - step_lr * (P - np.eye(classes)[ys]).T @ xs / len(ys)
+        b = b - step_lr * (P - np.eye(classes)[ys]).mean(axis=0)
+        if weights[k]:
+            xq = x[q].double().numpy()
+            Pq = _softmax(xq @ W.T + b)
+            loss += weights[k] * np.mean(-np.log(classes) - np.log(Pq).mean(axis=1))
+            gW += weights[k] * (Pq - 1 / classes).T @ xq / len(xq)
+            gb += weights[k] * (Pq - 1 / classes).mean(axis=0)
+    np.testing.assert_allclose(model[1].weight.grad.double().numpy(), gW, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(model[1].bias.grad.double().numpy(), gb, rtol=1e-4, atol=1e-7)
+    assert total.item() == pytest.approx(loss, rel=1e-4)
+    assert len(calls) == sum(1 for w in weights if w), "unqueried steps skip the query pass"
+    np.testing.assert_allclose(fts.learner[1].weight.detach().double().numpy(), W, rtol=1e-4, atol=1e-6)
+
+
+def test_schedule_sets_each_inner_steps_lr():
+    """Sign descent moves every weight by exactly lr * factor(k) at step k: the lr sequence can be read off."""
+    steps, lr = 6, 1e-2
+    torch.manual_seed(0)
+    model = TinyNet()
+    fts = FTS(model, lambda net, x, y: kl_uniform(net(x.float() / 255), y), lambda x: x.float() / 255, CPU)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    seen = []
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, 256, (20, 3, 8, 8), generator=g, dtype=torch.uint8), torch.randint(0, 10, (20,), generator=g))
+               for _ in range(steps)]
+
+    def spy(net, x, y):
+        w = fts.learner.conv.weight.detach()
+        seen.append((w - spy.last).abs().max().item())
+        spy.last = w.clone()
+        return kl_uniform(net(x.float() / 255), y)
+
+    spy.last = model.conv.weight.detach().clone()
+    fts.query_loss = spy
+    fts.episode(model, batches, FineTuner("sign", lr, "keep", "all", "warmup_cosine"), 1.0, torch.Generator().manual_seed(0))
+    factor = schedule_factor("warmup_cosine", steps)
+    assert seen == pytest.approx([lr * factor(k) for k in range(steps)], rel=1e-4)
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+
+def test_lr_range_is_drawn_log_uniformly_and_reproducibly():
+    s = FineTunerSampler(["sgd", "sign"], [1e-4], ["reinit"], ["all"], seed=0, schedules=["constant", "cosine"],
+                         lr_range=(1e-5, 1e-2))
+    tuners = [s.sample() for _ in range(4000)]
+    logs = np.log10([t.lr for t in tuners])
+    assert logs.min() >= -5 and logs.max() <= -2
+    # log-uniform: each of the three decades holds about a third
+    counts = np.histogram(logs, bins=[-5, -4, -3, -2])[0]
+    assert all(abs(c / len(logs) - 1 / 3) < 0.04 for c in counts), counts
+    assert {t.optimizer for t in tuners} == {"sgd", "sign"} and {t.schedule for t in tuners} == {"constant", "cosine"}
+    again = FineTunerSampler(["sgd", "sign"], [1e-4], ["reinit"], ["all"], seed=0, schedules=["constant", "cosine"],
+                             lr_range=(1e-5, 1e-2))
+    assert [again.sample() for _ in range(4000)] == tuners
+
+
+def test_lr_range_sampler_state_round_trips():
+    s = FineTunerSampler(["adam"], [1e-4], ["keep"], ["all"], seed=3, lr_range=(1e-4, 1e-3))
+    for _ in range(5):
+        s.sample()
+    state = s.state_dict()
+    ahead = [s.sample() for _ in range(5)]
+    fresh = FineTunerSampler(["adam"], [1e-4], ["keep"], ["all"], seed=99, lr_range=(1e-4, 1e-3))
+    fresh.load_state_dict(state)
+    assert [fresh.sample() for _ in range(5)] == ahead
+
+
+# ---- the named preset ------------------------------------------------------------------------------
+
+def test_preset_robust_sets_its_flags_and_given_flags_win():
+    algo = load_script("stage2")
+    _, plain = algo.parse_args([])
+    _, robust = algo.parse_args(["--preset", "robust"])
+    preset = algo.PRESETS["robust"]
+    changed = {k for k in preset if getattr(robust, k) != getattr(plain, k)}
+    assert changed, "the preset changes nothing"
+    _, ref = algo.parse_args([f"--{k}={v}" for k, v in preset.items()])
+    for k in preset:
+        assert getattr(robust, k) == getattr(ref, k), k
+    flag = next(iter(preset))
+    for argv in (["--preset", "robust", "--fts_query_every", "9"], ["--fts_query_every", "9", "--preset", "robust"]):
+        _, given = algo.parse_args(argv)
+        assert given.fts_query_every == 9
+        assert getattr(given, flag) == getattr(robust, flag) or flag == "fts_query_every"
+
+
+def test_preset_help_lists_what_it_sets(capsys):
+    algo = load_script("stage2")
+    parser, _ = algo.parse_args([])
+    text = " ".join(parser.format_help().split())
+    for k, v in algo.PRESETS["robust"].items():
+        assert f"--{k} {v}" in text, k
