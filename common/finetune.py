@@ -1,5 +1,6 @@
 """Fine-tuning attacks: strategies, the attack grid, and one attack run on a model."""
 import argparse
+import contextlib
 import itertools
 import logging
 import math
@@ -11,7 +12,7 @@ from torch import nn
 from common.cli import UsageError, batch_size, comma_list, fraction, nonneg_int, pos_float, pos_int
 from common.data import epoch_batches
 from common.models import head_param_names, head_path, reinit_head
-from common.train import OPTIMIZERS, make_optimizer, train_epoch
+from common.train import OPTIMIZERS, ce_step, make_optimizer, train_epoch
 
 log = logging.getLogger("sophon")
 
@@ -48,6 +49,7 @@ class Attack:
     seed: int
     train_fraction: float = 1.0  # share of the restricted training split the attacker has (a fixed subset)
     schedule: str = "constant"  # lr schedule over the run's optimisation steps: one of SCHEDULES
+    defence: str = None  # a backdoor defence (common.defences.DEFENCES) instead of a fine-tuning attack
 
     def as_dict(self):
         return asdict(self)
@@ -121,8 +123,10 @@ class _ScheduledSteps:
     sequence depends on the step index alone."""
 
     def __init__(self, optimizer, schedule, steps):
+        """`schedule`: a name of SCHEDULES over `steps` steps, or a function step index -> lr multiplier."""
         self.optimizer = optimizer
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(schedule, steps))
+        factor = schedule if callable(schedule) else schedule_factor(schedule, steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.skipped = 0
 
@@ -153,7 +157,7 @@ def grid_flags(default_epochs, default_lr, default_bs, starts):
     p.add_argument("--strategies", type=comma_list(str, tuple(STRATEGIES)), default=["direct_all"],
                    help="direct_all, initfc_all (new head), direct_fc, initfc_fc (head only)")
     p.add_argument("--optimizers", type=comma_list(str, tuple(OPTIMIZERS)), default=["momentum"],
-                   help="sgd, momentum, adam, adamw, rmsprop, adagrad, adadelta")
+                   help=", ".join(OPTIMIZERS) + " (sign: sign descent; normalized: steps of length lr)")
     p.add_argument("--lrs", type=comma_list(pos_float), default=None, help="default: [--finetune_lr]")
     p.add_argument("--batch_sizes", type=comma_list(batch_size), default=None, help="default: [--bs]")
     p.add_argument("--seeds", type=comma_list(nonneg_int), default=None, help="default: [--seed]")
@@ -163,13 +167,16 @@ def grid_flags(default_epochs, default_lr, default_bs, starts):
                         "stays on the whole test split")
     p.add_argument("--schedules", type=comma_list(str, SCHEDULES), default=["constant"],
                    help="attacker lr schedules, per optimisation step over the whole run: constant, cosine "
-                        f"(to 0), warmup_cosine (linear warmup over the first {WARMUP_FRACTION:.0%} of the steps, "
+                        f"(to 0), warmup_cosine (linear warmup over the first {WARMUP_FRACTION:.0%}% of the steps, "
                         "then cosine to 0)")
     return p
 
 
 def expand_grid(args):
-    """Every attack of the grid, in a stable order; list flags win over their single-value forms."""
+    """Every attack of the grid, in a stable order; list flags win over their single-value forms. None with
+    --defences_only (the defence cells come from common.defences.defence_attacks)."""
+    if getattr(args, "defences_only", False):
+        return []
     lrs = args.lrs or [args.finetune_lr]
     sizes = args.batch_sizes or [args.bs]
     seeds = args.seeds if args.seeds is not None else [args.seed]
@@ -184,15 +191,72 @@ class AttackCurve(list):
     """[evaluate(model)] for epochs 0..epochs, and how the run went: `skipped_steps` (steps skipped for
     non-finite gradients), `diverged_epoch` (the epoch after which weights or BatchNorm statistics were no
     longer finite, None if never; training stops there and that evaluation stands for the remaining
-    epochs, so every curve has epochs + 1 points) and `train_samples` (the attacker's training set size)."""
+    epochs, so every curve has epochs + 1 points), `train_samples` (the attacker's training set size) and
+    `defence_info` (what a defence decided on the way, e.g. fine-pruning's pruned channels; None for attacks)."""
     skipped_steps = 0
     diverged_epoch = None
     train_samples = None
+    defence_info = None
 
 
 def _finite(model):
     return all(bool(t.isfinite().all()) for t in itertools.chain(model.parameters(), model.buffers())
                if t.is_floating_point())
+
+
+def steps_per_epoch(n, bs):
+    """Optimisation steps of one epoch_batches pass over n samples."""
+    return sum(1 for _ in epoch_batches(n, bs, torch.Generator()))
+
+
+@contextlib.contextmanager
+def training_only(model, params):
+    """requires_grad on `params` alone while the block runs; every parameter gets its flag back afterwards."""
+    keep = {id(p) for p in params}
+    was_trainable = [(p, p.requires_grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    try:
+        yield
+    finally:
+        for p, flag in was_trainable:
+            p.requires_grad_(flag)
+
+
+def start_curve(model, train_domain, evaluate, on_epoch=None):
+    """An AttackCurve holding epoch 0, evaluate(model) as it stands, already reported to on_epoch."""
+    curve = AttackCurve([evaluate(model)])
+    curve.train_samples = len(train_domain)
+    if on_epoch:
+        on_epoch(0, curve[0])
+    return curve
+
+
+def train_epochs(model, train_domain, optimizer, curve, epochs, bs, gen, device, precision, evaluate, on_epoch=None,
+                 *, bn_eval=(), step=ce_step, name="attack"):
+    """Epochs 1..epochs appended to `curve` (which holds epoch 0): an epoch of training, then evaluate(model).
+
+    `step` is each batch's training step (common.train.ce_step, or a defence's own with its signature).
+    `optimizer` is a _ScheduledSteps; its skipped steps are added to curve.skipped_steps. A model whose
+    weights or BatchNorm statistics are no longer finite stops training; its evaluation stands for the
+    remaining epochs (curve.diverged_epoch)."""
+    for epoch in range(1, epochs + 1):
+        if curve.diverged_epoch is None:
+            train_epoch(model, train_domain, optimizer, device, precision, bs, gen, bn_eval_modules=bn_eval,
+                        desc=f"{name} epoch {epoch}/{epochs}", step=step)
+            curve.append(evaluate(model))
+            if not _finite(model):
+                curve.diverged_epoch = epoch
+                log.warning("%s diverged in epoch %d: weights not finite; its evaluation stands for the remaining "
+                            "epochs", name, epoch)
+        else:
+            curve.append(dict(curve[-1]))
+        if on_epoch:
+            on_epoch(epoch, curve[-1])
+    curve.skipped_steps += optimizer.skipped
+    if optimizer.skipped:
+        log.warning("%s: %d optimisation steps skipped for non-finite gradients", name, optimizer.skipped)
+    return curve
 
 
 def run_attack(model, train_domain, attack, device, precision, evaluate, on_epoch=None):
@@ -201,8 +265,10 @@ def run_attack(model, train_domain, attack, device, precision, evaluate, on_epoc
 
     Epoch 0 is measured as fine-tuning starts, after any head re-initialisation. The attacker trains on
     attack_subset(train_domain, attack.train_fraction), one pass over it per epoch, under attack.schedule
-    (stepped after every optimisation step).
+    (stepped after every optimisation step). An attack naming a defence is common.defences.run_defence's.
     """
+    if attack.defence is not None:
+        raise ValueError(f"{attack} is a defence: run it with common.defences.run_defence")
     if attack.batch_size < 2:
         raise UsageError(f"batch size {attack.batch_size}: BatchNorm needs two samples per batch")
     train_domain = attack_subset(train_domain, attack.train_fraction)
@@ -211,33 +277,10 @@ def run_attack(model, train_domain, attack, device, precision, evaluate, on_epoc
     if reinit:
         reinit_head(model, gen)
     trainable, bn_eval = scope_params(model, scope)
-    keep = {id(p) for p in trainable}
-    was_trainable = [(p, p.requires_grad) for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
-    steps_per_epoch = sum(1 for _ in epoch_batches(len(train_domain), attack.batch_size, torch.Generator()))
-    optimizer = _ScheduledSteps(make_optimizer(attack.optimizer, trainable, attack.lr, attack=True),
-                                attack.schedule, steps_per_epoch * attack.epochs)
-    curve = AttackCurve([evaluate(model)])
-    curve.train_samples = len(train_domain)
-    if on_epoch:
-        on_epoch(0, curve[0])
-    for epoch in range(1, attack.epochs + 1):
-        if curve.diverged_epoch is None:
-            train_epoch(model, train_domain, optimizer, device, precision, attack.batch_size, gen,
-                        bn_eval_modules=bn_eval, desc=f"fine-tune epoch {epoch}/{attack.epochs}")
-            curve.append(evaluate(model))
-            if not _finite(model):
-                curve.diverged_epoch = epoch
-                log.warning("attack %s diverged in epoch %d: weights not finite; its evaluation stands for the "
-                            "remaining epochs", attack, epoch)
-        else:
-            curve.append(dict(curve[-1]))
-        if on_epoch:
-            on_epoch(epoch, curve[-1])
-    curve.skipped_steps = optimizer.skipped
-    if optimizer.skipped:
-        log.warning("attack %s: %d optimisation steps skipped for non-finite gradients", attack, optimizer.skipped)
-    for p, flag in was_trainable:
-        p.requires_grad_(flag)
-    return curve
+    with training_only(model, trainable):
+        steps = steps_per_epoch(len(train_domain), attack.batch_size) * attack.epochs
+        optimizer = _ScheduledSteps(make_optimizer(attack.optimizer, trainable, attack.lr, attack=True),
+                                    attack.schedule, steps)
+        curve = start_curve(model, train_domain, evaluate, on_epoch)
+        return train_epochs(model, train_domain, optimizer, curve, attack.epochs, attack.batch_size, gen, device,
+                            precision, evaluate, on_epoch, bn_eval=bn_eval, name=f"attack {attack}")

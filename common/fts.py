@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common.finetune import SCHEDULES, schedule_factor, scope_params
+from common.finetune import schedule_factor, scope_params
 from common.models import head_param_names, reinit_head
 from common.train import make_optimizer
 

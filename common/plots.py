@@ -101,23 +101,26 @@ def plot_stage2(run_dir):
 
 
 def plot_grid(run_dir, metric_keys=("test_acc",)):
-    """One figure per strategy (attack family); a panel per (optimizer, lr, batch size, train fraction,
-    schedule); mean over seeds. Rows written before the fraction and schedule axes read as 1 and constant."""
+    """One figure per strategy (attack family), and one per defence (`<key>_defence_<name>.png`); a panel per
+    (optimizer, lr, batch size, train fraction, schedule); mean over seeds. Rows written before the fraction,
+    schedule and defence axes read as 1, constant and no defence."""
     run_dir = Path(run_dir)
     rows = read_csv(run_dir / "metrics.csv")
     if not rows:
         return []
     out = []
     for key in metric_keys:
-        curves = defaultdict(lambda: defaultdict(list))  # strategy -> (opt, lr, bs, fraction, schedule, start, seed) -> pts
+        # figure (strategy or defence_<name>) -> (opt, lr, bs, fraction, schedule, start, seed) -> points
+        curves = defaultdict(lambda: defaultdict(list))
         for r in rows:
             v = _num(r.get(key))
             if v is not None:
                 panel = (r["optimizer"], r["lr"], r["batch_size"], r.get("train_fraction") or "1",
                          r.get("schedule") or "constant")
-                curves[r["strategy"]][(*panel, r["start"], r["seed"])].append((int(r["epoch"]), v))
+                group = f"defence_{r['defence']}" if r.get("defence") else r["strategy"]
+                curves[group][(*panel, r["start"], r["seed"])].append((int(r["epoch"]), v))
         styles = start_styles({k[5] for cells in curves.values() for k in cells})
-        for strategy, cells in curves.items():
+        for figure, cells in curves.items():
             panels = sorted({k[:5] for k in cells}, key=lambda p: (p[0], float(p[1]), int(p[2]), -float(p[3]), p[4]))
             cols = min(3, len(panels))
             nrows = (len(panels) + cols - 1) // cols
@@ -141,8 +144,9 @@ def plot_grid(run_dir, metric_keys=("test_acc",)):
                 ax.legend(fontsize=8)
             for ax in list(axes.flat)[len(panels):]:
                 ax.axis("off")
-            fig.suptitle(f"fine-tuning attack: {strategy}")
-            out.append(_save(fig, run_dir / "plots" / f"{key}_{strategy}.png"))
+            fig.suptitle(f"defence: {figure[len('defence_'):]}" if figure.startswith("defence_")
+                         else f"fine-tuning attack: {figure}")
+            out.append(_save(fig, run_dir / "plots" / f"{key}_{figure}.png"))
     return out
 
 

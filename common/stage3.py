@@ -1,10 +1,11 @@
 """Stage 3: run the attack grid over the start models, resumably, in one process or under torchrun.
 
-A cell is one (start model, attack). Its per-epoch rows stream to metrics.csv; when it completes, its
-curves are appended to cells.jsonl, which is what `--resume` trusts: a killed grid re-runs only the cells
-missing there (their partial rows are dropped first), whatever the world size of either run. Under
-`torchrun --nproc_per_node N` the cells are dealt to the N ranks, each on its own device; rank 0 alone
-writes the run folder.
+A cell is one (start model, attack), the attack a fine-tuning attack or a backdoor defence
+(common.defences: an Attack whose `defence` is set, run by run_defence). Its per-epoch rows stream to
+metrics.csv; when it completes, its curves are appended to cells.jsonl, which is what `--resume` trusts: a
+killed grid re-runs only the cells missing there (their partial rows are dropped first), whatever the world
+size of either run. Under `torchrun --nproc_per_node N` the cells are dealt to the N ranks, each on its own
+device; rank 0 alone writes the run folder.
 """
 import functools
 import json
@@ -14,11 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from common import dist
+from common.defences import DefenceConfig, defence_attacks, run_defence
 from common.finetune import Attack, expand_grid, run_attack
 from common.models import build_model
 from common.runs import Interrupted, close_run, guarded, open_run, write_text_atomically
 from common.train import Precision, progress, seed_everything
-from common.verdicts import FAMILY, LEGEND, ROBUSTNESS_LEGEND
+from common.verdicts import DEFENCE_LEGEND, FAMILY, LEGEND, ROBUSTNESS_LEGEND
 
 log = logging.getLogger("sophon")
 
@@ -32,23 +34,28 @@ class Cell:
     @property
     def key(self):
         """start|strategy|optimizer|lr|bs|seed, then |f<fraction> and |<schedule> where they are not the
-        defaults (1.0, constant), so the keys of a run folder from before those axes still name its cells."""
+        defaults (1.0, constant), so the keys of a run folder from before those axes still name its cells, and
+        |<defence> for a defence cell."""
         a = self.attack
         key = f"{self.start}|{a.strategy}|{a.optimizer}|{a.lr:g}|{a.batch_size}|{a.seed}"
         if a.train_fraction != 1.0:
             key += f"|f{a.train_fraction:g}"
         if a.schedule != "constant":
             key += f"|{a.schedule}"
+        if a.defence is not None:
+            key += f"|{a.defence}"
         return key
 
 
 class GridContext:
-    """Everything a cell needs: the start models' weights, the training data, the evaluator."""
+    """Everything a cell needs: the start models' weights, the training data, the evaluator, and the
+    defences' DefenceConfig (None: their defaults)."""
 
-    def __init__(self, arch, num_classes, starts, train_domain, evaluator, amp, channels_last):
+    def __init__(self, arch, num_classes, starts, train_domain, evaluator, amp, channels_last, defence_cfg=None):
         self.arch, self.num_classes, self.starts = arch, num_classes, starts  # starts: name -> state_dict | None
         self.train_domain, self.evaluator = train_domain, evaluator
         self.amp, self.channels_last = amp, channels_last
+        self.defence_cfg = defence_cfg
 
     def start_model(self, start, seed):
         torch.manual_seed(seed)  # the scratch model is a fresh arch seeded by the cell's seed
@@ -61,6 +68,9 @@ class GridContext:
         precision = Precision(device, self.amp, self.channels_last)
         model = precision.prepare(self.start_model(cell.start, cell.attack.seed))
         evaluate = functools.partial(self.evaluator, device=device, precision=precision)
+        if cell.attack.defence is not None:
+            return run_defence(model, self.train_domain, cell.attack, self.defence_cfg, device, precision, evaluate,
+                               on_epoch)
         return run_attack(model, self.train_domain, cell.attack, device, precision, evaluate, on_epoch)
 
 
@@ -73,7 +83,8 @@ class Grid:
         self.metric_keys = metric_keys
         self.device, self.world = device, world
         self.metrics = run.csv("metrics.csv", ["cell", "start", "strategy", "optimizer", "lr", "batch_size",
-                                               "train_fraction", "schedule", "seed", "epoch"] + metric_keys)
+                                               "train_fraction", "schedule", "defence", "seed", "epoch"]
+                               + metric_keys)
         self.done_path = run.path / "cells.jsonl"
 
     def completed(self):
@@ -93,7 +104,7 @@ class Grid:
         a = cell.attack
         return {"cell": cell.key, "start": cell.start, "strategy": a.strategy, "optimizer": a.optimizer, "lr": a.lr,
                 "batch_size": a.batch_size, "train_fraction": a.train_fraction, "schedule": a.schedule,
-                "seed": a.seed, "epoch": epoch, **figures}
+                "defence": a.defence, "seed": a.seed, "epoch": epoch, **figures}
 
     def _complete(self, cell, curve):
         entry = {"key": cell.key, "start": cell.start, **cell.attack.as_dict(),
@@ -101,6 +112,8 @@ class Grid:
                  "train_samples": getattr(curve, "train_samples", None),
                  "skipped_steps": getattr(curve, "skipped_steps", 0),
                  "diverged_epoch": getattr(curve, "diverged_epoch", None)}
+        if getattr(curve, "defence_info", None) is not None:
+            entry["defence_info"] = curve.defence_info
         with open(self.done_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -143,7 +156,9 @@ class Grid:
                      "batch_size": e["batch_size"], "train_fraction": e.get("train_fraction", 1.0),
                      "schedule": e.get("schedule", "constant"), "epochs": e["epochs"], "seed": e["seed"],
                      "train_samples": e.get("train_samples"), "skipped_steps": e.get("skipped_steps", 0),
-                     "diverged_epoch": e.get("diverged_epoch")}
+                     "diverged_epoch": e.get("diverged_epoch"), "defence": e.get("defence")}
+            if "defence_info" in e:
+                entry["defence_info"] = e["defence_info"]
             entry.update({f"{k}_curve": e[f"{k}_curve"] for k in self.metric_keys})
             entry["final_test_acc"] = e["test_acc_curve"][-1]
             out.append(entry)
@@ -191,12 +206,36 @@ def _robustness_lines(robustness):
     return lines + [""]
 
 
-def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",), notes=(), robustness=None):
-    """report.md: the verdict table and the final figures, readable without opening the CSVs."""
+def _pm(row, key):
+    return f"{_fmt(row.get(key + '_mean'))} +- {_fmt(row.get(key + '_std'))}"
+
+
+def _defence_lines(rows):
+    """report.md's defence section: a row per defence (and train fraction), protected vs reference."""
+    p, r = rows[0]["protected"], rows[0]["reference"]
+    pruned = any(f"pruned_channels_{p}" in row for row in rows)
+    lines = ["## Defences", "", DEFENCE_LEGEND, "",
+             f"| defence | lr | bs | train fraction | seeds | clean acc {p} | clean acc {r} | ASR {p} | ASR {r} | "
+             f"ASR auc ratio |" + (f" pruned channels {p} | pruned channels {r} |" if pruned else ""),
+             "| " + " | ".join("---" for _ in range(10 + 2 * pruned)) + " |"]
+    for row in rows:
+        lines.append(f"| {row['defence']} | {row['lr']:g} | {row['batch_size']} | {row['train_fraction']:g} | "
+                     f"{row['seeds']} | {_pm(row, f'final_test_acc_{p}')} | {_pm(row, f'final_test_acc_{r}')} | "
+                     f"{_pm(row, f'final_asr_{p}')} | {_pm(row, f'final_asr_{r}')} | {_pm(row, 'asr_auc_ratio')} |"
+                     + (f" {_fmt(row.get(f'pruned_channels_{p}'))} | {_fmt(row.get(f'pruned_channels_{r}'))} |"
+                        if pruned else ""))
+    return lines + [""]
+
+
+def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",), notes=(), robustness=None,
+                 defence_verdicts=None):
+    """report.md: the verdict tables and the final figures, readable without opening the CSVs."""
     lines = [f"# {title}", ""]
     lines += list(notes) + ([""] if notes else [])
     if robustness:
         lines += _robustness_lines(robustness)
+    if defence_verdicts:
+        lines += _defence_lines(defence_verdicts)
     if verdicts:
         columns = list(verdicts[0])
         lines += ["## Verdict per attack", "", LEGEND, "",
@@ -205,21 +244,23 @@ def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",)
         lines += ["| " + " | ".join(_fmt(v.get(c), "never" if "epoch" in c else "n/a") for c in columns) + " |"
                   for v in verdicts]
         lines.append("")
+    defences = any(r.get("defence") for r in results)  # a defence column only where there are defence cells
     for key in metric_keys:
         lines += [f"## {key}: epoch 0 -> final, mean over seeds", "",
-                  "| strategy | optimizer | lr | bs | train fraction | schedule | start | epoch 0 | final | seeds | "
-                  "diverged seeds |", "| " + " | ".join("---" for _ in range(11)) + " |"]
+                  "| " + ("defence | " if defences else "") + "strategy | optimizer | lr | bs | train fraction | "
+                  "schedule | start | epoch 0 | final | seeds | diverged seeds |",
+                  "| " + " | ".join("---" for _ in range(11 + defences)) + " |"]
         groups = {}
         for r in results:
-            groups.setdefault((r["strategy"], r["optimizer"], r["lr"], r["batch_size"], r.get("train_fraction", 1.0),
-                               r.get("schedule", "constant"), r["start"]), []).append(r)
-        for (s, o, lr, bs, f, sch, start), rows in groups.items():
+            groups.setdefault((r.get("defence"), r["strategy"], r["optimizer"], r["lr"], r["batch_size"],
+                               r.get("train_fraction", 1.0), r.get("schedule", "constant"), r["start"]), []).append(r)
+        for (d, s, o, lr, bs, f, sch, start), rows in groups.items():
             curves = [r[f"{key}_curve"] for r in rows]
             first = sum(c[0] for c in curves) / len(curves)
             last = sum(c[-1] for c in curves) / len(curves)
             diverged = sum(r.get("diverged_epoch") is not None for r in rows)
-            lines.append(f"| {s} | {o} | {lr:g} | {bs} | {f:g} | {sch} | {start} | {first:.2f} | {last:.2f} | "
-                         f"{len(curves)} | {diverged} |")
+            lines.append("| " + (f"{d or '-'} | " if defences else "") + f"{s} | {o} | {lr:g} | {bs} | {f:g} | {sch} | "
+                         f"{start} | {first:.2f} | {last:.2f} | {len(curves)} | {diverged} |")
         lines.append("")
     if plots:
         lines += ["## Figures", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
@@ -228,17 +269,23 @@ def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",)
 
 
 def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, train, evaluator, config,
-                      metric_keys, verdict_fn, title, notes=(), extra_summary=None, robustness_fn=None):
-    """Open the run folder, run every (start, attack) cell, write summary.json, plots and report.md."""
+                      metric_keys, verdict_fn, title, notes=(), extra_summary=None, robustness_fn=None,
+                      defence_fn=None):
+    """Open the run folder, run every (start, attack) cell, write summary.json, plots and report.md.
+
+    The cells: the fine-tuning grid (common.finetune.expand_grid) and, where args has --defences, the
+    defence cells (common.defences.defence_attacks), each for every start. `defence_fn(results)` gives the
+    defence rows of summary.json ("defence_verdicts") and of the report."""
     world = dist.world()
     device = world.device(args.device)
     train.pin_for(device)
     seed_everything(args.seed)
-    cells = [Cell(start, attack) for attack in expand_grid(args) for start in starts]
+    cells = [Cell(start, attack) for attack in expand_grid(args) + defence_attacks(args) for start in starts]
+    defence_cfg = DefenceConfig.from_args(args) if getattr(args, "defences", None) else None
     run = open_run(args, project, "stage3_eval", args.dataset, config)
     if train.note:
         run.log_note(train.note)
-    context = GridContext(args.arch, num_classes, starts, train, evaluator, args.amp, args.channels_last)
+    context = GridContext(args.arch, num_classes, starts, train, evaluator, args.amp, args.channels_last, defence_cfg)
     grid = Grid(run, context, cells, list(metric_keys), device, world)
 
     def body():
@@ -251,9 +298,12 @@ def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, 
         robustness = robustness_fn(results) if robustness_fn else None
         if robustness_fn:
             summary["robustness"] = robustness
+        defence_rows = defence_fn(results) if defence_fn and defence_cfg is not None else None
+        if defence_rows is not None:
+            summary["defence_verdicts"] = defence_rows
         close_run(run, stage, summary, len(evaluator.domain))
         report = write_report(run, title, results, verdicts, sorted(run.plots_dir.glob("*.png")), metric_keys, notes,
-                              robustness)
+                              robustness, defence_rows)
         print(report.read_text())
         return 0
 

@@ -172,8 +172,21 @@ def accuracy(model, domain, device, precision, bs=256):
     return 100.0 * (preds == domain.labels).sum().item() / max(len(domain), 1)
 
 
-def train_epoch(model, domain, optimizer, device, precision, bs, gen, params=None, bn_eval_modules=(), desc="train"):
-    """One epoch of CE training; returns (mean loss, train accuracy %) from on-the-fly batch figures."""
+def ce_step(model, x, y, optimizer, precision):
+    """The plain training step: cross-entropy, backward, optimizer.step(). Returns (loss, logits)."""
+    with precision.autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
+
+
+def train_epoch(model, domain, optimizer, device, precision, bs, gen, params=None, bn_eval_modules=(), desc="train",
+                step=ce_step):
+    """One epoch of `step` (ce_step, or a defence's own, with its signature) over shuffled batches; returns
+    (mean loss, train accuracy %) from the steps' on-the-fly figures."""
     model.train()
     for m in bn_eval_modules:
         m.eval()
@@ -183,12 +196,7 @@ def train_epoch(model, domain, optimizer, device, precision, bs, gen, params=Non
     for idx in progress(list(epoch_batches(len(domain), bs, gen)), desc=desc, leave=False):
         x = domain.to_input(domain.images[idx], device, None, precision.channels_last)
         y = domain.labels[idx].to(device, non_blocking=True)
-        with precision.autocast():
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, logits = step(model, x, y, optimizer, precision)
         total_loss += loss.detach() * len(idx)
         correct += (logits.argmax(1) == y).sum()
         seen += len(idx)

@@ -2,7 +2,9 @@
 
 SOPHON asks whether the sophon model learns the restricted task slower than a model trained from scratch
 (`scratch_verdicts`); the backdoor asks whether the irreversible backdoor outlives the plain one under
-clean fine-tuning (`persistence_verdicts`). Curves are per-epoch values, epoch 0 = before fine-tuning.
+clean fine-tuning (`persistence_verdicts`), and how each backdoor defence leaves both backdoors
+(`defence_verdicts`). Curves are per-epoch values, epoch 0 = before fine-tuning (or the defence). Defence
+cells (results with a `defence`) are grouped by `defence_verdicts` alone, never with the attacks.
 """
 import math
 
@@ -55,6 +57,12 @@ def mean_std(values):
     return mean, std
 
 
+DEFENCE_LEGEND = (
+    "After the last epoch of each defence, mean +- std over seeds: clean accuracy and ASR of the protected "
+    "(irreversible) and the reference (plain backdoored) model; ASR auc ratio: area under the protected ASR curve "
+    "over the reference's (> 1: the protected backdoor survives the defence better). pruned channels (fine_pruning): "
+    "per seed.")
+
 FAMILY = ("strategy", "optimizer", "lr", "batch_size", "train_fraction", "schedule")  # a cell's axes, seeds pooled
 FAMILY_DEFAULTS = {"train_fraction": 1.0, "schedule": "constant"}  # results written before those axes
 HEAD_START_MIN = 1.0  # a cell shows protection only where normal's AUC over scratch's exceeds this
@@ -65,9 +73,12 @@ def _family(r):
 
 
 def _by_attack(results, metric):
-    """{(strategy, optimizer, lr, batch_size, train_fraction, schedule): {seed: {start: curve}}}"""
+    """{(strategy, optimizer, lr, batch_size, train_fraction, schedule): {seed: {start: curve}}} of the
+    fine-tuning attacks (defence cells left out)"""
     grouped = {}
     for r in results:
+        if r.get("defence"):
+            continue
         grouped.setdefault(_family(r), {}).setdefault(r["seed"], {})[r["start"]] = r[metric]
     return grouped
 
@@ -133,6 +144,41 @@ def persistence_verdicts(results, protected="irreversible", reference="backdoore
             f"first_epoch_asr_below_50_{protected}": [first_epoch_below(c[protected]) for c in pairs],
             f"first_epoch_asr_below_50_{reference}": [first_epoch_below(c[reference]) for c in pairs]})
     return verdicts
+
+
+DEFENCE_AXES = ("defence", "lr", "batch_size", "train_fraction", "schedule")  # a defence row, seeds pooled
+
+
+def defence_verdicts(results, protected="irreversible", reference="backdoored"):
+    """A row per defence (and lr, batch size, train fraction, schedule): after its last epoch, mean and std
+    over seeds of the clean accuracy (final_test_acc_<start>_mean/_std) and ASR (final_asr_<start>_mean/_std)
+    of both models; asr_auc_ratio_mean/_std: area under the protected ASR curve over the reference's, per seed
+    (> 1: the protected backdoor survives the defence better); pruned_channels_<start>: per seed, where the
+    defence pruned. Seeds where either model is missing are left out."""
+    grouped = {}
+    for r in results:
+        if r.get("defence"):
+            key = tuple(r.get(k, FAMILY_DEFAULTS.get(k)) for k in DEFENCE_AXES)
+            grouped.setdefault(key, {}).setdefault(r["seed"], {})[r["start"]] = r
+    rows = []
+    for key, seeds in grouped.items():
+        pairs = [c for c in seeds.values() if protected in c and reference in c]
+        if not pairs:
+            continue
+        row = {**dict(zip(DEFENCE_AXES, key)), "protected": protected, "reference": reference, "seeds": len(pairs)}
+        for metric in ("test_acc", "asr"):
+            for start in (protected, reference):
+                mean, std = mean_std([c[start][f"{metric}_curve"][-1] for c in pairs])
+                row[f"final_{metric}_{start}_mean"], row[f"final_{metric}_{start}_std"] = mean, std
+        ratios = [auc(c[protected]["asr_curve"]) / auc(c[reference]["asr_curve"])
+                  if auc(c[reference]["asr_curve"]) > 0 else None for c in pairs]
+        row["asr_auc_ratio_mean"], row["asr_auc_ratio_std"] = mean_std(ratios)
+        for start in (protected, reference):
+            pruned = [(c[start].get("defence_info") or {}).get("pruned_channels") for c in pairs]
+            if any(n is not None for n in pruned):
+                row[f"pruned_channels_{start}"] = pruned
+        rows.append(row)
+    return rows
 
 
 def robustness_summary(results, protected="sophon", reference="scratch", baseline="normal",

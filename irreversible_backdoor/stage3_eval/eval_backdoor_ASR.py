@@ -5,6 +5,8 @@ records, after every epoch, clean accuracy, ASR, untargeted ASR and RA on the re
 
     python irreversible_backdoor/stage3_eval/eval_backdoor_ASR.py
     python irreversible_backdoor/stage3_eval/eval_backdoor_ASR.py --path <stage-2 run> --lrs 1e-4,1e-3,1e-2
+    python irreversible_backdoor/stage3_eval/eval_backdoor_ASR.py --defences ft,ft_sam,super_ft,fine_pruning,nad \
+        --defences_only --train_fractions 0.05 --epochs 20   # backdoor defences instead of attacks
 """
 from functools import partial
 from pathlib import Path
@@ -14,11 +16,12 @@ from common.backdoor import ATTACK_METRICS, BackdoorEval, check_trigger, trigger
 from common.checkpoints import (foreign_record, inherit, is_foreign, load_parent, model_from_checkpoint, require_given,
                                 resolve_checkpoint)
 from common.data import check_name, check_subset_caps, load_domain
+from common.defences import check_arch, check_flags, defence_flags
 from common.finetune import grid_flags
-from common.runs import begin, config_of
+from common.runs import begin, config_of, given_flags
 from common.stage3 import run_stage3_script
 from common.train import Precision
-from common.verdicts import persistence_verdicts
+from common.verdicts import defence_verdicts, persistence_verdicts
 
 STAGE = "irreversible_backdoor/stage3_eval"
 MODEL_PATH = None  # irreversible checkpoint; None: newest under runs/irreversible_backdoor/stage2_train
@@ -34,11 +37,14 @@ TRIGGER_FLAGS = ("trigger_size", "target_label", "poison_percent")
 def parse_args(argv=None):
     common = cli.common_flags(arch=None, orig_dataset=None, bs=BS, seed=SEED, inherit=True)
     parser = cli.build_parser(__doc__, [common, cli.restricted_flag(None), trigger_flags(),
-                                        grid_flags(EPOCHS, FINETUNE_LR, BS, STARTS), cli.speed_flags()])
+                                        grid_flags(EPOCHS, FINETUNE_LR, BS, STARTS), defence_flags(),
+                                        cli.speed_flags()])
     parser.add_argument("--path", "--model_path", dest="path", type=Path, default=MODEL_PATH,
                         help="irreversible checkpoint or run folder; --model_path is the seed's spelling, kept for compatibility")
     parser.add_argument("--baseline_path", type=Path, default=BASELINE_PATH, help="plain backdoored checkpoint or run folder")
-    return parser, parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_flags(args, given_flags(parser, argv))
+    return parser, args
 
 
 def main(argv=None):
@@ -60,6 +66,7 @@ def main(argv=None):
     for start in args.start:  # a foreign file records no trigger: some checkpoint of ours, or the flags, must
         if is_foreign(ckpts[start]):
             require_given(args, TRIGGER_FLAGS, paths[start], "--path" if start == "irreversible" else "--baseline_path")
+    check_arch(args.defences, args.arch)
     irreversible = ckpts.get("irreversible", {})
     restricted = None if is_foreign(irreversible) else irreversible.get("dataset")
     args.dataset = args.dataset or restricted
@@ -89,6 +96,7 @@ def main(argv=None):
         args, interrupts, "irreversible_backdoor", STAGE, starts={k: ckpts[k]["model"] for k in args.start},
         num_classes=num_classes, train=train, evaluator=BackdoorEval(test, args.trigger_size, args.target_label),
         config=config, metric_keys=["test_acc", *ATTACK_METRICS], verdict_fn=persistence_verdicts,
+        defence_fn=defence_verdicts,
         title=f"Backdoor persistence under clean fine-tuning of {args.arch} on {args.dataset}",
         notes=[f"{k}: {v}" for k, v in paths.items()] + [
             f"original domain ({args.orig_dataset}) before fine-tuning, {k}: clean {v['test_acc']:.2f}, "

@@ -1,0 +1,397 @@
+"""Backdoor defences as stage-3 cells: each defence's maths on tiny models, the grid's defence cells, their
+verdicts, and one run of the backdoor stage-3 script with defences."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common.defences as dfn
+from common.cli import Parser, UsageError
+from common.data import Domain, epoch_batches
+from common.defences import (DefenceConfig, attention_map, defence_attacks, defence_flags, nad_loss, prune_plan,
+                             run_defence, sam_step)
+from common.finetune import Attack, expand_grid, grid_flags
+from common.stage3 import Cell
+from common.train import Precision
+from common.verdicts import auc, defence_verdicts, persistence_verdicts
+from helpers import TinyNet, read_rows, run_script
+from test_finetune import _domain
+
+CPU = torch.device("cpu")
+
+
+class TinyResNet(nn.Module):
+    """torchvision ResNet's layout in miniature: conv1, layer2-4, avgpool, fc (layer4 without BatchNorm, so a
+    test can make its channels constant)."""
+    head_path = "fc"
+
+    def __init__(self, width=4, out=6, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer2 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.layer3 = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.layer4 = nn.Sequential(nn.Conv2d(width, out, 1), nn.ReLU())
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(out, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _attack(defence, lr=0.01, bs=8, epochs=1, seed=0, schedule=None):
+    return Attack("direct_all", "momentum", lr, bs, epochs, seed, 1.0, schedule or dfn.DEFENCE_SCHEDULES[defence],
+                  defence=defence)
+
+
+# ---- fine_pruning ---------------------------------------------------------------------------------------------
+
+def test_fine_pruning_prunes_the_least_active_channels_and_keeps_them_pruned():
+    torch.manual_seed(0)
+    model = TinyResNet()
+    with torch.no_grad():  # layer4's channels are constant: channel means 0.5, 3, 0.1, 2, 5, 1
+        model.layer4[0].weight.zero_()
+        model.layer4[0].bias.copy_(torch.tensor([0.5, 3.0, 0.1, 2.0, 5.0, 1.0]))
+        model.fc.weight.zero_()
+        model.fc.weight[0, 3] = 1.0  # class 0 wins (logit 2 > 1) while channel 3 is alive
+        model.fc.bias.zero_()
+        model.fc.bias[1] = 1.0
+    domain = _domain(24)
+    domain = Domain(domain.name, True, domain.images, torch.zeros(24, dtype=torch.long), 24)  # every label 0
+    hooks_at_eval = []
+    evaluate = lambda m: hooks_at_eval.append(len(m.layer4._forward_hooks)) or {"test_acc": 0.0}
+    curve = run_defence(model, domain, _attack("fine_pruning", epochs=2), DefenceConfig(), CPU, Precision(CPU),
+                        evaluate)
+    # pruned one at a time (ceil(1% of 6) = 1) in order of mean: 2 (0.1), 0 (0.5), 5 (1) keep 100% accuracy;
+    # pruning channel 3 (2) as well drops it to 0, so the last share within 10% is 3 channels
+    assert curve.defence_info == {"pruned_channels": 3, "channels": 6, "prune_clean_acc_before": 100.0,
+                                  "prune_clean_acc_after": 100.0}
+    assert len(curve) == 3 and hooks_at_eval == [0, 1, 1], "epoch 0 is measured before pruning"
+    assert not torch.equal(model.layer4[0].weight, torch.zeros_like(model.layer4[0].weight)), "fine-tuned after"
+    seen = {}
+    model.layer4.register_forward_hook(lambda m, i, out: seen.setdefault("out", out))
+    model.eval()
+    model(domain.to_input(domain.images, CPU))
+    out = seen["out"]
+    assert (out[:, [0, 2, 5]] == 0).all(), "the pruned channels stay removed through fine-tuning"
+    assert (out[:, [1, 3, 4]] > 0).any(dim=(0, 2, 3)).all()
+
+
+def _plan(counts, step=0.25, max_drop=0.1):
+    """Channel c is the evidence of counts[c] class-1 samples (value 1); the rest of 100 samples are class 0
+    with no evidence. Head: logit_1 = sum of the channels, logit_0 = 0.5; so masking channel c costs counts[c]
+    correct answers, and channel means are ordered like the counts."""
+    feats, labels = [], []
+    for c, n in enumerate(counts):
+        row = torch.zeros(len(counts))
+        row[c] = 1.0
+        feats += [row] * n
+        labels += [1] * n
+    feats += [torch.zeros(len(counts))] * (100 - len(feats))
+    labels += [0] * (100 - len(labels))
+    head = nn.Linear(len(counts), 2)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[1] = 1.0
+        head.bias.copy_(torch.tensor([0.5, 0.0]))
+        return prune_plan(torch.stack(feats), torch.tensor(labels), head, step, max_drop)
+
+
+def test_pruning_stops_at_the_accuracy_rule():
+    pruned, before, after = _plan([20, 5, 30, 6])  # order by mean: 1, 3, 0, 2
+    # 1 channel: 95 (5% drop) kept; 2 channels: 89 (11% drop) ends pruning
+    assert pruned.tolist() == [1] and before == 100.0 and after == pytest.approx(95.0)
+    pruned, _, after = _plan([20, 5, 30, 6], max_drop=0.2)
+    assert pruned.tolist() == [1, 3] and after == pytest.approx(89.0)  # 11% is within 20%; 3 channels: 69
+    pruned, _, after = _plan([20, 5, 30, 6], max_drop=0.9)
+    assert pruned.tolist() == [1, 3, 0], "never every channel"
+    pruned, _, after = _plan([20, 12, 30, 6])  # the least active channel alone costs 6%, the next 12% more
+    assert pruned.tolist() == [3] and after == pytest.approx(94.0)
+
+
+def test_fine_pruning_and_nad_refuse_other_archs():
+    for name in ("fine_pruning", "nad"):
+        with pytest.raises(UsageError, match=f"defence {name} needs a torchvision-layout ResNet"):
+            run_defence(TinyNet(), _domain(), _attack(name), DefenceConfig(), CPU, Precision(CPU), lambda m: {})
+        with pytest.raises(UsageError, match=f"--defences {name} needs a torchvision ResNet.*caformer"):
+            dfn.check_arch(["ft", name], "caformer")
+    dfn.check_arch(["ft", "fine_pruning", "nad"], "resnet18")
+    dfn.check_arch(["ft", "ft_sam", "super_ft"], "caformer")
+
+
+# ---- nad --------------------------------------------------------------------------------------------------------
+
+def _at_by_hand(fm, p=2.0):
+    """Attention map per sample, written out: sum_c |f|^p at each position, over its L2 norm (+ 1e-6)."""
+    maps = []
+    for sample in fm:
+        a = [[sum(abs(float(sample[c, i, j])) ** p for c in range(sample.shape[0]))
+              for j in range(sample.shape[2])] for i in range(sample.shape[1])]
+        norm = math.sqrt(sum(v * v for row in a for v in row))
+        maps.append([v / (norm + 1e-6) for row in a for v in row])
+    return maps
+
+
+def test_nad_loss_equals_its_hand_value():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(3, 4, generator=g), torch.tensor([0, 2, 3])
+    shapes = [(3, 2, 4, 4), (3, 5, 2, 2), (3, 3, 1, 2)]
+    student = [torch.randn(s, generator=g) for s in shapes]
+    teacher = [torch.randn(s, generator=g) for s in shapes]
+    betas = (500.0, 1000.0, 1000.0)
+    ce = sum(-math.log(math.exp(float(logits[i, y[i]])) / sum(math.exp(float(v)) for v in logits[i]))
+             for i in range(3)) / 3
+    at = 0.0
+    for beta, s, t in zip(betas, student, teacher):
+        ms, mt = _at_by_hand(s), _at_by_hand(t)
+        diffs = [(a - b) ** 2 for rs, rt in zip(ms, mt) for a, b in zip(rs, rt)]
+        at += beta * sum(diffs) / len(diffs)  # mean over samples and positions
+    assert float(nad_loss(logits, y, student, teacher, betas, 2.0)) == pytest.approx(ce + at, rel=1e-5)
+    assert torch.allclose(attention_map(student[0]).flatten(1), torch.tensor(_at_by_hand(student[0])), atol=1e-6)
+
+
+def test_nad_trains_teacher_then_student_and_removes_its_hooks():
+    torch.manual_seed(0)
+    model = TinyResNet()
+    before = copy.deepcopy(model.state_dict())
+    cfg = DefenceConfig(nad_teacher_epochs=1)
+    states = []
+    curve = run_defence(model, _domain(), _attack("nad", epochs=2), cfg, CPU, Precision(CPU),
+                        lambda m: states.append(copy.deepcopy(m.state_dict())) or {"test_acc": 1.0})
+    assert len(curve) == 3 and curve.defence_info == {"teacher_epochs": 1, "teacher_skipped_steps": 0}
+    assert all(torch.equal(states[0][k], v) for k, v in before.items()), "epoch 0 before teacher and student"
+    assert not torch.equal(model.conv1.weight, before["conv1.weight"])
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+# ---- ft_sam -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_step_is_the_two_step_update(adaptive):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3))
+    x, y = torch.randn(5, 1, 2, 3), torch.tensor([0, 1, 2, 1, 0])
+    w0 = [p.detach().clone() for p in model.parameters()]
+    lr, rho = 0.1, 0.3
+
+    def grads(ws):  # CE gradient at weights ws, by hand
+        ws = [w.clone().requires_grad_(True) for w in ws]
+        loss = F.cross_entropy(F.linear(x.flatten(1), ws[0], ws[1]), y)
+        return torch.autograd.grad(loss, ws)
+
+    g1 = grads(w0)
+    if adaptive:  # ASAM: e = rho w^2 g / ||w g||
+        norm = torch.sqrt(sum(((w.abs() * g) ** 2).sum() for w, g in zip(w0, g1)))
+        e = [rho * w * w * g / (norm + 1e-12) for w, g in zip(w0, g1)]
+    else:  # SAM: e = rho g / ||g||, the norm over both tensors
+        norm = torch.sqrt(sum((g ** 2).sum() for g in g1))
+        e = [rho * g / (norm + 1e-12) for g in g1]
+    g2 = grads([w + d for w, d in zip(w0, e)])  # the gradient at the perturbed point
+    expected = [w - lr * g for w, g in zip(w0, g2)]  # plain SGD from the unperturbed weights
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    sam_step(model, x, y, optimizer, Precision(CPU), rho, adaptive)
+    for p, want in zip(model.parameters(), expected):
+        assert torch.allclose(p, want, atol=1e-6)
+    assert not torch.allclose(expected[0], w0[0] - lr * g1[0], atol=1e-4), "not plain SGD"
+
+
+def test_sam_step_keeps_batchnorm_statistics_of_the_perturbed_pass_out():
+    torch.manual_seed(0)
+    model = TinyNet()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    reference.train()
+    reference(x)  # the one update the step's first pass makes
+    model.train()
+    sam_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.1), Precision(CPU), rho=0.5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(model.bn, name), getattr(reference.bn, name)), name
+
+
+def test_ft_sam_runs_sam_steps(monkeypatch):
+    torch.manual_seed(0)
+    calls = []
+    real = dfn.sam_step
+    monkeypatch.setattr(dfn, "sam_step", lambda *a, **k: calls.append(a[5:]) or real(*a, **k))
+    curve = run_defence(TinyNet(), _domain(24), _attack("ft_sam"), DefenceConfig(sam_rho=0.2), CPU, Precision(CPU),
+                        lambda m: {})
+    assert len(curve) == 2 and calls == [(0.2, False)] * 3  # 24 samples in batches of 8
+
+
+# ---- super_ft and ft: the lr sequence and the recipe -----------------------------------------------------------
+
+def _lrs(monkeypatch, attack, cfg, n=40):
+    lrs = []
+
+    def sgd(params, lr, cfg):
+        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.defence_momentum, weight_decay=cfg.defence_weight_decay)
+        opt.register_step_pre_hook(lambda o, a, k: lrs.append(o.param_groups[0]["lr"]))
+        return opt
+
+    monkeypatch.setattr(dfn, "_sgd", sgd)
+    torch.manual_seed(0)
+    run_defence(TinyNet(), _domain(n), attack, cfg, CPU, Precision(CPU), lambda m: {})
+    return lrs
+
+
+def test_super_ft_lr_follows_the_cyclic_schedule(monkeypatch):
+    cfg = DefenceConfig(super_ft_base_lr=0.001, super_ft_max_lr2=0.01, super_ft_half_cycle=3, super_ft_phase1=0.5)
+    lrs = _lrs(monkeypatch, _attack("super_ft", lr=0.1, epochs=4), cfg)  # 40 samples / 8 = 5 steps, 20 in all
+    rise = [0, 1 / 3, 2 / 3, 1, 2 / 3, 1 / 3] * 4  # 3 steps up, 3 down, from the base at step 0
+    peaks = [0.1] * 10 + [0.01] * 10  # phase 1: the first half of the steps
+    assert lrs == pytest.approx([0.001 + (peak - 0.001) * r for peak, r in zip(peaks, rise[:20])])
+
+
+def test_ft_matches_torch_sgd_with_cosine_step_by_step(monkeypatch):
+    attack = _attack("ft", lr=0.05, epochs=2, seed=3)
+    assert attack.schedule == "cosine"
+    assert _lrs(monkeypatch, attack, DefenceConfig()) == pytest.approx(
+        [0.05 * 0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(10)])
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    model, domain = TinyNet(), _domain(40)
+    reference = copy.deepcopy(model)
+    run_defence(model, domain, attack, DefenceConfig(), CPU, Precision(CPU), lambda m: {})
+    # by hand: torch's SGD (momentum 0.9, weight decay 5e-4) and a per-step cosine, on the cell's batch order
+    opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / 10)))
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        reference.train()
+        for idx in epoch_batches(40, 8, gen):
+            loss = F.cross_entropy(reference(domain.to_input(domain.images[idx], CPU)), domain.labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    for (k, v), w in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.allclose(v.float(), w.float(), atol=1e-6), k
+
+
+def test_defence_gives_back_frozen_flags_and_refuses_batch_size_one():
+    model = TinyNet()
+    model.conv.weight.requires_grad_(False)
+    run_defence(model, _domain(), _attack("ft"), None, CPU, Precision(CPU), lambda m: {})
+    assert not model.conv.weight.requires_grad and model.fc.weight.requires_grad
+    with pytest.raises(UsageError, match="batch size 1"):
+        run_defence(model, _domain(), _attack("ft", bs=1), None, CPU, Precision(CPU), lambda m: {})
+
+
+# ---- the grid's defence cells, flags, verdicts ------------------------------------------------------------------
+
+def _args(argv):
+    p = Parser(parents=[grid_flags(3, 1e-4, 16, ("irreversible", "backdoored")), defence_flags()])
+    p.add_argument("--bs", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    return p, p.parse_args(argv)
+
+
+def test_defence_cells_and_keys():
+    _, args = _args(["--defences", "ft,super_ft,fine_pruning", "--seeds", "0,1", "--train_fractions", "1,0.05",
+                     "--batch_sizes", "8,32", "--super_ft_max_lr", "0.2"])
+    attacks = expand_grid(args) + defence_attacks(args)
+    grid, defences = attacks[:2 * 2 * 2], attacks[2 * 2 * 2:]
+    assert all(a.defence is None for a in grid) and len(defences) == 3 * 2 * 2
+    assert {(a.defence, a.lr, a.schedule) for a in defences} == {("ft", 0.01, "cosine"), ("super_ft", 0.2, "cyclic"),
+                                                                 ("fine_pruning", 0.01, "cosine")}
+    assert {(a.batch_size, a.epochs, a.strategy, a.optimizer) for a in defences} == {(8, 3, "direct_all", "momentum")}
+    keys = [Cell(s, a).key for a in attacks for s in ("irreversible", "backdoored")]
+    assert len(set(keys)) == len(keys)
+    assert Cell("irreversible", defences[0]).key == "irreversible|direct_all|momentum|0.01|8|0|cosine|ft"
+    assert Cell("backdoored", Attack("direct_all", "momentum", 1e-4, 16, 1, 2)).key == \
+        "backdoored|direct_all|momentum|0.0001|16|2", "an attack's key is as before"
+    _, args = _args(["--defences", "nad", "--defences_only"])
+    assert expand_grid(args) == [] and [a.defence for a in defence_attacks(args)] == ["nad"]
+    assert DefenceConfig.from_args(args) == DefenceConfig()
+    assert defence_attacks(_args([])[1]) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--defences_only"], "--defences_only needs --defences"),
+    (["--defences", "ft", "--defences_only", "--lrs", "1e-3"], "--lrs would be unused"),
+    (["--defences", "ft", "--sam_rho", "0.1"], "--sam_rho is read by ft_sam only"),
+    (["--nad_betas", "1,2,3"], "--nad_betas is read by nad only"),
+    (["--defences", "ft,fine_pruning", "--super_ft_half_cycle", "4"], "--super_ft_half_cycle is read by super_ft"),
+])
+def test_unused_defence_flags_are_refused(argv, message):
+    from common.runs import given_flags
+    parser, args = _args(argv)
+    with pytest.raises(UsageError, match=message):
+        dfn.check_flags(args, given_flags(parser, argv))
+
+
+@pytest.mark.parametrize("argv", [["--defences", "fp"], ["--nad_betas", "1,2"], ["--defence_momentum", "1"],
+                                  ["--defence_weight_decay", "-1"], ["--prune_acc_drop", "0"], ["--sam_rho", "nan"]])
+def test_bad_defence_values(argv):
+    with pytest.raises(UsageError):
+        _args(argv)
+
+
+def test_defence_verdicts_by_hand():
+    def r(start, seed, defence, acc, asr, pruned=None):
+        row = {"start": start, "strategy": "direct_all", "optimizer": "momentum", "lr": 0.01, "batch_size": 8,
+               "train_fraction": 0.05, "schedule": "cosine", "seed": seed, "defence": defence,
+               "test_acc_curve": acc, "asr_curve": asr}
+        if pruned is not None:
+            row["defence_info"] = {"pruned_channels": pruned}
+        return row
+
+    results = [r("irreversible", 0, "fine_pruning", [90, 80], [100, 90], 5),
+               r("backdoored", 0, "fine_pruning", [92, 85], [100, 10], 7),
+               r("irreversible", 1, "fine_pruning", [90, 70], [100, 70], 6),
+               r("backdoored", 1, "fine_pruning", [92, 75], [100, 30], 6),
+               r("irreversible", 0, "ft", [90, 88], [100, 50]), r("backdoored", 0, "ft", [92, 90], [100, 0]),
+               {**r("irreversible", 0, None, [90, 90], [100, 100]), "defence": None},
+               {**r("backdoored", 0, None, [90, 90], [100, 50]), "defence": None}]
+    rows = {row["defence"]: row for row in defence_verdicts(results)}
+    assert set(rows) == {"fine_pruning", "ft"}
+    fp = rows["fine_pruning"]
+    assert fp["seeds"] == 2 and fp["train_fraction"] == 0.05
+    assert fp["final_test_acc_irreversible_mean"] == 75 and fp["final_test_acc_irreversible_std"] == pytest.approx(
+        50 ** 0.5)
+    assert fp["final_asr_irreversible_mean"] == 80 and fp["final_asr_backdoored_mean"] == 20
+    ratios = [auc([100, 90]) / auc([100, 10]), auc([100, 70]) / auc([100, 30])]
+    assert fp["asr_auc_ratio_mean"] == pytest.approx(sum(ratios) / 2)
+    assert fp["pruned_channels_irreversible"] == [5, 6] and fp["pruned_channels_backdoored"] == [7, 6]
+    assert "pruned_channels_irreversible" not in rows["ft"] and rows["ft"]["asr_auc_ratio_std"] == 0.0
+    # the attack verdicts see the fine-tuning cells alone
+    assert [(v["seeds"], v["final_asr_irreversible"]) for v in persistence_verdicts(results)] == [(1, 100)]
+
+
+# ---- through the backdoor stage-3 script ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_backdoor_stage3_with_defences(tmp_path, data_root):
+    s1, s2, s3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "s3"
+    p = run_script("bd_stage1", "--data_root", data_root, "--orig_dataset", "FashionMNIST", "--image_size", "16",
+                   "--init", "scratch", "--epochs", "1", "--bs", "16", "--trigger_size", "3", "--poison_percent", "0.2",
+                   "--out_dir", s1)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_script("bd_stage2", "--data_root", data_root, "--model_path", s1, "--dataset", "MNIST", "--bs", "20",
+                   "--total_loop", "2", "--adaptation_steps", "2", "--test_interval", "2", "--finetune_epochs", "1",
+                   "--final_finetune_epochs", "1", "--out_dir", s2)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_script("bd_stage3", "--data_root", data_root, "--path", s2, "--epochs", "1", "--bs", "16",
+                   "--lrs", "1e-2", "--defences", "ft,fine_pruning,nad", "--nad_teacher_epochs", "1", "--out_dir", s3)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = read_rows(s3 / "metrics.csv")
+    assert len(rows) == (1 + 3) * 2 * 2  # (the attack, 3 defences) x 2 starts x epochs 0 and 1
+    assert sorted({r["defence"] for r in rows}) == ["", "fine_pruning", "ft", "nad"]
+    for r in rows:
+        assert r["cell"].endswith("|" + r["defence"]) == bool(r["defence"])
+        assert all(0 <= float(r[k]) <= 100 for k in ("test_acc", "asr", "untargeted_asr", "ra"))
+    entries = [json.loads(line) for line in (s3 / "cells.jsonl").read_text().splitlines()]
+    fp = [e for e in entries if e["defence"] == "fine_pruning"]
+    assert len(fp) == 2 and all(0 <= e["defence_info"]["pruned_channels"] < 512 for e in fp)
+    summary = json.loads((s3 / "summary.json").read_text())
+    assert [v["defence"] for v in summary["defence_verdicts"]] == ["ft", "fine_pruning", "nad"]
+    assert len(summary["verdicts"]) == 1 and summary["verdicts"][0]["lr"] == 0.01
+    report = (s3 / "report.md").read_text()
+    assert "## Defences" in report and all(f"| {d} | 0.01 | 16 |" in report for d in ("ft", "fine_pruning", "nad"))
+    assert (s3 / "plots" / "asr_defence_fine_pruning.png").exists() and (s3 / "plots" / "asr_direct_all.png").exists()
