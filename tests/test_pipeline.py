@@ -18,7 +18,7 @@ STAGE3_KEYS = {"stage", "dataset", "results", "verdicts", "test_samples"}
 RESULT_KEYS = {"start", "strategy", "optimizer", "lr", "batch_size", "epochs", "test_acc_curve", "final_test_acc",
                "seed"}
 STAGE2_HEADER = ["loop", "fts_loss", "ntr_loss", "orig_test_acc", "rolled_back", "fts_optimizer", "fts_lr", "fts_head",
-                 "fts_scope", "seconds"]
+                 "fts_scope", "fts_schedule", "seconds"]
 
 
 def _summary(run):
@@ -73,6 +73,7 @@ def test_stage2(stage2_runs, stage1_run, loss_type):
     assert rows[-1]["orig_test_acc"] != "" and rows[0]["orig_test_acc"] == ""  # evaluated after the last loop
     assert float(rows[-1]["orig_test_acc"]) == pytest.approx(s["orig_test_acc"], abs=1e-3)
     assert {r["fts_head"] for r in rows} == {"reinit"} and {r["fts_optimizer"] for r in rows} == {"sgd"}
+    assert {r["fts_schedule"] for r in rows} == {"constant"}
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("loop*.pt"))
     assert ckpts == ["loop000002.pt"]
     tests = read_rows(run / "finetune_tests.csv")
