@@ -15,37 +15,38 @@ from common.data import epoch_batches
 
 log = logging.getLogger("sophon")
 
-class SignSGD(torch.optim.Optimizer):
+class _DirectionStep(torch.optim.Optimizer):
+    """w <- w - lr * direction(g), the direction computed from all of a group's gradients at once."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                torch._foreach_add_(params, self.direction([p.grad for p in params]), alpha=-group["lr"])
+
+
+class SignSGD(_DirectionStep):
     """w <- w - lr * sign(g): every coordinate moves by lr whatever its gradient's size. Adam's first step
     (and nearly every step while its second moment tracks g^2) is this update, so it is the scale-free
     attacker in its simplest form (signSGD, Bernstein et al. 2018)."""
 
-    def __init__(self, params, lr):
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                torch._foreach_add_(params, torch._foreach_sign([p.grad for p in params]), alpha=-group["lr"])
+    @staticmethod
+    def direction(grads):
+        return torch._foreach_sign(grads)
 
 
-class NormalizedSGD(torch.optim.Optimizer):
+class NormalizedSGD(_DirectionStep):
     """w <- w - lr * g / ||g||, the norm over all of a group's gradients: a step of length lr whatever the
     gradient's scale (Booster's normalised simulated attack step, Huang et al. ICLR'25)."""
 
-    def __init__(self, params, lr):
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                grads = [p.grad for p in params]
-                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-                torch._foreach_add_(params, torch._foreach_div(grads, norm.clamp_min(1e-12)), alpha=-group["lr"])
+    @staticmethod
+    def direction(grads):
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        return torch._foreach_div(grads, norm.clamp_min(1e-12))
 
 
 # One table for attacks and simulated fine-tuners: torch defaults except lr (SPEC §9).
