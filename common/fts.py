@@ -13,7 +13,7 @@ import copy
 import itertools
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +70,7 @@ class FineTunerSampler:
         tuner = self.choices[0] if len(self.choices) == 1 else self.rng.choice(self.choices)
         if self.lr_range:
             lo, hi = (math.log(v) for v in self.lr_range)
-            tuner = FineTuner(tuner.optimizer, math.exp(self.rng.uniform(lo, hi)), tuner.head, tuner.scope,
-                              tuner.schedule)
+            tuner = replace(tuner, lr=math.exp(self.rng.uniform(lo, hi)))
         return tuner
 
     def state_dict(self):
