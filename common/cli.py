@@ -72,6 +72,16 @@ def pos_float(text):
     return value
 
 
+def nonneg_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
+    return value
+
+
 def fraction(text):
     value = pos_float(text)
     if value > 1:

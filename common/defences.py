@@ -13,7 +13,6 @@ config/defense/<name>/config.yaml and defense/<name>.py) where it has the defenc
 it comes from. Deviations from BackdoorBench are listed in each defence's docstring.
 """
 import argparse
-import contextlib
 import copy
 import itertools
 import math
@@ -27,7 +26,7 @@ from common.cli import UsageError, comma_list, fraction, nonneg_int, pos_float, 
 from common.finetune import (Attack, _ScheduledSteps, attack_subset, scope_params, start_curve, steps_per_epoch,
                              train_epochs, training_only)
 from common.models import classifier_head
-from common.train import ce_step, train_epoch
+from common.train import ce_step, sam_step, train_epoch
 
 # ---- the recipe every defence shares (BackdoorBench config/defense/{ft,ft-sam,fp,nad}/config.yaml) ----------
 DEFENCE_LR = 0.01  # `lr: 0.01` (ft, ft_sam, fine_pruning's fine-tuning, both NAD runs)
@@ -42,7 +41,6 @@ DEFENCE_SCHEDULES = {"ft": "cosine", "ft_sam": "cosine", "super_ft": "cyclic", "
 # ---- ft_sam ----------------------------------------------------------------------------------------------------
 SAM_RHO = 0.05  # Foret et al.'s SAM radius for CIFAR; BackdoorBench's ft-sam uses rho 2.0 with *adaptive* SAM
 SAM_ADAPTIVE = False  # True: ASAM's perturbation, BackdoorBench's default (its --adaptive is store_false)
-SAM_EPS = 1e-12  # added to the gradient norm (BackdoorBench utils/defense_utils/sam/sam.py perturb_eps)
 # ---- super_ft (Sha et al. 2022; not in BackdoorBench, see super_ft's docstring for the sources) ----------------
 SUPER_FT_MAX_LR = 0.1  # peak of the triangular cycles in phase 1
 SUPER_FT_MAX_LR2 = 1e-3  # peak in phase 2
@@ -121,11 +119,6 @@ def _sgd(params, lr, cfg):
     return torch.optim.SGD(params, lr=lr, momentum=cfg.defence_momentum, weight_decay=cfg.defence_weight_decay)
 
 
-def _ce(model, x, y, precision):
-    with precision.autocast():
-        return F.cross_entropy(model(x).float(), y)
-
-
 # ---- ft ---------------------------------------------------------------------------------------------------------
 
 def ft(model, run, curve):
@@ -135,53 +128,6 @@ def ft(model, run, curve):
 
 
 # ---- ft_sam -----------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def bn_stats_kept(model):
-    """BatchNorm running statistics (and batch counts) as they were before the block, whatever it ran."""
-    buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
-    saved = [b.detach().clone() for b in buffers]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
-
-
-def sam_step(model, x, y, optimizer, precision, rho, adaptive=False):
-    """One sharpness-aware step (Foret et al. 2021; ASAM, Kwon et al. 2021, when `adaptive`).
-
-    g = grad L(w); e = rho g / (||g|| + SAM_EPS), the norm global over every trained tensor (adaptive:
-    e = rho w^2 g / (||w g|| + SAM_EPS), as BackdoorBench's SAM); the gradient at w + e, then w restored
-    exactly and optimizer.step() with that second gradient. Returns the first pass's (loss, logits). The first pass updates BatchNorm's running
-    statistics as any training step; the perturbed pass leaves them as they were (BackdoorBench sets the
-    momentum of BatchNorm to 0 for it: the same). A non-finite first gradient is not used to perturb; the
-    step is then skipped by the optimizer (common.finetune._ScheduledSteps)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    optimizer.zero_grad(set_to_none=True)
-    with precision.autocast():
-        logits = model(x)
-    loss = F.cross_entropy(logits.float(), y)
-    loss.backward()
-    live = [p for p in params if p.grad is not None]
-    with torch.no_grad():
-        scaled = [p.grad * p.abs() if adaptive else p.grad for p in live]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled]))
-        saved = [p.detach().clone() for p in live]
-        if bool(norm.isfinite()):
-            scale = rho / (norm + SAM_EPS)
-            for p, s in zip(live, scaled):
-                p.add_((s * p.abs() if adaptive else s) * scale)
-    optimizer.zero_grad(set_to_none=True)
-    with bn_stats_kept(model):
-        _ce(model, x, y, precision).backward()
-    with torch.no_grad():
-        for p, w in zip(live, saved):
-            p.copy_(w)
-    optimizer.step()
-    return loss, logits
-
 
 def ft_sam(model, run, curve):
     """FT-SAM (Zhu et al., ICCV 2023; BackdoorBench defense/ft-sam.py): ft's recipe, each step sharpness-aware

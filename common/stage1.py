@@ -8,18 +8,21 @@ from pathlib import Path
 import torch
 
 from common.checkpoints import atomic_save, init_model, make_checkpoint
-from common.cli import pos_float, pos_int
+from common.cli import nonneg_float, pos_float, pos_int
 from common.data import check_name, check_subset_caps, load_domain
 from common.runs import Interrupted, close_run, config_of, guarded, open_run, read_last
-from common.train import AccuracyEval, Precision, progress, resolve_device, seed_everything, train_epoch
+from common.train import (AccuracyEval, Precision, ce_step, progress, resolve_device, sam_step, seed_everything,
+                          train_epoch)
 
 log = logging.getLogger("sophon")
 
 
 def run_stage1(args, run, model, train_domain, evaluate, device, precision, interrupts, meta, resume=False):
-    """Train `args.epochs` epochs with Adam(lr); `evaluate(model)` -> {"test_acc": ..., ...} per epoch.
-    Returns the summary, or raises Interrupted after writing last.pt."""
+    """Train `args.epochs` epochs with Adam(lr), each step sharpness-aware when `args.sam_rho` > 0;
+    `evaluate(model)` -> {"test_acc": ..., ...} per epoch. Returns the summary, or raises Interrupted after
+    writing last.pt."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    step = partial(sam_step, rho=args.sam_rho) if args.sam_rho else ce_step
     gen = torch.Generator().manual_seed(args.seed)
     epoch, train_acc, figures = 0, None, None
     if resume and (run.ckpt_dir / "last.pt").exists():
@@ -37,7 +40,7 @@ def run_stage1(args, run, model, train_domain, evaluate, device, precision, inte
     for epoch in progress(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage 1"):
         start = time.perf_counter()
         loss, train_acc = train_epoch(train_fwd, train_domain, optimizer, device, precision, args.bs, gen,
-                                      desc=f"epoch {epoch}/{args.epochs}")
+                                      desc=f"epoch {epoch}/{args.epochs}", step=step)
         figures = evaluate(model)
         metrics.append({"epoch": epoch, "train_loss": loss, "train_acc": train_acc, **figures,
                         "seconds": time.perf_counter() - start})
@@ -99,10 +102,13 @@ def init_choice(text):
     return str(path.resolve())
 
 
-def stage1_flags(*, epochs, lr, init, save_every):
+def stage1_flags(*, epochs, lr, init, save_every, sam_rho=0.0):
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--epochs", type=pos_int, default=epochs)
     p.add_argument("--lr", type=pos_float, default=lr, help="Adam learning rate")
+    p.add_argument("--sam_rho", type=nonneg_float, default=sam_rho,
+                   help="0: plain steps; > 0: sharpness-aware steps of this radius (SAM, Foret et al. 2021; SBL, "
+                        "ECCV'24, trains its backdoor so, for a flatter, longer-lived backdoor)")
     p.add_argument("--init", type=init_choice, default=init, metavar="imagenet|scratch|PATH",
                    help="imagenet: torchvision/timm pretrained weights; scratch: random; PATH: a local weights file "
                         "(torchvision/timm state_dict .pt/.pth or .safetensors): its body, and its head if the "

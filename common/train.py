@@ -184,6 +184,64 @@ def ce_step(model, x, y, optimizer, precision):
     return loss, logits
 
 
+SAM_EPS = 1e-12  # added to the gradient norm (BackdoorBench utils/defense_utils/sam/sam.py perturb_eps)
+
+
+@contextlib.contextmanager
+def bn_stats_kept(model):
+    """BatchNorm running statistics (and batch counts) as they were before the block, whatever it ran."""
+    buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
+
+def sam_step(model, x, y, optimizer, precision, rho, adaptive=False, sync=None):
+    """One sharpness-aware step (Foret et al. 2021; ASAM, Kwon et al. 2021, when `adaptive`).
+
+    g = grad L(w); e = rho g / (||g|| + SAM_EPS), the norm global over every trained tensor (adaptive:
+    e = rho w^2 g / (||w g|| + SAM_EPS), as BackdoorBench's SAM); the gradient at w + e, then w restored
+    exactly and optimizer.step() with that second gradient. Returns the first pass's (loss, logits). The first
+    pass updates BatchNorm's running statistics as any training step; the perturbed pass leaves them as they
+    were (BackdoorBench sets the momentum of BatchNorm to 0 for it: the same). A non-finite first gradient is
+    not used to perturb; the step is then skipped by the optimizer (common.finetune._ScheduledSteps).
+    `sync(grads)`, when given, runs on both passes' gradients before they are used (stage 2 averages them over
+    the ranks there)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    with precision.autocast():
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    live = [p for p in params if p.grad is not None]
+    if sync is not None:
+        sync([p.grad for p in live])
+    with torch.no_grad():
+        scaled = [p.grad * p.abs() if adaptive else p.grad for p in live]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled]))
+        saved = [p.detach().clone() for p in live]
+        if bool(norm.isfinite()):
+            scale = rho / (norm + SAM_EPS)
+            for p, s in zip(live, scaled):
+                p.add_((s * p.abs() if adaptive else s) * scale)
+    optimizer.zero_grad(set_to_none=True)
+    with bn_stats_kept(model):  # restored after backward: the forward saved the statistics for it
+        with precision.autocast():
+            perturbed = F.cross_entropy(model(x).float(), y)
+        perturbed.backward()
+    if sync is not None:
+        sync([p.grad for p in live])
+    with torch.no_grad():
+        for p, w in zip(live, saved):
+            p.copy_(w)
+    optimizer.step()
+    return loss, logits
+
+
 def train_epoch(model, domain, optimizer, device, precision, bs, gen, params=None, bn_eval_modules=(), desc="train",
                 step=ce_step):
     """One epoch of `step` (ce_step, or a defence's own, with its signature) over shuffled batches; returns

@@ -13,10 +13,10 @@ import common.defences as dfn
 from common.cli import Parser, UsageError
 from common.data import Domain, epoch_batches
 from common.defences import (DefenceConfig, attention_map, defence_attacks, defence_flags, nad_loss, prune_plan,
-                             run_defence, sam_step)
+                             run_defence)
 from common.finetune import Attack, expand_grid, grid_flags
 from common.stage3 import Cell
-from common.train import Precision
+from common.train import Precision, sam_step
 from common.verdicts import auc, defence_verdicts, persistence_verdicts
 from helpers import TinyNet, read_rows, run_script
 from test_finetune import _domain

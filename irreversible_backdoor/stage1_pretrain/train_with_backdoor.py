@@ -20,6 +20,7 @@ EPOCHS = 20
 LR = 1e-3  # Adam
 BS = 64
 INIT = "imagenet"  # imagenet | scratch
+SAM_RHO = 0.0  # > 0: sharpness-aware training (SBL's flat backdoor; README, "Irreversible backdoor")
 SEED = 0
 SAVE_EVERY = 1
 
@@ -28,7 +29,7 @@ def parse_args(argv=None):
     parser = cli.build_parser(__doc__, [
         cli.common_flags(arch=ARCH, orig_dataset=ORIG_DATASET, bs=BS, seed=SEED, image_size=IMAGE_SIZE),
         trigger_flags(poison_percent=POISON_PERCENT, target_label=TARGET_LABEL, trigger_size=TRIGGER_SIZE),
-        stage1_flags(epochs=EPOCHS, lr=LR, init=INIT, save_every=SAVE_EVERY), cli.speed_flags()])
+        stage1_flags(epochs=EPOCHS, lr=LR, init=INIT, save_every=SAVE_EVERY, sam_rho=SAM_RHO), cli.speed_flags()])
     return parser, parser.parse_args(argv)
 
 

@@ -15,6 +15,7 @@ EPOCHS = 2
 LR = 1e-3  # Adam
 BS = 64
 INIT = "imagenet"  # imagenet | scratch
+SAM_RHO = 0.0  # > 0: sharpness-aware training steps of this radius
 SEED = 0
 SAVE_EVERY = 1  # write checkpoints/last.pt every N epochs
 
@@ -22,7 +23,7 @@ SAVE_EVERY = 1  # write checkpoints/last.pt every N epochs
 def parse_args(argv=None):
     parser = cli.build_parser(__doc__, [
         cli.common_flags(arch=ARCH, orig_dataset=ORIG_DATASET, bs=BS, seed=SEED, image_size=IMAGE_SIZE),
-        stage1_flags(epochs=EPOCHS, lr=LR, init=INIT, save_every=SAVE_EVERY), cli.speed_flags()])
+        stage1_flags(epochs=EPOCHS, lr=LR, init=INIT, save_every=SAVE_EVERY, sam_rho=SAM_RHO), cli.speed_flags()])
     return parser, parser.parse_args(argv)
 
 
