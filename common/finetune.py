@@ -94,6 +94,20 @@ def attack_subset(domain, fraction):
                    + f"attacker subset: {len(idx)} of {len(domain)} samples ({fraction:g}, stratified)")
 
 
+def holdout(domain, fraction):
+    """`domain` without the fixed subset attack_subset(domain, fraction) would give stage 3's attacker."""
+    keep = torch.ones(len(domain), dtype=torch.bool)
+    keep[subset_indices(domain.labels, fraction)] = False
+    if int(keep.sum()) < 2:
+        raise UsageError(f"--restricted_holdout {fraction:g} leaves {int(keep.sum())} of {len(domain)} training samples")
+    images = domain.images[keep]
+    if domain.images.is_pinned():
+        images = images.pin_memory()
+    return replace(domain, images=images, labels=domain.labels[keep], _stats={},
+                   note=(domain.note + " " if domain.note else "")
+                   + f"stage 2 holds out stage 3's {fraction:g} subset: {int(keep.sum())} of {len(domain)} samples")
+
+
 def schedule_factor(schedule, steps):
     """step index k (0-based) -> lr multiplier of `schedule` over a run of `steps` optimisation steps.
 

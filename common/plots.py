@@ -70,12 +70,19 @@ def plot_stage2(run_dir):
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         loops = [int(r["loop"]) for r in rows]
         kept = [r.get("rolled_back") in ("0", "", None) for r in rows]
-        for ax, key, title in ((axes[0], "fts_loss", "FTS loss (query, adapted weights)"),
-                               (axes[1], "ntr_loss", "NTR loss (original domain)")):
-            ax.plot(loops, [_num(r[key]) for r in rows], lw=0.8)
-            rb = [(l, _num(r[key])) for l, r, k in zip(loops, rows, kept) if not k]
-            if rb:
-                ax.scatter(*zip(*rb), color="tab:orange", s=8, label="rolled back")
+        panels = ((axes[0], "FTS loss (query, adapted weights)", [("fts_loss", None)]),
+                  (axes[1], "NTR and clean losses", [("ntr_loss", "NTR (original domain)"),
+                                                     ("clean_loss", "clean (restricted domain)")]))
+        for ax, title, keys in panels:
+            for key, label in keys:
+                values = [_num(r.get(key, "")) for r in rows]
+                if all(v is None for v in values):
+                    continue
+                ax.plot(loops, [float("nan") if v is None else v for v in values], lw=0.8, label=label)
+                rb = [(l, v) for l, v, k in zip(loops, values, kept) if not k and v is not None]
+                if rb:
+                    ax.scatter(*zip(*rb), color="tab:orange", s=8, label=f"{label or key}: rolled back")
+            if ax.get_legend_handles_labels()[0]:
                 ax.legend()
             ax.set(xlabel="outer loop", title=title)
         evals = [(l, _num(r["orig_test_acc"])) for l, r in zip(loops, rows) if _num(r["orig_test_acc"]) is not None]

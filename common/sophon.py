@@ -9,9 +9,21 @@ Deng et al., IEEE S&P 2024, Algorithm 1 (classification), first-order. One outer
       `fts_clip`, then an Adam step at alpha * lr.
   NTR (`ntr_loop` times): cross-entropy on an original-domain batch, a separate Adam at beta * lr.
 
+Two optional parts, written for the irreversible backdoor (both off by default):
+  clean (`clean_loop` times): cross-entropy on a clean restricted-domain batch through the model's own head,
+      a third Adam at beta * lr: SBL's second task (Pham et al., ECCV'24), continual learning on clean data,
+      NTR's poisoned original-domain batches being the replay that keeps task one. The model moves into the
+      region clean fine-tuning would take it to, with the backdoor kept, so a defender's fine-tuning has
+      little left to change. With `sam_rho` > 0 the NTR and clean steps are sharpness-aware (SAM).
+  mask (`mask_share` > 0): Neurotoxin (Zhang et al., ICML'22). Every `mask_every` loops, the share of
+      coordinates with the largest clean restricted-domain gradient (summed over MASK_BATCHES batches) is
+      frozen for the FTS and NTR updates, so the backdoor is written where clean fine-tuning moves the weights
+      least.
+
 The irreversible backdoor is this loop with another query loss and poisoned NTR data. The object touches
 no file: evaluation, the accuracy floor, checkpoints and metrics belong to the runner (common/stage2.py).
 """
+import contextlib
 import copy
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -22,7 +34,9 @@ import torch.nn.functional as F
 from common import dist
 from common.data import BatchStream, Gather, resolve_data_on_device
 from common.fts import FTS, FineTunerSampler, IndexedBatches, query_weights
-from common.train import launch_options
+from common.train import bn_stats_kept, launch_options, sam_step
+
+MASK_BATCHES = 8  # clean restricted-domain batches whose summed gradient ranks the coordinates for the mask
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,10 @@ class SophonConfig:
     fts_lr_range: Optional[tuple] = None  # (lo, hi): lr drawn log-uniformly per episode instead of fts_lrs
     fts_query_every: int = 1  # query loss after every N-th inner step (and the last)
     fts_step_weights: str = "uniform"  # uniform | exp (later steps weigh more)
+    clean_loop: int = 0  # SBL: clean restricted-domain steps per outer loop (head kept)
+    sam_rho: float = 0.0  # > 0: NTR and clean steps are sharpness-aware, of this radius
+    mask_share: float = 0.0  # Neurotoxin: share of coordinates frozen for FTS and NTR (largest clean gradient)
+    mask_every: int = 25  # outer loops between recomputations of the mask
     seed: int = 0
 
     @classmethod
@@ -56,9 +74,10 @@ class SophonConfig:
 
 @dataclass
 class StepResult:
-    fts_loss: float  # mean query loss over the FTS steps of the loop
+    fts_loss: Optional[float]  # mean query loss over the FTS steps of the loop; None when fts_loop is 0
     ntr_loss: Optional[float]  # None when ntr_loop is 0
     finetuners: list  # the simulated fine-tuners sampled in this loop, in order
+    clean_loss: Optional[float] = None  # None when clean_loop is 0
 
 
 class Sophon:
@@ -77,6 +96,9 @@ class Sophon:
     so both placements see exactly the same batches.
     """
 
+    OPTIMIZERS = ("fts_opt", "ntr_opt", "clean_opt")
+    STREAMS = ("restricted_stream", "ntr_stream", "clean_stream", "mask_stream")
+
     def __init__(self, model, query_loss, restricted, ntr_data, config, precision, world=None, data_on_device="auto"):
         self.model, self.config, self.precision = model, config, precision
         self.restricted, self.ntr_data = restricted, ntr_data
@@ -88,6 +110,7 @@ class Sophon:
         fast = launch_options(torch.optim.Adam, precision.device) if precision.device.type == "cuda" else {}
         self.fts_opt = torch.optim.Adam(model.parameters(), lr=config.alpha * config.lr, **fast)
         self.ntr_opt = torch.optim.Adam(model.parameters(), lr=config.beta * config.lr, **fast)
+        self.clean_opt = torch.optim.Adam(model.parameters(), lr=config.beta * config.lr, **fast)
         to_input = lambda x: restricted.to_input(x, precision.device, None, precision.channels_last)
         self.fts = FTS(model, query_loss, to_input, precision)
         self.episode_gen = torch.Generator().manual_seed(config.seed + 1)  # one seed per episode
@@ -99,16 +122,26 @@ class Sophon:
             config.adaptation_steps, config.fts_query_every, config.fts_step_weights)]
         self.restricted_stream = BatchStream(len(restricted), config.bs, seed=config.seed + 3)
         self.ntr_stream = BatchStream(len(ntr_data), config.bs, seed=config.seed + 4)
+        self.clean_stream = BatchStream(len(restricted), config.bs, seed=config.seed + 5)
+        self.mask_stream = BatchStream(len(restricted), config.bs, seed=config.seed + 6)
+        self.mask, self.steps = None, 0  # mask: per parameter, True where the coordinate is frozen
         self.model_fwd = precision.maybe_compile(model)
 
     def step(self):
-        """One outer loop; one host sync, for the two losses."""
+        """One outer loop; one host sync, for the losses."""
+        c = self.config
         self.model.train()
-        fts = [self.fts_step() for _ in range(self.config.fts_loop)]
-        ntr_losses = [self.ntr_step() for _ in range(self.config.ntr_loop)]
-        return StepResult(torch.stack([loss for loss, _ in fts]).mean().item(),
-                          torch.stack(ntr_losses).mean().item() if ntr_losses else None,
-                          [t for _, finetuners in fts for t in finetuners])
+        if c.mask_share and self.steps % c.mask_every == 0:
+            self.mask = self.clean_gradient_mask()
+        self.steps += 1
+        fts = [self.fts_step() for _ in range(c.fts_loop)]
+        ntr_losses = [self.supervised_step(self.ntr_data, self.ntr_gather, self.ntr_stream, self.ntr_opt, masked=True)
+                      for _ in range(c.ntr_loop)]
+        clean_losses = [self.supervised_step(self.restricted, self.restricted_gather, self.clean_stream,
+                                             self.clean_opt, masked=False) for _ in range(c.clean_loop)]
+        mean = lambda losses: torch.stack(losses).mean().item() if losses else None
+        return StepResult(mean([loss for loss, _ in fts]), mean(ntr_losses),
+                          [t for _, finetuners in fts for t in finetuners], mean(clean_losses))
 
     def fts_step(self):
         """Returns (the FTS loss as a 0-d tensor, the fine-tuners sampled)."""
@@ -127,25 +160,68 @@ class Sophon:
                 loss += self.fts.episode(self.model, batches, finetuner, self.step_weights, gen)
         self.world.sum_([p.grad for p in params] + [loss.view(1)])
         torch.nn.utils.clip_grad_norm_(params, c.fts_clip)
-        self.fts_opt.step()
+        with self.masked():
+            self.fts_opt.step()
         return loss, [finetuner for finetuner, _, _ in plan]
 
-    def ntr_step(self):
-        gather = self.ntr_gather
-        x, y = gather(gather.indices(self.ntr_stream.next()))
-        x = self.ntr_data.to_input(x, self.precision.device, None, self.precision.channels_last)
+    def supervised_step(self, domain, gather, stream, optimizer, masked):
+        """Cross-entropy on one batch of `domain` (NTR, or SBL's clean step), plain or sharpness-aware. The
+        same step on every rank: gradients averaged, BatchNorm statistics from rank 0, so the ranks stay
+        identical where kernels are not bit-exact."""
+        x, y = gather(gather.indices(stream.next()))
+        x = domain.to_input(x, self.precision.device, None, self.precision.channels_last)
         y = y.to(self.precision.device, non_blocking=True)
-        with self.precision.autocast():
-            loss = F.cross_entropy(self.model_fwd(x).float(), y)
-        self.ntr_opt.zero_grad(set_to_none=False)
-        loss.backward()
-        if self.world.distributed:  # the same step on every rank; kept bit-identical where kernels are not
-            grads = [p.grad for p in self.model.parameters()]
-            self.world.sum_(grads)
-            torch._foreach_div_(grads, self.world.size)
-            self.world.broadcast_(list(self.model.buffers()))
-        self.ntr_opt.step()
+        sync = self.average_ if self.world.distributed else None
+        with self.masked() if masked else contextlib.nullcontext():
+            if self.config.sam_rho:
+                loss, _ = sam_step(self.model_fwd, x, y, optimizer, self.precision, self.config.sam_rho, sync=sync)
+            else:
+                with self.precision.autocast():
+                    loss = F.cross_entropy(self.model_fwd(x).float(), y)
+                optimizer.zero_grad(set_to_none=False)
+                loss.backward()
+                if sync:
+                    sync([p.grad for p in self.model.parameters()])
+                optimizer.step()
+        self.world.broadcast_(list(self.model.buffers()))
         return loss.detach()
+
+    def average_(self, grads):
+        self.world.sum_(grads)
+        torch._foreach_div_(grads, self.world.size)
+
+    @contextlib.contextmanager
+    def masked(self):
+        """Neurotoxin: the optimiser step inside leaves the frozen coordinates (self.mask) where they were."""
+        if self.mask is None:
+            yield
+            return
+        params = list(self.model.parameters())
+        before = [p.detach().clone() for p in params]
+        yield
+        with torch.no_grad():
+            for p, old, frozen in zip(params, before, self.mask):
+                p.copy_(torch.where(frozen, old, p))
+
+    def clean_gradient_mask(self):
+        """True at the `mask_share` of all coordinates with the largest |summed clean gradient| (CE on
+        MASK_BATCHES restricted-domain batches through the model's head: the direction a defender's clean
+        fine-tuning starts in). Rank 0's gradient decides, so every rank freezes the same coordinates."""
+        params = list(self.model.parameters())
+        grads = [torch.zeros_like(p) for p in params]
+        gather = self.restricted_gather
+        with bn_stats_kept(self.model):
+            for _ in range(MASK_BATCHES):
+                x, y = gather(gather.indices(self.mask_stream.next()))
+                x = self.restricted.to_input(x, self.precision.device, None, self.precision.channels_last)
+                with self.precision.autocast():
+                    loss = F.cross_entropy(self.model_fwd(x).float(), y.to(self.precision.device))
+                torch._foreach_add_(grads, torch.autograd.grad(loss, params))
+        self.world.broadcast_(grads)
+        magnitude = torch.cat([g.abs().flatten() for g in grads])
+        k = max(1, round(self.config.mask_share * magnitude.numel()))
+        threshold = torch.topk(magnitude, k, sorted=False).values.min()
+        return [g.abs() >= threshold for g in grads]
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -153,24 +229,28 @@ class Sophon:
         """A copy of the trained state (weights, both optimisers). Not the data streams: a rollback to it
         goes on with fresh batches rather than repeating the ones that led astray."""
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "fts_opt": copy.deepcopy(self.fts_opt.state_dict()),
-                "ntr_opt": copy.deepcopy(self.ntr_opt.state_dict())}
+                **{name: copy.deepcopy(getattr(self, name).state_dict()) for name in self.OPTIMIZERS}}
 
     def restore(self, snapshot):
         self.model.load_state_dict(snapshot["model"])
-        self.fts_opt.load_state_dict(snapshot["fts_opt"])
-        self.ntr_opt.load_state_dict(snapshot["ntr_opt"])
+        for name in self.OPTIMIZERS:
+            if name in snapshot:  # clean_opt: not in checkpoints written before it existed
+                getattr(self, name).load_state_dict(snapshot[name])
 
     def state_dict(self):
         """Everything the next `step()` depends on (not copied: save it before stepping again)."""
-        return {"model": self.model.state_dict(), "fts_opt": self.fts_opt.state_dict(),
-                "ntr_opt": self.ntr_opt.state_dict(), "episode_gen": self.episode_gen.get_state(),
-                "sampler": self.sampler.state_dict(), "restricted_stream": self.restricted_stream.state_dict(),
-                "ntr_stream": self.ntr_stream.state_dict()}
+        return {"model": self.model.state_dict(),
+                **{name: getattr(self, name).state_dict() for name in self.OPTIMIZERS + self.STREAMS},
+                "episode_gen": self.episode_gen.get_state(), "sampler": self.sampler.state_dict(),
+                "mask": self.mask, "steps": self.steps}
 
     def load_state_dict(self, state):
         self.restore(state)
         self.episode_gen.set_state(state["episode_gen"])
         self.sampler.load_state_dict(state["sampler"])
-        self.restricted_stream.load_state_dict(state["restricted_stream"])
-        self.ntr_stream.load_state_dict(state["ntr_stream"])
+        for name in self.STREAMS:
+            if name in state:
+                getattr(self, name).load_state_dict(state[name])
+        self.steps = int(state.get("steps", 0))
+        mask = state.get("mask")
+        self.mask = None if mask is None else [m.to(self.precision.device) for m in mask]

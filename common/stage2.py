@@ -20,9 +20,9 @@ import torch
 from common.checkpoints import (foreign_record, inherit, is_foreign, load_parent, make_checkpoint,
                                 model_from_checkpoint, require_given, resolve_checkpoint)
 from common import dist
-from common.cli import UsageError, comma_list, nonneg_int, pos_float, pos_int, value_range
+from common.cli import UsageError, comma_list, fraction, nonneg_float, nonneg_int, pos_float, pos_int, value_range
 from common.data import DATA_ON_DEVICE, DEVICE_DATA_SHARE, check_name, check_subset_caps, load_domain
-from common.finetune import SCHEDULES, SCOPES, Attack, run_attack
+from common.finetune import SCHEDULES, SCOPES, Attack, holdout, run_attack
 from common.fts import EXP_STEP_RATE, FTS_OPTIMIZERS, HEAD_POLICIES, STEP_WEIGHTS
 from common.runs import Interrupted, close_run, config_of, guarded, open_run, read_last
 from common.sophon import Sophon, SophonConfig
@@ -30,15 +30,23 @@ from common.train import Precision, progress, seed_everything
 
 log = logging.getLogger("sophon")
 
-HEADER = ["loop", "fts_loss", "ntr_loss", "orig_test_acc", "rolled_back",
+HEADER = ["loop", "fts_loss", "ntr_loss", "clean_loss", "orig_test_acc", "rolled_back",
           "fts_optimizer", "fts_lr", "fts_head", "fts_scope", "fts_schedule", "seconds"]
 COMPAT = "the seed's spelling, kept for compatibility"
+
+
+def mask_share_value(text):
+    value = nonneg_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1): a share of the coordinates left free, got {text}")
+    return value
 
 
 def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, total_loop, adaptation_steps,
                  test_interval, finetune_epochs, final_finetune_epochs, finetune_lr, min_orig_acc, max_strikes,
                  eval_interval, save_every, fts_optimizers, fts_lrs, fts_head, fts_scope, fts_envs, fts_clip,
                  fts_schedules="constant", fts_lr_range=None, fts_query_every=1, fts_step_weights="uniform",
+                 clean_loop=0, sam_rho=0.0, mask_share=0.0, mask_every=25, restricted_holdout=None,
                  data_on_device="auto"):
     """Stage-2 flags; each default is the script's constant of the same (upper-case) name. Comma-list
     constants are written as on the command line ("sgd,adam"): argparse parses a string default too."""
@@ -48,7 +56,7 @@ def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, to
     p.add_argument("--beta", type=pos_float, default=beta, help="NTR step = beta * lr")
     p.add_argument("--lr", type=pos_float, default=lr)
     p.add_argument("--fast_lr", type=pos_float, default=fast_lr, help="simulated fine-tuner's lr when --fts_lrs is not given")
-    p.add_argument("--fts_loop", type=pos_int, default=fts_loop)
+    p.add_argument("--fts_loop", type=nonneg_int, default=fts_loop, help="FTS steps per outer loop (0: none)")
     p.add_argument("--ntr_loop", type=nonneg_int, default=ntr_loop)
     p.add_argument("--total_loop", type=pos_int, default=total_loop)
     p.add_argument("--adaptation_steps", type=pos_int, default=adaptation_steps, help="inner steps per episode")
@@ -85,6 +93,18 @@ def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, to
                         "late steps dominate, as in TAR)" % EXP_STEP_RATE)
     p.add_argument("--fts_envs", default=fts_envs, type=pos_int, help="fine-tuners per FTS step, gradients averaged")
     p.add_argument("--fts_clip", default=fts_clip, type=pos_float, help="max norm of the FTS gradient")
+    p.add_argument("--clean_loop", type=nonneg_int, default=clean_loop,
+                   help="clean restricted-domain steps per outer loop, through the model's head (SBL's continual "
+                        "learning on clean data, ECCV'24; NTR is its replay); 0: none")
+    p.add_argument("--sam_rho", type=nonneg_float, default=sam_rho,
+                   help="> 0: NTR and clean steps are sharpness-aware (SAM) with this radius")
+    p.add_argument("--mask_share", type=mask_share_value, default=mask_share,
+                   help="Neurotoxin: freeze this share of the coordinates, those with the largest clean "
+                        "restricted-domain gradient, for the FTS and NTR updates (0: off)")
+    p.add_argument("--mask_every", type=pos_int, default=mask_every, help="outer loops between mask recomputations")
+    p.add_argument("--restricted_holdout", type=fraction, default=restricted_holdout, metavar="F",
+                   help="leave out of stage 2 the fixed share F of the restricted training split that stage 3's "
+                        "--train_fractions F gives its attacker or defender (same --subset), so that data is unseen")
     p.add_argument("--data_on_device", choices=DATA_ON_DEVICE, default=data_on_device,
                    help="keep the training domains' uint8 images on the GPU and gather each batch there (the same "
                         f"batches either way); auto: on CUDA when they take at most {DEVICE_DATA_SHARE * 100:.0f}%% of the "
@@ -131,7 +151,7 @@ class Stage2Runner:
 
     def __init__(self, algo, task, schedule, run, checkpoint_meta):
         self.algo, self.task, self.schedule, self.run, self.meta = algo, task, schedule, run, checkpoint_meta
-        self.metrics = run.csv("metrics.csv", HEADER[:4] + list(task.metric_columns) + HEADER[4:])
+        self.metrics = run.csv("metrics.csv", HEADER[:5] + list(task.metric_columns) + HEADER[5:])
         self.tests = run.csv("finetune_tests.csv", ["loop", "kind", "epoch", "test_acc", *task.probe_columns])
         self.loop, self.strikes, self.snapshot = 0, 0, None
         self.orig_before, self.floor_active, self.last_eval = None, True, None
@@ -186,12 +206,13 @@ class Stage2Runner:
             start = time.perf_counter()
             self.loop += 1
             result = self.algo.step()
-            fts_loss, ntr_loss, tuners = result.fts_loss, result.ntr_loss, result.finetuners
-            row = {"loop": self.loop, "fts_loss": fts_loss, "ntr_loss": ntr_loss, "rolled_back": 0,
+            tuners = result.finetuners
+            losses = {"fts_loss": result.fts_loss, "ntr_loss": result.ntr_loss, "clean_loss": result.clean_loss}
+            row = {"loop": self.loop, **losses, "rolled_back": 0,
                    "fts_optimizer": ";".join(t.optimizer for t in tuners), "fts_lr": ";".join(f"{t.lr:g}" for t in tuners),
                    "fts_head": ";".join(t.head for t in tuners), "fts_scope": ";".join(t.scope for t in tuners),
                    "fts_schedule": ";".join(t.schedule for t in tuners)}
-            finite = math.isfinite(fts_loss) and (ntr_loss is None or math.isfinite(ntr_loss))
+            finite = all(v is None or math.isfinite(v) for v in losses.values())
             due = (s.eval_interval and self.loop % s.eval_interval == 0) or self.loop == s.total_loop
             if finite and due:
                 figures = self._evaluate_orig()
@@ -199,7 +220,7 @@ class Stage2Runner:
             row["seconds"] = time.perf_counter() - start
             self.metrics.append(row)
             if not finite:
-                self._rollback("non-finite loss (FTS %s, NTR %s)" % (fts_loss, ntr_loss))
+                self._rollback("non-finite loss (%s)" % ", ".join(f"{k} {v}" for k, v in losses.items() if v is not None))
             elif due:
                 if self.floor_active and figures["orig_test_acc"] <= s.min_orig_acc:
                     self._rollback(f"original accuracy {figures['orig_test_acc']:.2f} <= floor {s.min_orig_acc}")
@@ -213,7 +234,7 @@ class Stage2Runner:
                 self.last_eval = self.snapshot["eval"]
                 break
             bar.update(1)
-            bar.set_postfix(fts=f"{fts_loss:.3f}", ntr=f"{ntr_loss:.3f}" if ntr_loss is not None else "-")
+            bar.set_postfix({k.split("_")[0]: f"{v:.3f}" for k, v in losses.items() if v is not None})
             if s.test_interval and self.loop % s.test_interval == 0 and self.algo.world.main:
                 curve = self.finetune_test(s.finetune_epochs, self.loop)
                 log.info("loop %d fine-tune test: restricted acc %s", self.loop, [round(c["test_acc"], 2) for c in curve])
@@ -342,6 +363,10 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
     domains = [load(name, train=train, cap=args.subset if train else args.test_subset)
                for name in (args.orig_dataset, args.dataset) for train in (True, False)]
     check_subset_caps(args, domains)
+    if args.fts_loop + args.ntr_loop + args.clean_loop == 0:
+        raise UsageError("--fts_loop, --ntr_loop and --clean_loop are all 0: an outer loop would do nothing")
+    if args.restricted_holdout:
+        domains[2] = holdout(domains[2], args.restricted_holdout)
     device = dist.world().device(args.device)
     for d in domains:
         d.pin_for(device)

@@ -1,4 +1,5 @@
 """BadNets trigger, poisoning, the attack metrics, and the three backdoor stages chained on tiny data."""
+import csv
 import json
 
 import pytest
@@ -107,7 +108,7 @@ def test_three_backdoor_stages_chained(tmp_path, data_root):
     s1, s2, s3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "s3"
     p = run_script("bd_stage1", "--data_root", data_root, "--orig_dataset", "FashionMNIST", "--image_size", "16",
                "--init", "scratch", "--epochs", "1", "--bs", "16", "--trigger_size", "3", "--poison_percent", "0.2",
-               "--out_dir", s1)
+               "--sam_rho", "0.05", "--out_dir", s1)
     assert p.returncode == 0, p.stderr[-2000:]
     summary = json.loads((s1 / "summary.json").read_text())
     assert {"stage", "arch", "orig_dataset", "epochs", "train_acc", "test_acc", "checkpoint", "asr", "ra",
@@ -129,6 +130,7 @@ def test_three_backdoor_stages_chained(tmp_path, data_root):
     assert config["fts_head"] == ["keep"]
     rows = (s2 / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3 and rows[0].startswith("loop,")
+    assert json.loads((s1 / "config.json").read_text())["config"]["sam_rho"] == 0.05
     p = run_script("bd_stage3", "--data_root", data_root, "--path", s2, "--epochs", "1", "--bs", "16",
                "--lrs", "1e-4,1e-2", "--out_dir", s3)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -142,6 +144,26 @@ def test_three_backdoor_stages_chained(tmp_path, data_root):
     assert set(summary["orig_before"]) == {"irreversible", "backdoored"}
     assert len(summary["verdicts"]) == 2
     assert (s3 / "report.md").exists() and (s3 / "plots" / "asr_direct_all.png").exists()
+
+
+@pytest.mark.slow
+def test_backdoor_stage2_with_sbl_clean_steps_mask_and_holdout(tmp_path, data_root, stage1_run):
+    """A plain (not backdoored) parent: the trigger flags must be given, each missing one is named."""
+    out = tmp_path / "sbl"
+    args = ["--data_root", data_root, "--model_path", stage1_run, "--dataset", "MNIST", "--bs", "20",
+            "--total_loop", "3", "--fts_loop", "0", "--clean_loop", "2", "--sam_rho", "0.05", "--mask_share", "0.1",
+            "--mask_every", "2", "--restricted_holdout", "0.1", "--eval_interval", "0", "--test_interval", "0",
+            "--final_finetune_epochs", "0", "--trigger_size", "3", "--target_label", "0", "--out_dir", out]
+    p = run_script("bd_stage2", *args)
+    assert p.returncode == 2 and "records no backdoor (--poison_percent)" in p.stderr, p.stderr[-2000:]
+    assert not out.exists()
+    p = run_script("bd_stage2", *args, "--poison_percent", "0.1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    assert all(r["fts_loss"] == "" and float(r["clean_loss"]) > 0 and float(r["ntr_loss"]) > 0 for r in rows)
+    assert "stage 2 holds out stage 3's 0.1 subset" in (out / "log.txt").read_text()
 
 
 @pytest.mark.slow

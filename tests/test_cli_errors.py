@@ -32,10 +32,15 @@ BAD_FLAGS_IN_PROCESS = [
     ("stage2", ["--fts_step_weights", "linear"], "--fts_step_weights"),
     ("stage2", ["--preset", "strongest"], "--preset"),
     ("stage2", ["--bs", "1.5"], "--bs"),
+    ("stage2", ["--mask_share", "1"], "--mask_share"),
+    ("stage2", ["--sam_rho", "-0.1"], "--sam_rho"),
+    ("stage2", ["--restricted_holdout", "0"], "--restricted_holdout"),
+    ("stage2", ["--clean_loop", "-1"], "--clean_loop"),
     ("stage2", ["--no_such_flag", "1"], "--no_such_flag"),
     ("stage1", ["--epochs", "0"], "--epochs"),
     ("stage1", ["--init", "random"], "--init"),
     ("stage1", ["--device", "tpu"], "--device"),
+    ("stage1", ["--sam_rho", "nan"], "--sam_rho"),
     ("stage3", ["--start", "sophon,sratch"], "--start"),
     ("stage3", ["--optimizers", "sgd,nesterov"], "--optimizers"),
     ("stage3", ["--seeds", "0,-1"], "--seeds"),
@@ -149,15 +154,18 @@ def test_flag_contradicting_the_parent_checkpoint(refused):
 
 
 @pytest.mark.slow
-def test_stage2_batch_too_small_to_split_is_refused_up_front(script_modules, stage1_run, data_root, tmp_path,
-                                                             monkeypatch, capsys, restore_signals):
+@pytest.mark.parametrize("flags, needle", [(["--bs", "3"], "--bs"),
+                                           (["--fts_loop", "0", "--ntr_loop", "0"], "--clean_loop")])
+def test_stage2_refused_up_front_with_its_parent(script_modules, stage1_run, data_root, tmp_path, monkeypatch, capsys,
+                                                 restore_signals, flags, needle):
+    """Checks that need the parent checkpoint or the data: a batch too small to split, loops that do nothing."""
     from common import cli
     out = tmp_path / "run"
-    argv = ["--model_path", str(stage1_run), "--dataset", "MNIST", "--bs", "3", "--total_loop", "1",
+    argv = ["--model_path", str(stage1_run), "--dataset", "MNIST", "--total_loop", "1", *flags,
             "--adaptation_steps", "1", "--test_interval", "0", "--final_finetune_epochs", "0",
             "--data_root", str(data_root), "--out_dir", str(out)]
     monkeypatch.setattr(sys, "argv", [str(SCRIPTS["stage2"]), *argv])
     with pytest.raises(SystemExit) as info:
         cli.run(lambda: script_modules["stage2"].main(argv))
-    assert info.value.code == 2 and "--bs" in capsys.readouterr().err
+    assert info.value.code == 2 and needle in capsys.readouterr().err
     assert not out.exists()

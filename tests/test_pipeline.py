@@ -17,7 +17,7 @@ STAGE2_KEYS = {"stage", "loss_type", "orig_test_acc_before", "orig_test_acc", "f
 STAGE3_KEYS = {"stage", "dataset", "results", "verdicts", "test_samples"}
 RESULT_KEYS = {"start", "strategy", "optimizer", "lr", "batch_size", "epochs", "test_acc_curve", "final_test_acc",
                "seed"}
-STAGE2_HEADER = ["loop", "fts_loss", "ntr_loss", "orig_test_acc", "rolled_back", "fts_optimizer", "fts_lr", "fts_head",
+STAGE2_HEADER = ["loop", "fts_loss", "ntr_loss", "clean_loss", "orig_test_acc", "rolled_back", "fts_optimizer", "fts_lr", "fts_head",
                  "fts_scope", "fts_schedule", "seconds"]
 
 

@@ -47,6 +47,13 @@ FTS_SCHEDULES = "constant"  # lr schedule inside an episode: constant | cosine |
 FTS_LR_RANGE = None  # "LO,HI": each episode's lr drawn log-uniformly from it instead of FTS_LRS
 FTS_QUERY_EVERY = 1  # query loss after every N-th inner step (and the last)
 FTS_STEP_WEIGHTS = "uniform"  # uniform | exp (late inner steps weigh more)
+# What else was tried for persistence (README, "Irreversible backdoor"): SBL's continual learning on clean
+# restricted-domain data with sharpness-aware steps, and Neurotoxin's masking of the clean gradient's coordinates.
+CLEAN_LOOP = 0  # clean restricted-domain steps per loop (SBL); 0: off
+SAM_RHO = 0.0  # > 0: NTR and clean steps sharpness-aware
+MASK_SHARE = 0.0  # Neurotoxin: share of coordinates frozen for FTS and NTR; 0: off
+MASK_EVERY = 25
+RESTRICTED_HOLDOUT = None  # e.g. 0.05: stage 2 never sees the data stage 3's defender gets with --train_fractions 0.05
 
 
 def parse_args(argv=None):
@@ -58,7 +65,8 @@ def parse_args(argv=None):
         min_orig_acc=MIN_ORIG_ACC, max_strikes=MAX_STRIKES, eval_interval=EVAL_INTERVAL, save_every=SAVE_EVERY,
         fts_optimizers=FTS_OPTIMIZERS, fts_lrs=FTS_LRS, fts_head=FTS_HEAD, fts_scope=FTS_SCOPE, fts_envs=FTS_ENVS,
         fts_clip=FTS_CLIP, fts_schedules=FTS_SCHEDULES, fts_lr_range=FTS_LR_RANGE, fts_query_every=FTS_QUERY_EVERY,
-        fts_step_weights=FTS_STEP_WEIGHTS)
+        fts_step_weights=FTS_STEP_WEIGHTS, clean_loop=CLEAN_LOOP, sam_rho=SAM_RHO, mask_share=MASK_SHARE,
+        mask_every=MASK_EVERY, restricted_holdout=RESTRICTED_HOLDOUT)
     parser = cli.build_parser(__doc__, [common, cli.restricted_flag(DATASET), stage2, trigger_flags(),
                                         cli.speed_flags()])
     return parser, parser.parse_args(argv)
@@ -70,6 +78,10 @@ def main(argv=None):
         return 0
     s = setup_stage2(args, "irreversible_backdoor", STAGE,
                      ("arch", "orig_dataset", "image_size", "trigger_size", "target_label", "poison_percent"))
+    missing = [f"--{name}" for name in ("trigger_size", "target_label", "poison_percent") if getattr(args, name) is None]
+    if missing:
+        raise cli.UsageError(f"{s.parent} records no backdoor ({', '.join(missing)}): give those flags, or a "
+                             "train_with_backdoor.py checkpoint")
     check_trigger(args.trigger_size, args.target_label, s.restr_train.images.shape[-2:], s.restr_train.num_classes)
     ntr_train, _ = poison(s.orig_train, args.poison_percent, args.target_label, args.trigger_size)
     ntr_train.pin_for(s.device)
