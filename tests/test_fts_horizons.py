@@ -148,26 +148,31 @@ def test_lr_range_sampler_state_round_trips():
 
 # ---- the named preset ------------------------------------------------------------------------------
 
-def test_preset_robust_sets_its_flags_and_given_flags_win():
-    algo = load_script("stage2")
-    _, plain = algo.parse_args([])
-    _, robust = algo.parse_args(["--preset", "robust"])
-    preset = algo.PRESETS["robust"]
-    changed = {k for k in preset if getattr(robust, k) != getattr(plain, k)}
-    assert changed, "the preset changes nothing"
-    _, ref = algo.parse_args([f"--{k}={v}" for k, v in preset.items()])
+PRESETS = [("stage2", "robust", "fts_query_every", 9), ("bd_stage2", "persistent", "clean_loop", 3)]
+
+
+@pytest.mark.parametrize("script, name, override, value", PRESETS)
+def test_preset_sets_its_flags_and_given_flags_win(script, name, override, value):
+    module = load_script(script)
+    _, plain = module.parse_args([])
+    _, chosen = module.parse_args(["--preset", name])
+    preset = module.PRESETS[name]
+    changed = {k for k in preset if getattr(chosen, k) != getattr(plain, k)}
+    assert changed == set(preset), f"the preset leaves {set(preset) - changed} at their defaults"
+    _, ref = module.parse_args([f"--{k}={v}" for k, v in preset.items()])
     for k in preset:
-        assert getattr(robust, k) == getattr(ref, k), k
-    flag = next(iter(preset))
-    for argv in (["--preset", "robust", "--fts_query_every", "9"], ["--fts_query_every", "9", "--preset", "robust"]):
-        _, given = algo.parse_args(argv)
-        assert given.fts_query_every == 9
-        assert getattr(given, flag) == getattr(robust, flag) or flag == "fts_query_every"
+        assert getattr(chosen, k) == getattr(ref, k), k
+    assert override in preset
+    for argv in (["--preset", name, f"--{override}", str(value)], [f"--{override}", str(value), "--preset", name]):
+        _, given = module.parse_args(argv)
+        assert getattr(given, override) == value
+        assert all(getattr(given, k) == getattr(chosen, k) for k in preset if k != override)
 
 
-def test_preset_help_lists_what_it_sets(capsys):
-    algo = load_script("stage2")
-    parser, _ = algo.parse_args([])
+@pytest.mark.parametrize("script, name, override, value", PRESETS)
+def test_preset_help_lists_what_it_sets(capsys, script, name, override, value):
+    module = load_script(script)
+    parser, _ = module.parse_args([])
     text = " ".join(parser.format_help().split())
-    for k, v in algo.PRESETS["robust"].items():
+    for k, v in module.PRESETS[name].items():
         assert f"--{k} {v}" in text, k

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow  # stage scripts in subprocesses
 STAGE2 = ["--dataset", "MNIST", "--bs", "20", "--total_loop", "6", "--adaptation_steps", "2", "--save_every", "1",
           "--test_interval", "3", "--finetune_epochs", "1", "--final_finetune_epochs", "1", "--eval_interval", "2",
           "--loss_type", "inverse", "--fts_optimizers", "sgd,adam,sign", "--fts_head", "reinit,keep",
-          "--fts_lr_range", "1e-4,1e-2", "--fts_schedules", "constant,cosine", "--fts_step_weights", "exp"]
+          "--fts_lr_range", "1e-4,1e-2", "--fts_schedules", "constant,cosine", "--fts_step_weights", "exp",
+          "--clean_loop", "1", "--sam_rho", "0.05", "--mask_share", "0.1", "--mask_every", "2"]
 STAGE1 = ["--orig_dataset", "FashionMNIST", "--image_size", "16", "--init", "scratch", "--epochs", "3", "--bs", "16",
           "--save_every", "1"]
 
@@ -78,8 +79,9 @@ def test_stage2_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, data_r
     rows, full_rows = read_rows(out / "metrics.csv"), read_rows(stage2_full / "metrics.csv")
     assert [int(r["loop"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     for r, f in zip(rows, full_rows):
-        for key in ("fts_loss", "ntr_loss", "orig_test_acc", "fts_optimizer", "fts_lr", "fts_head", "rolled_back"):
-            if key in ("fts_loss", "ntr_loss"):
+        for key in ("fts_loss", "ntr_loss", "clean_loss", "orig_test_acc", "fts_optimizer", "fts_lr", "fts_head",
+                    "rolled_back"):
+            if key in ("fts_loss", "ntr_loss", "clean_loss"):
                 assert float(r[key]) == pytest.approx(float(f[key]), rel=1e-4, abs=1e-6), (r["loop"], key)
             else:
                 assert r[key] == f[key], (r["loop"], key)

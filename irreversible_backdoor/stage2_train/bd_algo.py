@@ -4,6 +4,7 @@ FTS simulates clean fine-tuning on the restricted domain; its query loss is CE t
 the same query images with the trigger stamped. NTR trains on the poisoned original domain.
 
     python irreversible_backdoor/stage2_train/bd_algo.py --alpha 3 --beta 5 --dataset CIFAR10 --arch resnet18
+    python irreversible_backdoor/stage2_train/bd_algo.py --preset persistent --dataset MNIST    # SBL: survives ft
     torchrun --nproc_per_node 4 irreversible_backdoor/stage2_train/bd_algo.py --fts_envs 4 ...
 """
 from functools import partial
@@ -54,6 +55,10 @@ SAM_RHO = 0.0  # > 0: NTR and clean steps sharpness-aware
 MASK_SHARE = 0.0  # Neurotoxin: share of coordinates frozen for FTS and NTR; 0: off
 MASK_EVERY = 25
 RESTRICTED_HOLDOUT = None  # e.g. 0.05: stage 2 never sees the data stage 3's defender gets with --train_fractions 0.05
+# Named configurations (--preset NAME): flag values as typed; flags on the command line still win.
+# persistent: SBL, no FTS: clean restricted-domain steps with poisoned-NTR replay, both sharpness-aware
+# (README, "Irreversible backdoor": the one configuration that keeps its ASR through ft, ft_sam and fine_pruning).
+PRESETS = {"persistent": {"fts_loop": 0, "clean_loop": 1, "sam_rho": 0.05}}
 
 
 def parse_args(argv=None):
@@ -67,9 +72,9 @@ def parse_args(argv=None):
         fts_clip=FTS_CLIP, fts_schedules=FTS_SCHEDULES, fts_lr_range=FTS_LR_RANGE, fts_query_every=FTS_QUERY_EVERY,
         fts_step_weights=FTS_STEP_WEIGHTS, clean_loop=CLEAN_LOOP, sam_rho=SAM_RHO, mask_share=MASK_SHARE,
         mask_every=MASK_EVERY, restricted_holdout=RESTRICTED_HOLDOUT)
-    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(DATASET), stage2, trigger_flags(),
-                                        cli.speed_flags()])
-    return parser, parser.parse_args(argv)
+    parser = cli.build_parser(__doc__, [cli.preset_flag(PRESETS), common, cli.restricted_flag(DATASET), stage2,
+                                        trigger_flags(), cli.speed_flags()])
+    return parser, cli.parse_with_presets(parser, argv, PRESETS)
 
 
 def main(argv=None):
