@@ -16,7 +16,8 @@ from helpers import TinyNet, interrupted_run, popen_script, read_rows, run_scrip
 
 CPU = Precision(torch.device("cpu"))
 CONFIG = dict(lr=1e-3, bs=20, adaptation_steps=2, fts_envs=4, fts_optimizers=("sgd", "adam"),
-              fts_lrs=(1e-3, 1e-2), fts_head=("reinit", "keep"))
+              fts_lrs=(1e-3, 1e-2), fts_head=("reinit", "keep"), clean_loop=1, sam_rho=0.05, mask_share=0.2,
+              mask_every=2)
 LOOPS = 3
 
 
