@@ -38,7 +38,7 @@ COMPAT = "the seed's spelling, kept for compatibility"
 def mask_share_value(text):
     value = nonneg_float(text)
     if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), the share of coordinates frozen (1 would freeze them all), got {text}")
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), the share of coordinates frozen (1: all), got {text}")
     return value
 
 
