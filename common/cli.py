@@ -62,24 +62,22 @@ def batch_size(text):
     return value
 
 
-def pos_float(text):
+def _float(text, rule, holds):
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text}")
+    if not math.isfinite(value) or not holds(value):
+        raise argparse.ArgumentTypeError(f"must be finite and {rule}, got {text}")
     return value
+
+
+def pos_float(text):
+    return _float(text, "> 0", lambda v: v > 0)
 
 
 def nonneg_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
-    return value
+    return _float(text, ">= 0", lambda v: v >= 0)
 
 
 def fraction(text):

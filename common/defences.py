@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.cli import UsageError, comma_list, fraction, nonneg_int, pos_float, pos_int
+from common.cli import UsageError, comma_list, fraction, nonneg_float, nonneg_int, pos_float, pos_int
 from common.finetune import (Attack, _ScheduledSteps, attack_subset, scope_params, start_curve, steps_per_epoch,
                              train_epochs, training_only)
 from common.models import classifier_head
@@ -395,25 +395,15 @@ def check_arch(names, arch):
                              f"fc); {arch} has none")
 
 
-def _nonneg_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
-    return value
-
-
 def _momentum(text):
-    value = _nonneg_float(text)
+    value = nonneg_float(text)
     if value >= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 
 def _betas(text):
-    values = [_nonneg_float(t) for t in text.split(",")]
+    values = [nonneg_float(t) for t in text.split(",")]
     if len(values) != len(NAD_LAYERS):
         raise argparse.ArgumentTypeError(f"needs {len(NAD_LAYERS)} values, one per layer of {', '.join(NAD_LAYERS)}; "
                                          f"got {text!r}")
@@ -435,7 +425,7 @@ def defence_flags():
     g.add_argument("--defence_lr", type=pos_float, default=DEFENCE_LR,
                    help="lr of ft, ft_sam, fine_pruning and nad (teacher and student)")
     g.add_argument("--defence_momentum", type=_momentum, default=DEFENCE_MOMENTUM, help="SGD momentum, every defence")
-    g.add_argument("--defence_weight_decay", type=_nonneg_float, default=DEFENCE_WEIGHT_DECAY,
+    g.add_argument("--defence_weight_decay", type=nonneg_float, default=DEFENCE_WEIGHT_DECAY,
                    help="SGD weight decay, every defence")
     g.add_argument("--sam_rho", type=pos_float, default=SAM_RHO,
                    help="ft_sam's perturbation radius (BackdoorBench: 2.0 with --sam_adaptive)")

@@ -174,3 +174,19 @@ def tiny_domain(name, seed, n=40, size=8):
     gen = torch.Generator().manual_seed(seed)
     return Domain(name, True, torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=gen),
                   torch.randint(0, 10, (n,), generator=gen), n)
+
+
+def tiny_sophon(**config):
+    """A Sophon on a TinyNet, MNIST-shaped restricted and Fashion-shaped NTR tiny domains, CE query loss."""
+    import torch.nn.functional as F
+    from common.sophon import Sophon, SophonConfig
+    from common.train import Precision
+    cpu = Precision(torch.device("cpu"))
+    torch.manual_seed(0)
+    restricted, orig = tiny_domain("MNIST", 1), tiny_domain("FashionMNIST", 2)
+
+    def ce(net, x, y):
+        return F.cross_entropy(net(restricted.to_input(x, cpu.device)), y)
+
+    defaults = dict(lr=1e-3, bs=20, adaptation_steps=2, fts_lrs=(1e-3,))
+    return Sophon(TinyNet(), ce, restricted, orig, SophonConfig(**{**defaults, **config}), cpu)

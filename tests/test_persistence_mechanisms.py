@@ -10,22 +10,14 @@ import torch.nn.functional as F
 
 from common.data import BatchStream
 from common.finetune import attack_subset, holdout, subset_indices
-from common.sophon import MASK_BATCHES, Sophon, SophonConfig
+from common.sophon import MASK_BATCHES
 from common.train import Precision, sam_step
-from helpers import TinyNet, tiny_domain
+from helpers import tiny_domain, tiny_sophon
 
 CPU = Precision(torch.device("cpu"))
 
 
-def _algo(**config):
-    torch.manual_seed(0)
-    restricted, orig = tiny_domain("MNIST", 1), tiny_domain("FashionMNIST", 2)
-
-    def ce(net, x, y):
-        return F.cross_entropy(net(restricted.to_input(x, CPU.device)), y)
-
-    defaults = dict(lr=1e-3, bs=20, adaptation_steps=2, fts_lrs=(1e-3,))
-    return Sophon(TinyNet(), ce, restricted, orig, SophonConfig(**{**defaults, **config}), CPU)
+_algo = tiny_sophon
 
 
 def _batch(domain, seed, bs=20):

@@ -3,24 +3,10 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from common.sophon import Sophon, SophonConfig
-from common.train import Precision
-from helpers import TinyNet, tiny_domain
+from helpers import tiny_sophon
 
-CPU = Precision(torch.device("cpu"))
-
-
-def _algo(**config):
-    torch.manual_seed(0)
-    restricted, orig = tiny_domain("MNIST", 1), tiny_domain("FashionMNIST", 2)
-
-    def ce(net, x, y):
-        return F.cross_entropy(net(restricted.to_input(x, CPU.device)), y)
-
-    defaults = dict(lr=1e-3, bs=20, adaptation_steps=2, fts_lrs=(1e-3,))
-    return Sophon(TinyNet(), ce, restricted, orig, SophonConfig(**{**defaults, **config}), CPU)
+_algo = tiny_sophon
 
 
 def _weights(algo):
