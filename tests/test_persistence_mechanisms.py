@@ -124,3 +124,31 @@ def test_holdout_is_the_complement_of_stage_3s_subset():
     left_out = torch.ones(len(domain), dtype=torch.bool)
     left_out[subset_indices(domain.labels, 0.1)] = False
     assert torch.equal(kept.labels, domain.labels[left_out])
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.2])
+def test_stage1_takes_sam_steps_when_sam_rho_is_set(monkeypatch, tmp_path, rho):
+    from argparse import Namespace
+    import common.stage1 as stage1
+    from common.runs import CSVLog
+    from helpers import TinyNet
+    calls = []
+    real = stage1.sam_step
+    monkeypatch.setattr(stage1, "sam_step", lambda *a, **k: calls.append(k["rho"]) or real(*a, **k))
+    monkeypatch.setattr(stage1, "atomic_save", lambda *a, **k: None)
+    monkeypatch.setattr(stage1, "make_checkpoint", lambda *a, **k: {})
+
+    class Run:
+        ckpt_dir = tmp_path
+
+        def csv(self, name, header):
+            return CSVLog(tmp_path / name, header)
+
+    class NoInterrupts:
+        def due(self):
+            return False
+
+    args = Namespace(lr=1e-3, seed=0, epochs=1, bs=8, save_every=1, sam_rho=rho)
+    stage1.run_stage1(args, Run(), TinyNet(), tiny_domain("FashionMNIST", 4, n=24), lambda m: {"test_acc": 0.0},
+                      CPU.device, CPU, NoInterrupts(), meta={})
+    assert calls == ([rho] * 3 if rho else [])  # 24 samples in batches of 8
