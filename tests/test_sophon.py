@@ -73,3 +73,21 @@ def test_restore_brings_back_weights_and_optimisers_but_not_the_batches():
     assert all(torch.equal(v, weights[k]) for k, v in algo.model.state_dict().items())
     assert algo.fts_opt.state_dict()["state"] == {} and algo.ntr_opt.state_dict()["state"] == {}
     assert algo.restricted_stream.pos == position, "a rollback goes on with fresh batches"
+
+
+def test_a_state_saved_before_clean_steps_and_the_mask_existed_still_resumes_exactly():
+    reference = _algo()
+    reference.step()
+    state = reference.state_dict()
+    for key in ("clean_opt", "clean_stream", "mask_stream", "mask", "steps"):
+        del state[key]  # what last.pt held before SBL's clean steps and Neurotoxin's mask
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    expected = [reference.step() for _ in range(2)]
+    resumed = _algo()
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    got = [resumed.step() for _ in range(2)]
+    assert [r.fts_loss for r in got] == pytest.approx([r.fts_loss for r in expected], rel=1e-5)
+    for k, v in resumed.model.state_dict().items():
+        assert torch.allclose(v.float(), reference.model.state_dict()[k].float(), atol=1e-6), k
