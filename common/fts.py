@@ -57,28 +57,48 @@ class FineTunerSampler:
     """Draws one simulated fine-tuner per episode, uniformly over every configured combination.
 
     With `lr_range` (lo, hi) the learning rate is not one of `lrs` but drawn log-uniformly from [lo, hi]
-    for each episode: an attacker's lr is a continuum, and a short list leaves gaps between its points."""
+    for each episode: an attacker's lr is a continuum, and a short list leaves gaps between its points.
 
-    def __init__(self, optimizers, lrs, heads, scopes, seed, schedules=("constant",), lr_range=None):
+    With `lr_adapt` > 0 as well, the lr is not drawn but learned, adversarially, one per optimiser (MLAC,
+    Henderson et al. AIES'23: the simulated attacker tunes its own lr): it starts at the range's geometric
+    middle, and after each episode `adapt` moves its log by `lr_adapt` against the sign of d(attacker's
+    loss)/d(log lr), within the range. The sign makes the step scale-free, as the optimisers' lrs differ by
+    orders of magnitude."""
+
+    def __init__(self, optimizers, lrs, heads, scopes, seed, schedules=("constant",), lr_range=None, lr_adapt=0.0):
+        if lr_adapt and not lr_range:
+            raise ValueError("an adapted lr needs lr_range, the interval it moves in")
         lrs = [None] if lr_range else lrs
         self.choices = [FineTuner(o, lr if lr is None else float(lr), h, s, sch) for o, lr, h, s, sch
                         in itertools.product(optimizers, lrs, heads, scopes, schedules)]
-        self.lr_range = lr_range
+        self.lr_range, self.lr_adapt = lr_range, lr_adapt
+        self.log_lr = {o: sum(math.log(v) for v in lr_range) / 2 for o in optimizers} if lr_adapt else {}
         self.rng = random.Random(seed)
 
     def sample(self):
         tuner = self.choices[0] if len(self.choices) == 1 else self.rng.choice(self.choices)
-        if self.lr_range:
+        if self.lr_adapt:
+            tuner = replace(tuner, lr=math.exp(self.log_lr[tuner.optimizer]))
+        elif self.lr_range:
             lo, hi = (math.log(v) for v in self.lr_range)
             tuner = replace(tuner, lr=math.exp(self.rng.uniform(lo, hi)))
         return tuner
 
+    def adapt(self, finetuner, slope):
+        """The attacker's step on its lr after an episode of `finetuner`; `slope`: d(its loss)/d(log lr)."""
+        if not self.lr_adapt or slope == 0 or not math.isfinite(slope):
+            return
+        lo, hi = (math.log(v) for v in self.lr_range)
+        moved = self.log_lr[finetuner.optimizer] - math.copysign(self.lr_adapt, slope)
+        self.log_lr[finetuner.optimizer] = min(hi, max(lo, moved))
+
     def state_dict(self):
-        return {"rng": self.rng.getstate()}
+        return {"rng": self.rng.getstate(), "log_lr": dict(self.log_lr)}
 
     def load_state_dict(self, state):
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
+        self.log_lr.update(state.get("log_lr", {}))
 
 
 def support_query_split(n, gen):
@@ -149,6 +169,9 @@ class FTS:
         if finetuner.head == "reinit":
             reinit_head(learner, gen)
         trainable, bn_eval = scope_params(learner, finetuner.scope)
+        trained = {id(p) for p in trainable}
+        self.origin = [(lp, lp.detach().clone() if finetuner.head == "reinit" and name in self.head_names else mp)
+                       for (name, lp), mp in zip(learner.named_parameters(), model.parameters()) if id(lp) in trained]
         device = next(model.parameters()).device
         inner = make_optimizer(finetuner.optimizer, trainable, finetuner.lr, device=device)
         learner.train()
@@ -186,3 +209,14 @@ class FTS:
         for p in trainable:
             p.grad = None
         return total
+
+    def lr_slope(self, x, y):
+        """d CE(adapted weights on (x, y)) / d log(lr) for the episode just run, to first order: the episode
+        moved the trained weights by D = W_K - W_0, which scales with the lr (exactly so for one SGD step), so
+        dW_K/d log(lr) ~ D and the slope is grad CE(W_K) . D. Negative: a larger lr would have served the
+        attacker better. The model's weights must still be those the episode started from."""
+        params = [p for p, _ in self.origin]
+        with self.precision.autocast():
+            loss = F.cross_entropy(self.learner_fwd(self.to_input(x)).float(), y.to(params[0].device))
+        grads = torch.autograd.grad(loss, params)
+        return sum((g * (p.detach() - start)).sum() for g, (p, start) in zip(grads, self.origin))

@@ -6,7 +6,8 @@ Deng et al., IEEE S&P 2024, Algorithm 1 (classification), first-order. One outer
       `adaptation_steps` inner steps on restricted-domain batches and add the gradient of the task's query
       loss at the adapted weights to the model's gradient (common.fts.FTS.episode), after every
       `fts_query_every`-th step and the last, weighted by `fts_step_weights`; clip the summed gradient to
-      `fts_clip`, then an Adam step at alpha * lr.
+      `fts_clip`, then an Adam step at alpha * lr. With `fts_lr_adapt` the fine-tuners' lrs are the simulated
+      attacker's own, learned from each episode's effect on a held-out restricted batch (MLAC).
   NTR (`ntr_loop` times): cross-entropy on an original-domain batch, a separate Adam at beta * lr.
 
 Two optional parts, written for the irreversible backdoor (both off by default):
@@ -56,6 +57,7 @@ class SophonConfig:
     fts_scope: tuple = ("all",)
     fts_schedules: tuple = ("constant",)  # lr schedule inside an episode, sampled per episode
     fts_lr_range: Optional[tuple] = None  # (lo, hi): lr drawn log-uniformly per episode instead of fts_lrs
+    fts_lr_adapt: float = 0.0  # > 0: the lr is learned by the simulated attacker instead (MLAC), this step in log lr
     fts_query_every: int = 1  # query loss after every N-th inner step (and the last)
     fts_step_weights: str = "uniform"  # uniform | exp (later steps weigh more)
     clean_loop: int = 0  # SBL: clean restricted-domain steps per outer loop (head kept)
@@ -116,7 +118,7 @@ class Sophon:
         self.episode_gen = torch.Generator().manual_seed(config.seed + 1)  # one seed per episode
         self.sampler = FineTunerSampler(config.fts_optimizers, config.fts_lrs, config.fts_head, config.fts_scope,
                                         seed=config.seed + 2, schedules=config.fts_schedules,
-                                        lr_range=config.fts_lr_range)
+                                        lr_range=config.fts_lr_range, lr_adapt=config.fts_lr_adapt)
         # the FTS loss is the weighted mean over the queried inner steps and the environments
         self.step_weights = [w / config.fts_envs for w in query_weights(
             config.adaptation_steps, config.fts_query_every, config.fts_step_weights)]
@@ -128,7 +130,7 @@ class Sophon:
         self.model_fwd = precision.maybe_compile(model)
 
     def step(self):
-        """One outer loop; one host sync, for the losses."""
+        """One outer loop; one host sync, for the losses (and one per FTS step for the learned lr's slopes)."""
         c = self.config
         self.model.train()
         if c.mask_share and self.steps % c.mask_every == 0:
@@ -151,18 +153,25 @@ class Sophon:
                 p.grad = torch.zeros_like(p)
         torch._foreach_zero_([p.grad for p in params])
         loss = torch.zeros((), device=self.precision.device)
+        slopes = torch.zeros(c.fts_envs, device=self.precision.device)  # d(attacker's loss)/d(log lr) per env
         plan = [(self.sampler.sample(), [self.restricted_stream.next() for _ in range(c.adaptation_steps)],
-                 int(torch.randint(2**62, (), generator=self.episode_gen))) for _ in range(c.fts_envs)]
-        for env, (finetuner, indices, seed) in enumerate(plan):
+                 int(torch.randint(2**62, (), generator=self.episode_gen)),
+                 self.restricted_stream.next() if c.fts_lr_adapt else None) for _ in range(c.fts_envs)]
+        for env, (finetuner, indices, seed, probe) in enumerate(plan):
             if env % self.world.size == self.world.rank:
                 batches = IndexedBatches(indices, self.restricted_gather)
                 gen = torch.Generator().manual_seed(seed)
                 loss += self.fts.episode(self.model, batches, finetuner, self.step_weights, gen)
-        self.world.sum_([p.grad for p in params] + [loss.view(1)])
+                if probe is not None:  # a batch the episode did not train on: the attacker's held-out loss
+                    slopes[env] = self.fts.lr_slope(*self.restricted_gather(self.restricted_gather.indices(probe)))
+        self.world.sum_([p.grad for p in params] + [loss.view(1)] + ([slopes] if c.fts_lr_adapt else []))
         torch.nn.utils.clip_grad_norm_(params, c.fts_clip)
         with self.masked():
             self.fts_opt.step()
-        return loss, [finetuner for finetuner, _, _ in plan]
+        if c.fts_lr_adapt:
+            for (finetuner, *_), slope in zip(plan, slopes.tolist()):
+                self.sampler.adapt(finetuner, slope)
+        return loss, [finetuner for finetuner, *_ in plan]
 
     def supervised_step(self, domain, gather, stream, optimizer, masked):
         """Cross-entropy on one batch of `domain` (NTR, or SBL's clean step), plain or sharpness-aware. The

@@ -45,7 +45,8 @@ def mask_share_value(text):
 def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, total_loop, adaptation_steps,
                  test_interval, finetune_epochs, final_finetune_epochs, finetune_lr, min_orig_acc, max_strikes,
                  eval_interval, save_every, fts_optimizers, fts_lrs, fts_head, fts_scope, fts_envs, fts_clip,
-                 fts_schedules="constant", fts_lr_range=None, fts_query_every=1, fts_step_weights="uniform",
+                 fts_schedules="constant", fts_lr_range=None, fts_lr_adapt=0.0, fts_query_every=1,
+                 fts_step_weights="uniform",
                  clean_loop=0, sam_rho=0.0, mask_share=0.0, mask_every=25, restricted_holdout=None,
                  data_on_device="auto"):
     """Stage-2 flags; each default is the script's constant of the same (upper-case) name. Comma-list
@@ -85,6 +86,10 @@ def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, to
                         f"({', '.join(SCHEDULES)}; as the stage-3 attacker's)")
     p.add_argument("--fts_lr_range", default=fts_lr_range, type=value_range, metavar="LO,HI",
                    help="draw each episode's lr log-uniformly from [LO, HI] instead of from --fts_lrs")
+    p.add_argument("--fts_lr_adapt", default=fts_lr_adapt, type=nonneg_float, metavar="ETA",
+                   help="> 0: the simulated attacker learns its lr, one per optimiser, inside --fts_lr_range "
+                        "(MLAC): after each episode log(lr) moves by ETA the way that lowers its cross-entropy on "
+                        "a held-out restricted batch; 0: drawn per episode")
     p.add_argument("--fts_query_every", default=fts_query_every, type=pos_int, metavar="N",
                    help="query loss after every N-th inner step and the last; the others skip the query pass, so "
                         "longer horizons cost less (TAR queries every 4th of 64 steps)")
@@ -350,6 +355,8 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
     if args.bs < 4:
         raise UsageError(f"--bs {args.bs} is too small for stage 2: each batch is split into support and query, "
                          f"two samples each at least (BatchNorm); use --bs 4 or more")
+    if args.fts_lr_adapt and args.fts_lr_range is None:
+        raise UsageError("--fts_lr_adapt learns the lr inside --fts_lr_range LO,HI; give that range too")
     parent = resolve_checkpoint(args.model_path, project, "stage1_pretrain")
     ckpt = load_parent(parent, args)
     if is_foreign(ckpt):

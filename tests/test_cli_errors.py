@@ -28,6 +28,7 @@ BAD_FLAGS_IN_PROCESS = [
     ("stage2", ["--fts_head", "drop"], "--fts_head"),
     ("stage2", ["--fts_lr_range", "1e-2,1e-5"], "--fts_lr_range"),
     ("stage2", ["--fts_lr_range", "1e-3"], "--fts_lr_range"),
+    ("stage2", ["--fts_lr_adapt", "-0.1"], "--fts_lr_adapt"),
     ("stage2", ["--fts_schedules", "cosine,step"], "--fts_schedules"),
     ("stage2", ["--fts_step_weights", "linear"], "--fts_step_weights"),
     ("stage2", ["--preset", "strongest"], "--preset"),
@@ -155,7 +156,8 @@ def test_flag_contradicting_the_parent_checkpoint(refused):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, needle", [(["--bs", "3"], "--bs"),
-                                           (["--fts_loop", "0", "--ntr_loop", "0"], "--clean_loop")])
+                                           (["--fts_loop", "0", "--ntr_loop", "0"], "--clean_loop"),
+                                           (["--fts_lr_adapt", "0.1"], "--fts_lr_range")])
 def test_stage2_refused_up_front_with_its_parent(script_modules, stage1_run, data_root, tmp_path, monkeypatch, capsys,
                                                  restore_signals, flags, needle):
     """Checks that need the parent checkpoint or the data: a batch too small to split, loops that do nothing."""

@@ -19,6 +19,7 @@ CONFIG = dict(lr=1e-3, bs=20, adaptation_steps=2, fts_envs=4, fts_optimizers=("s
               fts_lrs=(1e-3, 1e-2), fts_head=("reinit", "keep"), clean_loop=1, sam_rho=0.05, mask_share=0.2,
               mask_every=2)
 LOOPS = 3
+LEARNED_LR = dict(CONFIG, fts_lrs=(1e-4,), fts_lr_range=(1e-3, 1e-2), fts_lr_adapt=0.3)
 
 
 def _free_port():
@@ -27,7 +28,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run(world_size, rank=0):
+def _run(world_size, rank=0, config=CONFIG):
     """LOOPS outer loops on a TinyNet; returns per loop (flat weights, fts loss, fine-tuners)."""
     torch.manual_seed(0)
     restricted, orig = tiny_domain("MNIST", 1), tiny_domain("FashionMNIST", 2)
@@ -35,7 +36,7 @@ def _run(world_size, rank=0):
     def ce(net, x, y):
         return F.cross_entropy(net(restricted.to_input(x, CPU.device)), y)
 
-    algo = Sophon(TinyNet(), ce, restricted, orig, SophonConfig(**CONFIG), CPU, world=dist.world())
+    algo = Sophon(TinyNet(), ce, restricted, orig, SophonConfig(**config), CPU, world=dist.world())
     fts_grads, adam_step = [], algo.fts_opt.step
 
     def recording_step(*args, **kwargs):  # the (summed, clipped) FTS gradient the Adam step receives
@@ -51,24 +52,28 @@ def _run(world_size, rank=0):
     return trace
 
 
-def _rank_main(rank, world_size, port, out):
+def _rank_main(rank, world_size, port, out, config):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     world = dist.init_from_env("cpu")
     try:
-        trace = _run(world_size, rank)
+        trace = _run(world_size, rank, config)
         torch.save([(s, g, loss, [t.__dict__ for t in tuners]) for s, g, loss, tuners in trace],
                    f"{out}.rank{world.rank}")
     finally:
         dist.shutdown()
 
 
+def _two_ranks(tmp_path_factory, config):
+    out = tmp_path_factory.mktemp("dist") / "trace"
+    mp.spawn(_rank_main, args=(2, _free_port(), str(out), config), nprocs=2, join=True)
+    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist") / "trace"
-    mp.spawn(_rank_main, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
+    return _two_ranks(tmp_path_factory, CONFIG)
 
 
 def test_ranks_hold_identical_weights_after_every_step(two_ranks):
@@ -90,6 +95,15 @@ def test_two_ranks_equal_one_process(two_ranks):
         # Adam moves a coordinate by ~lr whatever its gradient's size, so where a gradient is ~0 the rounding
         # of the sums above shows at the 1e-4 scale after a few loops (the FTS step is alpha * lr = 3e-3)
         assert (state - s1).abs().max().item() < 2e-3, f"loop {loop + 1}"
+
+
+def test_learned_lr_is_the_same_on_every_rank_and_world_size(tmp_path_factory):
+    """Each environment's slope is computed on the rank that ran it and summed: every rank, and one process,
+    then step the attacker's lr the same way."""
+    ranks = _two_ranks(tmp_path_factory, LEARNED_LR)
+    single = [[t.__dict__ for t in tuners] for *_, tuners in _run(1, config=LEARNED_LR)]
+    assert [tuners for *_, tuners in ranks[0]] == [tuners for *_, tuners in ranks[1]] == single
+    assert len({t["lr"] for tuners in single for t in tuners}) > 1, "the lr moved"
 
 
 # ---- the stage script under torchrun ----------------------------------------------------------------------

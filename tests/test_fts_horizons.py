@@ -146,6 +146,74 @@ def test_lr_range_sampler_state_round_trips():
     assert [fresh.sample() for _ in range(5)] == ahead
 
 
+# ---- the learned lr (MLAC) -------------------------------------------------------------------------
+
+def _one_episode(model, finetuner, batch, head_seed=0):
+    fts = FTS(model, lambda net, x, y: kl_uniform(net(x.float() / 255), y), lambda x: x.float() / 255, CPU)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    fts.episode(model, [batch], finetuner, 0.0, torch.Generator().manual_seed(head_seed))
+    return fts
+
+
+def _probe_ce(fts, x, y):
+    return torch.nn.functional.cross_entropy(fts.learner(x.float() / 255), y).item()
+
+
+@pytest.mark.parametrize("head", ["keep", "reinit"])
+def test_lr_slope_is_the_derivative_in_log_lr_for_one_sgd_step(head):
+    """One SGD step is linear in the lr, so the first-order slope is exact: it must match a central
+    difference of the held-out cross-entropy in log(lr), a new head's own starting point included."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    g = torch.Generator().manual_seed(4)
+    batch = (torch.randint(0, 256, (40, 3, 8, 8), generator=g, dtype=torch.uint8), torch.randint(0, 10, (40,), generator=g))
+    x, y = torch.randint(0, 256, (30, 3, 8, 8), generator=g, dtype=torch.uint8), torch.randint(0, 10, (30,), generator=g)
+    lr, eps = 0.3, 1e-2
+    slope = _one_episode(model, FineTuner("sgd", lr, head), batch).lr_slope(x, y).item()
+    ce = [_probe_ce(_one_episode(model, FineTuner("sgd", lr * math.exp(s), head), batch), x, y) for s in (eps, -eps)]
+    assert abs(slope) > 1e-3
+    assert slope == pytest.approx((ce[0] - ce[1]) / (2 * eps), rel=2e-2)
+
+
+def test_learned_lr_starts_mid_range_steps_against_the_slope_per_optimiser_and_stays_in_range():
+    s = FineTunerSampler(["adam", "sgd"], [1e-4], ["keep"], ["all"], seed=0, lr_range=(1e-4, 1e-2), lr_adapt=0.5)
+    adam, sgd = FineTuner("adam"), FineTuner("sgd")
+    assert all(t.lr == pytest.approx(1e-3) for t in (s.sample() for _ in range(20)))
+    s.adapt(adam, -0.2)  # a larger lr would have lowered the attacker's loss
+    s.adapt(sgd, 3.0)
+    s.adapt(sgd, float("nan"))  # a diverged episode teaches nothing
+    lrs = {t.optimizer: t.lr for t in (s.sample() for _ in range(20))}
+    assert lrs == pytest.approx({"adam": 1e-3 * math.exp(0.5), "sgd": 1e-3 * math.exp(-0.5)})
+    for _ in range(20):
+        s.adapt(adam, -1.0)
+    state = s.state_dict()
+    fresh = FineTunerSampler(["adam", "sgd"], [1e-4], ["keep"], ["all"], seed=0, lr_range=(1e-4, 1e-2), lr_adapt=0.5)
+    fresh.load_state_dict(state)
+    assert {t.optimizer: t.lr for t in (fresh.sample() for _ in range(20))}["adam"] == pytest.approx(1e-2)
+    with pytest.raises(ValueError, match="lr_range"):
+        FineTunerSampler(["adam"], [1e-4], ["keep"], ["all"], seed=0, lr_adapt=0.5)
+
+
+def test_stage2_moves_each_episodes_lr_by_the_step_and_resumes_it():
+    from helpers import tiny_sophon
+    config = dict(fts_optimizers=("sgd",), fts_lr_range=(1e-3, 1.0), fts_lr_adapt=0.25, fts_envs=2, fts_head=("keep",))
+    algo = tiny_sophon(**config)
+    lrs = [t.lr for _ in range(4) for t in algo.step().finetuners]
+    assert lrs[0] == lrs[1] == pytest.approx(math.sqrt(1e-3)), "both environments of a step share the lr"
+    moves = [math.log(b / a) for a, b in zip(lrs[1::2], lrs[2::2])]
+    assert all(abs(m) == pytest.approx(0.5) or abs(m) == pytest.approx(0.0, abs=1e-9) for m in moves), moves
+    assert any(m for m in moves), "the attacker's lr moved"
+    import io
+    buffer = io.BytesIO()
+    torch.save(algo.state_dict(), buffer)
+    ahead = [t.lr for _ in range(2) for t in algo.step().finetuners]
+    resumed = tiny_sophon(**config)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert [t.lr for _ in range(2) for t in resumed.step().finetuners] == pytest.approx(ahead)
+
+
 # ---- the named preset ------------------------------------------------------------------------------
 
 PRESETS = [("stage2", "robust", "fts_query_every", 9), ("bd_stage2", "persistent", "clean_loop", 3)]
