@@ -167,8 +167,9 @@ def test_lr_slope_is_the_derivative_in_log_lr_for_one_sgd_step(head):
     torch.manual_seed(0)
     model = TinyNet()
     g = torch.Generator().manual_seed(4)
-    batch = (torch.randint(0, 256, (40, 3, 8, 8), generator=g, dtype=torch.uint8), torch.randint(0, 10, (40,), generator=g))
-    x, y = torch.randint(0, 256, (30, 3, 8, 8), generator=g, dtype=torch.uint8), torch.randint(0, 10, (30,), generator=g)
+    images = lambda n: torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
+    batch = (images(40), torch.randint(0, 10, (40,), generator=g))
+    x, y = images(30), torch.randint(0, 10, (30,), generator=g)
     lr, eps = 0.3, 1e-2
     slope = _one_episode(model, FineTuner("sgd", lr, head), batch).lr_slope(x, y).item()
     ce = [_probe_ce(_one_episode(model, FineTuner("sgd", lr * math.exp(s), head), batch), x, y) for s in (eps, -eps)]
