@@ -190,3 +190,19 @@ def tiny_sophon(**config):
 
     defaults = dict(lr=1e-3, bs=20, adaptation_steps=2, fts_lrs=(1e-3,))
     return Sophon(TinyNet(), ce, restricted, orig, SophonConfig(**{**defaults, **config}), cpu)
+
+
+def step_resumed(reference, state, make, steps):
+    """Round-trip `state` through torch.save and a weights_only load (as last.pt) into `make()`, take `steps`
+    outer loops with both that and `reference`, assert their weights agree; returns both lists of results."""
+    import io
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    expected = [reference.step() for _ in range(steps)]
+    resumed = make()
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    got = [resumed.step() for _ in range(steps)]
+    for k, v in resumed.model.state_dict().items():
+        assert torch.allclose(v.float(), reference.model.state_dict()[k].float(), atol=1e-6), k
+    return expected, got

@@ -10,7 +10,7 @@ from common.finetune import schedule_factor
 from common.fts import EXP_STEP_RATE, FTS, FineTuner, FineTunerSampler, query_weights, support_query_split
 from common.losses import kl_uniform
 from common.train import Precision
-from helpers import TinyNet, linear_model, load_script
+from helpers import TinyNet, linear_model, load_script, step_resumed, tiny_sophon
 
 CPU = Precision(torch.device("cpu"))
 
@@ -197,7 +197,6 @@ def test_learned_lr_starts_mid_range_steps_against_the_slope_per_optimiser_and_s
 
 
 def test_stage2_moves_each_episodes_lr_by_the_step_and_resumes_it():
-    from helpers import tiny_sophon
     config = dict(fts_optimizers=("sgd",), fts_lr_range=(1e-3, 1.0), fts_lr_adapt=0.25, fts_envs=2, fts_head=("keep",))
     algo = tiny_sophon(**config)
     lrs = [t.lr for _ in range(4) for t in algo.step().finetuners]
@@ -205,14 +204,8 @@ def test_stage2_moves_each_episodes_lr_by_the_step_and_resumes_it():
     moves = [math.log(b / a) for a, b in zip(lrs[1::2], lrs[2::2])]
     assert all(abs(m) == pytest.approx(0.5) or abs(m) == pytest.approx(0.0, abs=1e-9) for m in moves), moves
     assert any(m for m in moves), "the attacker's lr moved"
-    import io
-    buffer = io.BytesIO()
-    torch.save(algo.state_dict(), buffer)
-    ahead = [t.lr for _ in range(2) for t in algo.step().finetuners]
-    resumed = tiny_sophon(**config)
-    buffer.seek(0)
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    assert [t.lr for _ in range(2) for t in resumed.step().finetuners] == pytest.approx(ahead)
+    expected, got = step_resumed(algo, algo.state_dict(), lambda: tiny_sophon(**config), 2)
+    assert [t.lr for r in got for t in r.finetuners] == pytest.approx([t.lr for r in expected for t in r.finetuners])
 
 
 # ---- the named preset ------------------------------------------------------------------------------

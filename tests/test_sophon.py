@@ -1,10 +1,9 @@
 """The stage-2 algorithm object on its own: what `step()` does, the FTS clip, state and snapshots."""
-import io
 
 import pytest
 import torch
 
-from helpers import tiny_sophon
+from helpers import step_resumed, tiny_sophon
 
 _algo = tiny_sophon
 
@@ -48,19 +47,11 @@ def test_fts_gradient_is_clipped_to_fts_clip():
 
 
 def test_state_dict_round_trip_reproduces_the_next_steps():
-    reference = _algo(fts_optimizers=("sgd", "adam"), fts_lrs=(1e-3, 1e-2))
+    config = dict(fts_optimizers=("sgd", "adam"), fts_lrs=(1e-3, 1e-2))
+    reference = _algo(**config)
     reference.step()
-    buffer = io.BytesIO()
-    torch.save(reference.state_dict(), buffer)  # as last.pt holds it: loadable weights_only
-    expected = [reference.step().finetuners for _ in range(2)]
-
-    resumed = _algo(fts_optimizers=("sgd", "adam"), fts_lrs=(1e-3, 1e-2))
-    buffer.seek(0)
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    got = [resumed.step().finetuners for _ in range(2)]
-    assert got == expected
-    for k, v in resumed.model.state_dict().items():
-        assert torch.allclose(v.float(), reference.model.state_dict()[k].float(), atol=1e-6), k
+    expected, got = step_resumed(reference, reference.state_dict(), lambda: _algo(**config), 2)
+    assert [r.finetuners for r in got] == [r.finetuners for r in expected]
 
 
 def test_restore_brings_back_weights_and_optimisers_but_not_the_batches():
@@ -81,13 +72,5 @@ def test_a_state_saved_before_clean_steps_and_the_mask_existed_still_resumes_exa
     state = reference.state_dict()
     for key in ("clean_opt", "clean_stream", "mask_stream", "mask", "steps"):
         del state[key]  # what last.pt held before SBL's clean steps and Neurotoxin's mask
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    expected = [reference.step() for _ in range(2)]
-    resumed = _algo()
-    buffer.seek(0)
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    got = [resumed.step() for _ in range(2)]
+    expected, got = step_resumed(reference, state, _algo, 2)
     assert [r.fts_loss for r in got] == pytest.approx([r.fts_loss for r in expected], rel=1e-5)
-    for k, v in resumed.model.state_dict().items():
-        assert torch.allclose(v.float(), reference.model.state_dict()[k].float(), atol=1e-6), k
