@@ -179,7 +179,7 @@ def _robustness_lines(robustness):
     """report.md's robustness section: one row per protected model, then the head start of every cell."""
     lines = ["## Robustness per protected model", "", ROBUSTNESS_LEGEND, "",
              "| protected | attack families | share auc ratio < 1 | per seed: mean +- std | 95% CI over seeds | "
-             "families unable to show protection | share < 1 where shown | worst (auc ratio) |",
+             "families unable to show protection (scratch did not learn) | share < 1 where shown | worst (auc ratio) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, r in robustness.items():
         w = r["worst_cell"]
@@ -189,19 +189,23 @@ def _robustness_lines(robustness):
         lines.append(f"| {label} | {r['cells']} | {_fmt(r['share_below_1'])} | "
                      f"{_fmt(r['share_below_1_per_seed_mean'])} +- {_fmt(r['share_below_1_per_seed_std'])} | "
                      f"{'n/a' if ci is None else f'{ci[0]:.2f} - {ci[1]:.2f}'} ({r['ci_note']}) | "
-                     f"{r['cells_unable_to_show_protection']} | {_fmt(r['share_below_1_where_shown'])} | {worst} |")
-    lines += ["", "Head start of normal over scratch per attack family (auc(normal) / auc(scratch), mean over seeds) "
-              "and each protected model's auc ratio vs scratch:", ""]
+                     f"{r['cells_unable_to_show_protection']} ({r['cells_reference_did_not_learn']}) | "
+                     f"{_fmt(r['share_below_1_where_shown'])} | {worst} |")
+    lines += ["", "Per attack family: scratch's final accuracy (mean over seeds), the head start of normal over "
+              "scratch (auc(normal) / auc(scratch), mean over seeds) and each protected model's auc ratio vs "
+              "scratch:", ""]
     labels = list(robustness)
-    lines += ["| strategy | optimizer | lr | bs | train fraction | schedule | head start | shows protection | "
-              + " | ".join(labels) + " |", "| " + " | ".join("---" for _ in range(8 + len(labels))) + " |"]
+    lines += ["| strategy | optimizer | lr | bs | train fraction | schedule | scratch final | head start | "
+              "shows protection | " + " | ".join(labels) + " |",
+              "| " + " | ".join("---" for _ in range(9 + len(labels))) + " |"]
     rows = {}
     for label, r in robustness.items():
         for c in r["per_cell"]:
             axes = tuple(c[k] for k in FAMILY)
-            rows.setdefault(axes, {"head": c["head_start"], "shows": c["shows_protection"]})[label] = c["auc_ratio_mean"]
+            rows.setdefault(axes, {"final": c["reference_final"], "head": c["head_start"],
+                                   "shows": c["shows_protection"]})[label] = c["auc_ratio_mean"]
     for (s, o, lr, bs, f, sch), row in rows.items():
-        lines.append(f"| {s} | {o} | {lr:g} | {bs} | {f:g} | {sch} | {_fmt(row['head'])} | "
+        lines.append(f"| {s} | {o} | {lr:g} | {bs} | {f:g} | {sch} | {_fmt(row['final'])} | {_fmt(row['head'])} | "
                      f"{_fmt(row['shows'], 'n/a').lower()} | " + " | ".join(_fmt(row.get(l)) for l in labels) + " |")
     return lines + [""]
 

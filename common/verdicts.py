@@ -20,8 +20,10 @@ ROBUSTNESS_LEGEND = (
     "ratio < 1: share of the families where the protected model learns slower than scratch (auc ratio mean "
     "over seeds); per seed: the same share computed seed by seed, mean +- std and its t-interval over seeds. "
     "head start: auc(normal) / auc(scratch); a family whose normal model has no head start (<= 1) cannot "
-    "show protection, since from scratch the task is learned as fast as from a pretrained model. worst: the "
-    "family with the largest auc ratio.")
+    "show protection, since from scratch the task is learned as fast as from a pretrained model; nor can a "
+    "family where scratch did not learn (final accuracy below half the best family's with the same train "
+    "fraction): 'slower than scratch' then compares curves near chance. worst: the family with the largest "
+    "auc ratio.")
 
 
 def epochs_to_reach(curve, target):
@@ -66,6 +68,8 @@ DEFENCE_LEGEND = (
 FAMILY = ("strategy", "optimizer", "lr", "batch_size", "train_fraction", "schedule")  # a cell's axes, seeds pooled
 FAMILY_DEFAULTS = {"train_fraction": 1.0, "schedule": "constant"}  # results written before those axes
 HEAD_START_MIN = 1.0  # a cell shows protection only where normal's AUC over scratch's exceeds this
+# ... and only where scratch learned: its final accuracy at least this share of the best cell's (same data share)
+REFERENCE_LEARNED_MIN = 0.5
 
 
 def _family(r):
@@ -192,7 +196,11 @@ def robustness_summary(results, protected="sophon", reference="scratch", baselin
     worst_cell: the cell with the largest auc_ratio_mean (the attacker's best). per_cell: each cell's auc
     ratio and the baseline's head start, auc(baseline) / auc(reference) mean over seeds; a cell where that is
     not above HEAD_START_MIN cannot show protection (`shows_protection: false`): the task is learned from
-    scratch as fast as from the pretrained model. None where the baseline did not run.
+    scratch as fast as from the pretrained model. None where the baseline did not run. Nor can a cell where
+    the reference did not learn (`reference_learned: false`): its final value, mean over seeds
+    (`reference_final`), is below REFERENCE_LEARNED_MIN times the best cell's with the same train fraction,
+    as where an lr is too small to move in the epochs run or too large to converge; a ratio there compares
+    two curves near chance.
     """
     cells, per_seed = [], {}
     for family, seeds in _by_attack(results, metric).items():
@@ -211,11 +219,18 @@ def robustness_summary(results, protected="sophon", reference="scratch", baselin
         head = mean_std(heads)[0]
         cells.append({**dict(zip(FAMILY, family)), "auc_ratio_mean": mean, "auc_ratio_std": std,
                       "seeds": len(ratios), "head_start": head,
-                      "shows_protection": None if head is None else head > HEAD_START_MIN})
+                      "reference_final": mean_std([seeds[s][reference][-1] for s in ratios])[0]})
         for seed, ratio in ratios.items():
             per_seed.setdefault(seed, []).append(ratio < 1)
     if not cells:
         return None
+    best = {}
+    for c in cells:
+        best[c["train_fraction"]] = max(best.get(c["train_fraction"], c["reference_final"]), c["reference_final"])
+    for c in cells:
+        c["reference_learned"] = c["reference_final"] >= REFERENCE_LEARNED_MIN * best[c["train_fraction"]]
+        head_start = None if c["head_start"] is None else c["head_start"] > HEAD_START_MIN
+        c["shows_protection"] = head_start if c["reference_learned"] else False
     shares = [sum(flags) / len(flags) for flags in per_seed.values()]
     seed_mean, seed_std = mean_std(shares)
     interval = t_interval(shares, level)
@@ -233,6 +248,7 @@ def robustness_summary(results, protected="sophon", reference="scratch", baselin
         "share_below_1_ci95": None if interval is None else [max(0.0, interval[0]), min(1.0, interval[1])],
         "ci_note": note,
         "cells_unable_to_show_protection": sum(c["shows_protection"] is False for c in cells),
+        "cells_reference_did_not_learn": sum(not c["reference_learned"] for c in cells),
         "share_below_1_where_shown": sum(c["auc_ratio_mean"] < 1 for c in shown) / len(shown) if shown else None,
         "worst_cell": max(cells, key=lambda c: c["auc_ratio_mean"]),
         "per_cell": cells}

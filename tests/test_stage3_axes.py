@@ -182,6 +182,32 @@ def test_robustness_summary_by_hand():
     assert robustness_summary([x for x in results if x["start"] != "scratch"]) is None
 
 
+def test_a_cell_where_scratch_does_not_learn_cannot_show_protection():
+    # momentum: scratch ends at 40, the best of the full-data cells -> learned; sgd: scratch ends at 12 < 0.5 * 40
+    # -> not learned, although normal's head start is large and sophon is far below scratch (ratio 10.5 / 11 < 1);
+    # adam at 10% data: scratch ends at 16, below half of 40 but the best of its own data share -> learned
+    results = []
+    for seed in range(2):
+        results += [_r("sophon", seed, [10, 20]), _r("scratch", seed, [20, 40]), _r("normal", seed, [60, 80]),
+                    _r("sophon", seed, [10, 11], "sgd"), _r("scratch", seed, [10, 12], "sgd"),
+                    _r("normal", seed, [30, 60], "sgd"), _r("sophon", seed, [10, 12], "adam", fraction=0.1),
+                    _r("scratch", seed, [10, 16], "adam", fraction=0.1), _r("normal", seed, [20, 30], "adam", fraction=0.1)]
+    r = robustness_summary(results)
+    cells = {c["optimizer"]: c for c in r["per_cell"]}
+    assert [cells[o]["reference_final"] for o in ("momentum", "sgd", "adam")] == [40, 12, 16]
+    assert [cells[o]["reference_learned"] for o in ("momentum", "sgd", "adam")] == [True, False, True]
+    assert cells["sgd"]["head_start"] > 1 and cells["sgd"]["auc_ratio_mean"] < 1
+    assert [cells[o]["shows_protection"] for o in ("momentum", "sgd", "adam")] == [True, False, True]
+    assert r["cells_reference_did_not_learn"] == 1 and r["cells_unable_to_show_protection"] == 1
+    assert r["share_below_1"] == 1.0 and r["share_below_1_where_shown"] == 1.0
+    worse = robustness_summary([dict(x, test_acc_curve=[10, 30]) if x["start"] == "sophon" and x["optimizer"] == "sgd"
+                                else x for x in results])
+    assert worse["share_below_1"] == pytest.approx(2 / 3) and worse["share_below_1_where_shown"] == 1.0
+    # without normal runs the head start is unknown, but a cell whose scratch did not learn is still flagged
+    alone = robustness_summary([x for x in results if x["start"] != "normal"])
+    assert [c["shows_protection"] for c in alone["per_cell"]] == [None, False, None]
+
+
 def test_plots_group_by_the_new_axes_and_colour_several_models(tmp_path):
     header = "cell,start,strategy,optimizer,lr,batch_size,train_fraction,schedule,seed,epoch,test_acc\n"
     lines = [f"x,{s},direct_all,sgd,0.001,16,{f},{sch},0,{e},{10 * e + i}\n"
