@@ -51,6 +51,7 @@ class FineTuner:
     head: str = "reinit"
     scope: str = "all"
     schedule: str = "constant"  # lr schedule over the episode's inner steps (common.finetune.SCHEDULES)
+    lr_learned: bool = False  # lr is the sampler's learned one (FineTunerSampler.adapt steps it after the episode)
 
 
 class FineTunerSampler:
@@ -63,22 +64,27 @@ class FineTunerSampler:
     Henderson et al. AIES'23: the simulated attacker tunes its own lr): it starts at the range's geometric
     middle, and after each episode `adapt` moves its log by `lr_adapt` against the sign of d(attacker's
     loss)/d(log lr), within the range. The sign makes the step scale-free, as the optimisers' lrs differ by
-    orders of magnitude."""
+    orders of magnitude. `learned_share` < 1 mixes the two: that share of the episodes uses the learned lr,
+    the others draw theirs from the range, so the attackers who fine-tune at other lrs are still simulated."""
 
-    def __init__(self, optimizers, lrs, heads, scopes, seed, schedules=("constant",), lr_range=None, lr_adapt=0.0):
+    def __init__(self, optimizers, lrs, heads, scopes, seed, schedules=("constant",), lr_range=None, lr_adapt=0.0,
+                 learned_share=1.0):
         if lr_adapt and not lr_range:
             raise ValueError("an adapted lr needs lr_range, the interval it moves in")
+        if not 0 < learned_share <= 1:
+            raise ValueError(f"learned_share must be in (0, 1], got {learned_share}")
         lrs = [None] if lr_range else lrs
         self.choices = [FineTuner(o, lr if lr is None else float(lr), h, s, sch) for o, lr, h, s, sch
                         in itertools.product(optimizers, lrs, heads, scopes, schedules)]
-        self.lr_range, self.lr_adapt = lr_range, lr_adapt
+        self.lr_range, self.lr_adapt, self.learned_share = lr_range, lr_adapt, learned_share
         self.log_lr = {o: sum(math.log(v) for v in lr_range) / 2 for o in optimizers} if lr_adapt else {}
         self.rng = random.Random(seed)
 
     def sample(self):
         tuner = self.choices[0] if len(self.choices) == 1 else self.rng.choice(self.choices)
-        if self.lr_adapt:
-            tuner = replace(tuner, lr=math.exp(self.log_lr[tuner.optimizer]))
+        learned = self.lr_adapt and (self.learned_share == 1 or self.rng.random() < self.learned_share)
+        if learned:
+            tuner = replace(tuner, lr=math.exp(self.log_lr[tuner.optimizer]), lr_learned=True)
         elif self.lr_range:
             lo, hi = (math.log(v) for v in self.lr_range)
             tuner = replace(tuner, lr=math.exp(self.rng.uniform(lo, hi)))
@@ -86,7 +92,7 @@ class FineTunerSampler:
 
     def adapt(self, finetuner, slope):
         """The attacker's step on its lr after an episode of `finetuner`; `slope`: d(its loss)/d(log lr)."""
-        if not self.lr_adapt or slope == 0 or not math.isfinite(slope):
+        if not finetuner.lr_learned or slope == 0 or not math.isfinite(slope):
             return
         lo, hi = (math.log(v) for v in self.lr_range)
         moved = self.log_lr[finetuner.optimizer] - math.copysign(self.lr_adapt, slope)

@@ -7,7 +7,8 @@ Deng et al., IEEE S&P 2024, Algorithm 1 (classification), first-order. One outer
       loss at the adapted weights to the model's gradient (common.fts.FTS.episode), after every
       `fts_query_every`-th step and the last, weighted by `fts_step_weights`; clip the summed gradient to
       `fts_clip`, then an Adam step at alpha * lr. With `fts_lr_adapt` the fine-tuners' lrs are the simulated
-      attacker's own, learned from each episode's effect on a held-out restricted batch (MLAC).
+      attacker's own, learned from each episode's effect on a held-out restricted batch (MLAC); in a
+      `fts_lr_learned_share` of the episodes, the others' drawn from `fts_lr_range`.
   NTR (`ntr_loop` times): cross-entropy on an original-domain batch, a separate Adam at beta * lr.
 
 Two optional parts, written for the irreversible backdoor (both off by default):
@@ -58,6 +59,7 @@ class SophonConfig:
     fts_schedules: tuple = ("constant",)  # lr schedule inside an episode, sampled per episode
     fts_lr_range: Optional[tuple] = None  # (lo, hi): lr drawn log-uniformly per episode instead of fts_lrs
     fts_lr_adapt: float = 0.0  # > 0: the lr is learned by the simulated attacker instead (MLAC), this step in log lr
+    fts_lr_learned_share: float = 1.0  # share of the episodes at the learned lr; the others draw it from the range
     fts_query_every: int = 1  # query loss after every N-th inner step (and the last)
     fts_step_weights: str = "uniform"  # uniform | exp (later steps weigh more)
     clean_loop: int = 0  # SBL: clean restricted-domain steps per outer loop (head kept)
@@ -118,7 +120,8 @@ class Sophon:
         self.episode_gen = torch.Generator().manual_seed(config.seed + 1)  # one seed per episode
         self.sampler = FineTunerSampler(config.fts_optimizers, config.fts_lrs, config.fts_head, config.fts_scope,
                                         seed=config.seed + 2, schedules=config.fts_schedules,
-                                        lr_range=config.fts_lr_range, lr_adapt=config.fts_lr_adapt)
+                                        lr_range=config.fts_lr_range, lr_adapt=config.fts_lr_adapt,
+                                        learned_share=config.fts_lr_learned_share)
         # the FTS loss is the weighted mean over the queried inner steps and the environments
         self.step_weights = [w / config.fts_envs for w in query_weights(
             config.adaptation_steps, config.fts_query_every, config.fts_step_weights)]
@@ -162,7 +165,7 @@ class Sophon:
                 batches = IndexedBatches(indices, self.restricted_gather)
                 gen = torch.Generator().manual_seed(seed)
                 loss += self.fts.episode(self.model, batches, finetuner, self.step_weights, gen)
-                if probe is not None:  # a batch the episode did not train on: the attacker's held-out loss
+                if finetuner.lr_learned:  # probe: a batch the episode did not train on, the attacker's held-out loss
                     slopes[env] = self.fts.lr_slope(*self.restricted_gather(self.restricted_gather.indices(probe)))
         self.world.sum_([p.grad for p in params] + [loss.view(1)] + ([slopes] if c.fts_lr_adapt else []))
         torch.nn.utils.clip_grad_norm_(params, c.fts_clip)

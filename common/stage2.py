@@ -42,11 +42,18 @@ def mask_share_value(text):
     return value
 
 
+def learned_share_value(text):
+    value = pos_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], a share of the episodes, got {text}")
+    return value
+
+
 def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, total_loop, adaptation_steps,
                  test_interval, finetune_epochs, final_finetune_epochs, finetune_lr, min_orig_acc, max_strikes,
                  eval_interval, save_every, fts_optimizers, fts_lrs, fts_head, fts_scope, fts_envs, fts_clip,
-                 fts_schedules="constant", fts_lr_range=None, fts_lr_adapt=0.0, fts_query_every=1,
-                 fts_step_weights="uniform",
+                 fts_schedules="constant", fts_lr_range=None, fts_lr_adapt=0.0, fts_lr_learned_share=1.0,
+                 fts_query_every=1, fts_step_weights="uniform",
                  clean_loop=0, sam_rho=0.0, mask_share=0.0, mask_every=25, restricted_holdout=None,
                  data_on_device="auto"):
     """Stage-2 flags; each default is the script's constant of the same (upper-case) name. Comma-list
@@ -90,6 +97,9 @@ def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, to
                    help="> 0: the simulated attacker learns its lr, one per optimiser, inside --fts_lr_range "
                         "(MLAC): after each episode log(lr) moves by ETA the way that lowers its cross-entropy on "
                         "a held-out restricted batch; 0: drawn per episode")
+    p.add_argument("--fts_lr_learned_share", default=fts_lr_learned_share, type=learned_share_value, metavar="P",
+                   help="with --fts_lr_adapt: the share of episodes at the learned lr; the others draw theirs from "
+                        "--fts_lr_range, so attackers at other lrs stay simulated")
     p.add_argument("--fts_query_every", default=fts_query_every, type=pos_int, metavar="N",
                    help="query loss after every N-th inner step and the last; the others skip the query pass, so "
                         "longer horizons cost less (TAR queries every 4th of 64 steps)")
@@ -357,6 +367,8 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
                          f"two samples each at least (BatchNorm); use --bs 4 or more")
     if args.fts_lr_adapt and args.fts_lr_range is None:
         raise UsageError("--fts_lr_adapt learns the lr inside --fts_lr_range LO,HI; give that range too")
+    if args.fts_lr_learned_share != 1 and not args.fts_lr_adapt:
+        raise UsageError("--fts_lr_learned_share is the share of episodes at the learned lr; give --fts_lr_adapt too")
     parent = resolve_checkpoint(args.model_path, project, "stage1_pretrain")
     ckpt = load_parent(parent, args)
     if is_foreign(ckpt):

@@ -29,6 +29,8 @@ BAD_FLAGS_IN_PROCESS = [
     ("stage2", ["--fts_lr_range", "1e-2,1e-5"], "--fts_lr_range"),
     ("stage2", ["--fts_lr_range", "1e-3"], "--fts_lr_range"),
     ("stage2", ["--fts_lr_adapt", "-0.1"], "--fts_lr_adapt"),
+    ("stage2", ["--fts_lr_learned_share", "1.5"], "--fts_lr_learned_share"),
+    ("stage2", ["--fts_lr_learned_share", "0"], "--fts_lr_learned_share"),
     ("stage2", ["--fts_schedules", "cosine,step"], "--fts_schedules"),
     ("stage2", ["--fts_step_weights", "linear"], "--fts_step_weights"),
     ("stage2", ["--preset", "strongest"], "--preset"),
@@ -157,7 +159,8 @@ def test_flag_contradicting_the_parent_checkpoint(refused):
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, needle", [(["--bs", "3"], "--bs"),
                                            (["--fts_loop", "0", "--ntr_loop", "0"], "--clean_loop"),
-                                           (["--fts_lr_adapt", "0.1"], "--fts_lr_range")])
+                                           (["--fts_lr_adapt", "0.1"], "--fts_lr_range"),
+                                           (["--fts_lr_learned_share", "0.5"], "--fts_lr_adapt")])
 def test_stage2_refused_up_front_with_its_parent(script_modules, stage1_run, data_root, tmp_path, monkeypatch, capsys,
                                                  restore_signals, flags, needle):
     """Checks that need the parent checkpoint or the data: a batch too small to split, loops that do nothing."""

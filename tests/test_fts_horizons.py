@@ -179,8 +179,8 @@ def test_lr_slope_is_the_derivative_in_log_lr_for_one_sgd_step(head):
 
 def test_learned_lr_starts_mid_range_steps_against_the_slope_per_optimiser_and_stays_in_range():
     s = FineTunerSampler(["adam", "sgd"], [1e-4], ["keep"], ["all"], seed=0, lr_range=(1e-4, 1e-2), lr_adapt=0.5)
-    adam, sgd = FineTuner("adam"), FineTuner("sgd")
-    assert all(t.lr == pytest.approx(1e-3) for t in (s.sample() for _ in range(20)))
+    adam, sgd = FineTuner("adam", lr_learned=True), FineTuner("sgd", lr_learned=True)
+    assert all(t.lr == pytest.approx(1e-3) and t.lr_learned for t in (s.sample() for _ in range(20)))
     s.adapt(adam, -0.2)  # a larger lr would have lowered the attacker's loss
     s.adapt(sgd, 3.0)
     s.adapt(sgd, float("nan"))  # a diverged episode teaches nothing
@@ -196,6 +196,25 @@ def test_learned_lr_starts_mid_range_steps_against_the_slope_per_optimiser_and_s
         FineTunerSampler(["adam"], [1e-4], ["keep"], ["all"], seed=0, lr_adapt=0.5)
 
 
+def test_learned_share_mixes_learned_and_drawn_lrs_and_only_learned_episodes_step_the_lr():
+    s = FineTunerSampler(["adam"], [1e-4], ["keep"], ["all"], seed=0, lr_range=(1e-5, 1e-1), lr_adapt=0.5,
+                         learned_share=0.25)
+    tuners = [s.sample() for _ in range(2000)]
+    learned = [t for t in tuners if t.lr_learned]
+    drawn = [math.log10(t.lr) for t in tuners if not t.lr_learned]
+    assert 0.2 < len(learned) / len(tuners) < 0.3
+    assert all(t.lr == pytest.approx(1e-3) for t in learned)
+    assert min(drawn) >= -5 and max(drawn) <= -1 and -3.15 < sum(drawn) / len(drawn) < -2.85  # log-uniform
+    assert sum(d < -4 for d in drawn) / len(drawn) == pytest.approx(0.25, abs=0.04)
+    s.adapt(next(t for t in tuners if not t.lr_learned), -1.0)  # a drawn episode's slope is not the learned lr's
+    assert all(t.lr == pytest.approx(1e-3) for t in (s.sample() for _ in range(50)) if t.lr_learned)
+    s.adapt(learned[0], -1.0)
+    assert all(t.lr == pytest.approx(1e-3 * math.exp(0.5)) for t in (s.sample() for _ in range(50)) if t.lr_learned)
+    with pytest.raises(ValueError, match="learned_share"):
+        FineTunerSampler(["adam"], [1e-4], ["keep"], ["all"], seed=0, lr_range=(1e-5, 1e-1), lr_adapt=0.5,
+                         learned_share=0)
+
+
 def test_stage2_moves_each_episodes_lr_by_the_step_and_resumes_it():
     config = dict(fts_optimizers=("sgd",), fts_lr_range=(1e-3, 1.0), fts_lr_adapt=0.25, fts_envs=2, fts_head=("keep",))
     algo = tiny_sophon(**config)
@@ -206,6 +225,21 @@ def test_stage2_moves_each_episodes_lr_by_the_step_and_resumes_it():
     assert any(m for m in moves), "the attacker's lr moved"
     expected, got = step_resumed(algo, algo.state_dict(), lambda: tiny_sophon(**config), 2)
     assert [t.lr for r in got for t in r.finetuners] == pytest.approx([t.lr for r in expected for t in r.finetuners])
+
+
+def test_stage2_mixes_learned_and_drawn_lrs_and_resumes_the_mix():
+    config = dict(fts_optimizers=("sgd",), fts_lr_range=(1e-3, 1.0), fts_lr_adapt=0.25, fts_lr_learned_share=0.5,
+                  fts_envs=2, fts_head=("keep",))
+    algo = tiny_sophon(**config)
+    tuners = [t for _ in range(4) for t in algo.step().finetuners]
+    learned = [t.lr for t in tuners if t.lr_learned]
+    assert learned and len(learned) < len(tuners)
+    assert learned[0] == pytest.approx(math.sqrt(1e-3))
+    moves = [math.log(b / a) for a, b in zip(learned, learned[1:])]
+    assert all(min(abs(m - k * 0.25) for k in range(-2, 3)) < 1e-9 for m in moves), moves  # +-ETA per learned episode
+    expected, got = step_resumed(algo, algo.state_dict(), lambda: tiny_sophon(**config), 3)
+    assert [(t.lr, t.lr_learned) for r in got for t in r.finetuners] == \
+        [(pytest.approx(t.lr), t.lr_learned) for r in expected for t in r.finetuners]
 
 
 # ---- the named preset ------------------------------------------------------------------------------

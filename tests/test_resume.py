@@ -15,9 +15,9 @@ pytestmark = pytest.mark.slow  # stage scripts in subprocesses
 STAGE2 = ["--dataset", "MNIST", "--bs", "20", "--total_loop", "6", "--adaptation_steps", "2", "--save_every", "1",
           "--test_interval", "3", "--finetune_epochs", "1", "--final_finetune_epochs", "1", "--eval_interval", "2",
           "--loss_type", "inverse", "--fts_optimizers", "sgd,adam,sign", "--fts_head", "reinit,keep",
-          "--fts_lr_range", "1e-4,1e-2", "--fts_lr_adapt", "0.3", "--fts_schedules", "constant,cosine",
-          "--fts_step_weights", "exp", "--clean_loop", "1", "--sam_rho", "0.05", "--mask_share", "0.1",
-          "--mask_every", "2"]
+          "--fts_lr_range", "1e-4,1e-2", "--fts_lr_adapt", "0.3", "--fts_lr_learned_share", "0.5",
+          "--fts_schedules", "constant,cosine", "--fts_step_weights", "exp", "--clean_loop", "1", "--sam_rho", "0.05",
+          "--mask_share", "0.1", "--mask_every", "2"]
 STAGE1 = ["--orig_dataset", "FashionMNIST", "--image_size", "16", "--init", "scratch", "--epochs", "3", "--bs", "16",
           "--save_every", "1"]
 

@@ -191,7 +191,8 @@ def test_a_cell_where_scratch_does_not_learn_cannot_show_protection():
         results += [_r("sophon", seed, [10, 20]), _r("scratch", seed, [20, 40]), _r("normal", seed, [60, 80]),
                     _r("sophon", seed, [10, 11], "sgd"), _r("scratch", seed, [10, 12], "sgd"),
                     _r("normal", seed, [30, 60], "sgd"), _r("sophon", seed, [10, 12], "adam", fraction=0.1),
-                    _r("scratch", seed, [10, 16], "adam", fraction=0.1), _r("normal", seed, [20, 30], "adam", fraction=0.1)]
+                    _r("scratch", seed, [10, 16], "adam", fraction=0.1),
+                    _r("normal", seed, [20, 30], "adam", fraction=0.1)]
     r = robustness_summary(results)
     cells = {c["optimizer"]: c for c in r["per_cell"]}
     assert [cells[o]["reference_final"] for o in ("momentum", "sgd", "adam")] == [40, 12, 16]

@@ -45,6 +45,7 @@ FTS_CLIP = 0.5  # max norm of the FTS gradient (the official code's value)
 FTS_SCHEDULES = "constant"  # lr schedule inside an episode: constant | cosine | warmup_cosine
 FTS_LR_RANGE = None  # "LO,HI": each episode's lr drawn log-uniformly from it instead of FTS_LRS
 FTS_LR_ADAPT = 0.0  # > 0: the lr is learned by the simulated attacker inside FTS_LR_RANGE (MLAC), step in log lr
+FTS_LR_LEARNED_SHARE = 1.0  # with FTS_LR_ADAPT: share of episodes at the learned lr, the rest drawn from the range
 FTS_QUERY_EVERY = 1  # query loss after every N-th inner step (and the last)
 FTS_STEP_WEIGHTS = "uniform"  # uniform | exp (late inner steps weigh more)
 # Named configurations (--preset NAME): flag values as typed; flags on the command line still win.
@@ -63,7 +64,7 @@ def parse_args(argv=None):
         min_orig_acc=MIN_ORIG_ACC, max_strikes=MAX_STRIKES, eval_interval=EVAL_INTERVAL, save_every=SAVE_EVERY,
         fts_optimizers=FTS_OPTIMIZERS, fts_lrs=FTS_LRS, fts_head=FTS_HEAD, fts_scope=FTS_SCOPE, fts_envs=FTS_ENVS,
         fts_clip=FTS_CLIP, fts_schedules=FTS_SCHEDULES, fts_lr_range=FTS_LR_RANGE, fts_lr_adapt=FTS_LR_ADAPT,
-        fts_query_every=FTS_QUERY_EVERY, fts_step_weights=FTS_STEP_WEIGHTS)
+        fts_lr_learned_share=FTS_LR_LEARNED_SHARE, fts_query_every=FTS_QUERY_EVERY, fts_step_weights=FTS_STEP_WEIGHTS)
     parser = cli.build_parser(__doc__, [cli.preset_flag(PRESETS), common, cli.restricted_flag(DATASET), stage2,
                                         cli.speed_flags()])
     parser.add_argument("--loss_type", choices=tuple(FTE_LOSSES), default=LOSS_TYPE)
