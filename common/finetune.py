@@ -5,6 +5,7 @@ import itertools
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -183,6 +184,10 @@ def grid_flags(default_epochs, default_lr, default_bs, starts):
                    help="attacker lr schedules, per optimisation step over the whole run: constant, cosine "
                         f"(to 0), warmup_cosine (linear warmup over the first {WARMUP_FRACTION:.0%}% of the steps, "
                         "then cosine to 0)")
+    p.add_argument("--reuse_cells", type=Path, default=None, metavar="RUN",
+                   help="another stage-3 run folder of the same settings: its finished cells of the start models "
+                        "both grids fine-tune from the same checkpoint (scratch, say) are copied into this run "
+                        "instead of run again")
     return p
 
 

@@ -5,24 +5,60 @@ A cell is one (start model, attack), the attack a fine-tuning attack or a backdo
 metrics.csv; when it completes, its curves are appended to cells.jsonl, which is what `--resume` trusts: a
 killed grid re-runs only the cells missing there (their partial rows are dropped first), whatever the world
 size of either run. Under `torchrun --nproc_per_node N` the cells are dealt to the N ranks, each on its own
-device; rank 0 alone writes the run folder.
+device; rank 0 alone writes the run folder. `--reuse_cells RUN` copies in another grid's finished cells of
+the same start models and settings (say scratch and normal, when a new protected model joins a grid), so
+only the rest run.
 """
 import functools
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from common import dist
 from common.defences import DefenceConfig, defence_attacks, run_defence
 from common.finetune import Attack, expand_grid, run_attack
+from common.cli import UsageError
 from common.models import build_model
-from common.runs import Interrupted, close_run, guarded, open_run, write_text_atomically
+from common.runs import CSVLog, Interrupted, close_run, guarded, open_run, write_text_atomically
 from common.train import Precision, progress, seed_everything
 from common.verdicts import DEFENCE_LEGEND, FAMILY, LEGEND, ROBUSTNESS_LEGEND
 
 log = logging.getLogger("sophon")
+
+# Config keys that do not decide a cell's outcome: the grid's axes (a cell's key names its values), which start
+# models run (compared model by model), where things are written, and how fast. Every other key must agree
+# for another run's cell to stand in for this run's.
+REUSE_FREE = frozenset({
+    "start", "strategies", "optimizers", "lrs", "batch_sizes", "seeds", "train_fractions", "schedules", "bs",
+    "finetune_lr", "defences", "defences_only", "path", "parent", "normal_path", "baseline_path", "parent_format",
+    "parent_sha256", "normal_format", "normal_sha256", "baseline_format", "baseline_sha256", "out_dir", "resume",
+    "reuse_cells", "num_workers", "cache_dir", "download", "device"})
+
+
+def shared_starts(source, config, sources_of):
+    """The start models whose cells the stage-3 run folder `source` can lend a run of `config`: those both
+    runs fine-tune from the same checkpoint (`sources_of(config)`: {start: checkpoint, None for a fresh
+    model}), where the two configs agree on every key outside REUSE_FREE. UsageError otherwise."""
+    source = Path(source)
+    try:
+        theirs = json.loads((source / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        raise UsageError(f"--reuse_cells {source}: no readable config.json, so it is not a run folder") from None
+    if theirs.get("stage") != config.get("stage"):
+        raise UsageError(f"--reuse_cells {source} is a {theirs.get('stage')} run, not {config.get('stage')}")
+    differ = sorted(k for k in set(theirs) | set(config) if k not in REUSE_FREE and theirs.get(k) != config.get(k))
+    if differ:
+        raise UsageError(f"--reuse_cells {source} ran other settings, so its cells are not this grid's: "
+                         + "; ".join(f"{k} {theirs.get(k)} there, {config.get(k)} here" for k in differ[:4]))
+    mine, lent = sources_of(config), sources_of(theirs)
+    shared = sorted(start for start, checkpoint in mine.items() if start in lent and lent[start] == checkpoint)
+    if not shared:
+        raise UsageError(f"--reuse_cells {source} fine-tuned none of this grid's start models "
+                         f"({', '.join(sorted(mine))}) from the same checkpoint")
+    return shared
 
 
 @dataclass(frozen=True)
@@ -45,6 +81,20 @@ class Cell:
         if a.defence is not None:
             key += f"|{a.defence}"
         return key
+
+
+def read_cells(path):
+    """{cell key: entry} of a cells.jsonl. A line cut short (the grid killed while appending it) does not
+    count: that cell simply runs again."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[entry["key"]] = entry
+    return done
 
 
 class GridContext:
@@ -88,17 +138,8 @@ class Grid:
         self.done_path = run.path / "cells.jsonl"
 
     def completed(self):
-        """{cell key: entry} of the finished cells (read on rank 0). A line cut short (the grid killed while
-        appending it) does not count: that cell simply runs again."""
-        done = {}
-        if self.done_path.exists():
-            for line in self.done_path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                done[entry["key"]] = entry
-        return done
+        """{cell key: entry} of the finished cells (read on rank 0)."""
+        return read_cells(self.done_path)
 
     def _row(self, cell, epoch, figures):
         a = cell.attack
@@ -116,6 +157,22 @@ class Grid:
             entry["defence_info"] = curve.defence_info
         with open(self.done_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
+
+    def adopt(self, source, starts):
+        """Copy the cells of `starts` that the run folder `source` finished and this grid has (cells.jsonl
+        entries and their metrics.csv rows) and have not run here yet; returns how many."""
+        source = Path(source)
+        lent, done = read_cells(source / "cells.jsonl"), self.completed()
+        wanted = {c.key for c in self.cells if c.start in starts} - set(done)
+        taken = [e for key, e in lent.items() if key in wanted]
+        keys = {e["key"] for e in taken}
+        rows = CSVLog(source / "metrics.csv", self.metrics.header).rows() if (source / "metrics.csv").exists() else []
+        for row in rows:
+            if row["cell"] in keys:
+                self.metrics.append(row)
+        with open(self.done_path, "a") as f:
+            f.writelines(json.dumps(e) + "\n" for e in taken)
+        return len(taken)
 
     def execute(self, interrupts):
         """Run the cells missing from cells.jsonl; raises Interrupted at a round's boundary after a signal."""
@@ -273,13 +330,15 @@ def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",)
 
 
 def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, train, evaluator, config,
-                      metric_keys, verdict_fn, title, notes=(), extra_summary=None, robustness_fn=None,
-                      defence_fn=None):
+                      metric_keys, verdict_fn, title, sources_of, notes=(), extra_summary=None,
+                      robustness_fn=None, defence_fn=None):
     """Open the run folder, run every (start, attack) cell, write summary.json, plots and report.md.
 
     The cells: the fine-tuning grid (common.finetune.expand_grid) and, where args has --defences, the
     defence cells (common.defences.defence_attacks), each for every start. `defence_fn(results)` gives the
-    defence rows of summary.json ("defence_verdicts") and of the report."""
+    defence rows of summary.json ("defence_verdicts") and of the report. `sources_of(config)`: {start:
+    checkpoint it loads, None for a fresh model} of a run's config, which --reuse_cells compares."""
+    lend = shared_starts(args.reuse_cells, config, sources_of) if args.reuse_cells else []
     world = dist.world()
     device = world.device(args.device)
     train.pin_for(device)
@@ -293,6 +352,9 @@ def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, 
     grid = Grid(run, context, cells, list(metric_keys), device, world)
 
     def body():
+        if lend and world.main:
+            log.info("%d cells of %s reused from %s", grid.adopt(args.reuse_cells, lend), ", ".join(lend),
+                     args.reuse_cells)
         grid.execute(interrupts)
         if not world.main:
             return 0

@@ -14,7 +14,7 @@ from common.plots import plot_grid
 from common.stage3 import Cell
 from common.train import OPTIMIZERS, Precision, make_optimizer
 from common.verdicts import auc, robustness_summary, scratch_verdicts
-from helpers import TinyNet, read_rows, run_script
+from helpers import TinyNet, load_script, read_rows, run_script
 from test_finetune import _domain, _grid_args
 
 CPU = torch.device("cpu")
@@ -289,3 +289,47 @@ def test_duplicate_labels_are_one_line(tmp_path, data_root, stage2_runs):
                       data_root, "--out_dir", tmp_path / "x")
     assert proc.returncode == 2 and "label 'a' names two models" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_start_sources_name_the_checkpoint_of_each_start_model_run():
+    sophon, backdoor = load_script("stage3").start_sources, load_script("bd_stage3").start_sources
+    config = {"path": "a=/r/a.pt,b=/r/b.pt", "normal_path": "/r/n.pt", "start": ["sophon", "normal", "scratch"]}
+    assert sophon(config) == {"a": "/r/a.pt", "b": "/r/b.pt", "normal": "/r/n.pt", "scratch": None}
+    assert sophon(dict(config, path="/r/s.pt", start=["sophon"])) == {"sophon": "/r/s.pt"}
+    assert sophon(dict(config, start=["scratch"])) == {"scratch": None}
+    config = {"path": "/r/i.pt", "baseline_path": "/r/b.pt", "start": ["backdoored"]}
+    assert backdoor(config) == {"backdoored": "/r/b.pt"}
+
+
+@pytest.mark.slow
+def test_reused_baseline_cells_stand_in_for_running_them(tmp_path, data_root, stage2_runs):
+    grid = ["--data_root", data_root, "--seeds", "0,1", "--epochs", "1", "--bs", "16", "--train_fractions", "0.5"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    proc = run_script("stage3", "--path", f"kl={stage2_runs('kl')}", *grid, "--out_dir", first)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script("stage3", "--path", f"inv={stage2_runs('inverse')}", *grid, "--reuse_cells", first,
+                      "--out_dir", second)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 cells of normal, scratch reused" in proc.stdout and "4 of 6 cells already done; running 2" in proc.stdout
+    assert "cell scratch|" not in proc.stdout and "cell normal|" not in proc.stdout
+    before = json.loads((first / "summary.json").read_text())["results"]
+    after = json.loads((second / "summary.json").read_text())
+    for start in ("normal", "scratch"):
+        assert [r for r in after["results"] if r["start"] == start] == [r for r in before if r["start"] == start]
+    assert {r["start"] for r in after["results"]} == {"inv", "normal", "scratch"}
+    assert set(after["robustness"]) == {"inv"} and after["robustness"]["inv"]["cells"] == 1
+    copied = [r for r in read_rows(second / "metrics.csv") if r["start"] == "scratch"]
+    assert copied == [r for r in read_rows(first / "metrics.csv") if r["start"] == "scratch"] and len(copied) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, needle", [(["--epochs", "2"], "epochs 1 there, 2 here"),
+                                            (["--test_subset", "10"], "test_subset None there, 10 here")])
+def test_cells_of_other_settings_are_not_reused(tmp_path, data_root, stage2_runs, change, needle):
+    grid = ["--data_root", data_root, "--epochs", "1", "--bs", "16", "--starts", "scratch"]
+    first = tmp_path / "first"
+    assert run_script("stage3", "--path", stage2_runs("kl"), *grid, "--out_dir", first).returncode == 0
+    proc = run_script("stage3", "--path", stage2_runs("kl"), *grid, *change, "--reuse_cells", first,
+                      "--out_dir", tmp_path / "second")
+    assert proc.returncode == 2 and needle in proc.stderr and "ran other settings" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "second").exists()

@@ -47,6 +47,12 @@ def parse_args(argv=None):
     return parser, args
 
 
+def start_sources(config):
+    """{start: the checkpoint it loads} of the start models a run's config fine-tunes."""
+    paths = {"irreversible": config.get("path"), "backdoored": config.get("baseline_path")}
+    return {start: paths[start] for start in config["start"]}
+
+
 def main(argv=None):
     args, interrupts = begin(parse_args, STAGE, argv, distributed=True)
     if args is None:
@@ -96,6 +102,7 @@ def main(argv=None):
         args, interrupts, "irreversible_backdoor", STAGE, starts={k: ckpts[k]["model"] for k in args.start},
         num_classes=num_classes, train=train, evaluator=BackdoorEval(test, args.trigger_size, args.target_label),
         config=config, metric_keys=["test_acc", *ATTACK_METRICS], verdict_fn=persistence_verdicts,
+        sources_of=start_sources,
         defence_fn=defence_verdicts,
         title=f"Backdoor persistence under clean fine-tuning of {args.arch} on {args.dataset}",
         notes=[f"{k}: {v}" for k, v in paths.items()] + [

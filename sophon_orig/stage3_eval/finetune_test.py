@@ -84,6 +84,14 @@ def protected_items(path):
     return items
 
 
+def start_sources(config):
+    """{start: the checkpoint it loads} of the start models a run's config fine-tunes; scratch loads none."""
+    started = config["start"]
+    sources = {label: str(path) for label, path in protected_items(config["path"])} if "sophon" in started else {}
+    return {**sources, **({"normal": config.get("normal_path")} if "normal" in started else {}),
+            **({"scratch": None} if "scratch" in started else {})}
+
+
 def _shared(ckpt):
     config = ckpt.get("config", {})
     return {"arch": ckpt["arch"], "num_classes": ckpt["num_classes"], "orig_dataset": config.get("orig_dataset"),
@@ -140,7 +148,7 @@ def main(argv=None):
     return run_stage3_script(
         args, interrupts, "sophon_orig", STAGE, starts={k: starts[k] for k in chosen},
         num_classes=sophon["num_classes"], train=train, evaluator=AccuracyEval(test), config=config,
-        metric_keys=["test_acc"], verdict_fn=verdict_fn, robustness_fn=robustness_fn,
+        metric_keys=["test_acc"], verdict_fn=verdict_fn, robustness_fn=robustness_fn, sources_of=start_sources,
         title=f"Fine-tuning {args.arch} on {args.dataset}: {' vs '.join(labels)} vs normal vs scratch",
         notes=[f"{label}: {paths[label]}" for label in labels] + [f"normal: {normal_path}", f"test samples: {len(test)}"])
 
