@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from common import dist
+from common.cli import UsageError
 from common.defences import DefenceConfig, defence_attacks, run_defence
 from common.finetune import Attack, expand_grid, run_attack
-from common.cli import UsageError
 from common.models import build_model
 from common.runs import CSVLog, Interrupted, close_run, guarded, open_run, write_text_atomically
 from common.train import Precision, progress, seed_everything
