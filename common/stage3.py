@@ -24,7 +24,7 @@ from common.finetune import Attack, expand_grid, run_attack
 from common.models import build_model
 from common.runs import CSVLog, Interrupted, close_run, guarded, open_run, write_text_atomically
 from common.train import Precision, progress, seed_everything
-from common.verdicts import DEFENCE_LEGEND, FAMILY, LEGEND, ROBUSTNESS_LEGEND
+from common.verdicts import DEFENCE_LEGEND, FAMILY, LEGEND, ROBUSTNESS_LEGEND, pooled_robustness
 
 log = logging.getLogger("sophon")
 
@@ -267,6 +267,22 @@ def _robustness_lines(robustness):
     return lines + [""]
 
 
+def _pooled_lines(pooled):
+    """report.md's section on the configurations run several times (labels NAME#K), runs pooled."""
+    lines = ["## Robustness per configuration, runs pooled", "",
+             "Protected models labelled NAME#K are runs of one configuration NAME (stage-2 seeds, say); mean +- "
+             "std over the runs.", "",
+             "| configuration | runs | share auc ratio < 1 | share < 1 where shown | worst (auc ratio) |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, p in pooled.items():
+        w = p["worst_cell"]
+        lines.append(f"| {name} | {', '.join(p['runs'])} | {_pm(p, 'share_below_1')} | "
+                     f"{_pm(p, 'share_below_1_where_shown')} | {w['strategy']} {w['optimizer']} lr {w['lr']:g} "
+                     f"bs {w['batch_size']} f {w['train_fraction']:g} {w['schedule']} ({_pm(w, 'auc_ratio')}, "
+                     f"below 1 in {w['runs_below_1']} of {w['runs']} runs) |")
+    return lines + [""]
+
+
 def _pm(row, key):
     return f"{_fmt(row.get(key + '_mean'))} +- {_fmt(row.get(key + '_std'))}"
 
@@ -295,6 +311,9 @@ def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",)
     lines += list(notes) + ([""] if notes else [])
     if robustness:
         lines += _robustness_lines(robustness)
+        pooled = pooled_robustness(robustness)
+        if pooled:
+            lines += _pooled_lines(pooled)
     if defence_verdicts:
         lines += _defence_lines(defence_verdicts)
     if verdicts:
@@ -364,6 +383,9 @@ def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, 
         robustness = robustness_fn(results) if robustness_fn else None
         if robustness_fn:
             summary["robustness"] = robustness
+            pooled = pooled_robustness(robustness)
+            if pooled:
+                summary["robustness_pooled"] = pooled
         defence_rows = defence_fn(results) if defence_fn and defence_cfg is not None else None
         if defence_rows is not None:
             summary["defence_verdicts"] = defence_rows

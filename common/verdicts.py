@@ -70,6 +70,7 @@ FAMILY_DEFAULTS = {"train_fraction": 1.0, "schedule": "constant"}  # results wri
 HEAD_START_MIN = 1.0  # a cell shows protection only where normal's AUC over scratch's exceeds this
 # ... and only where scratch learned: its final accuracy at least this share of the best cell's (same data share)
 REFERENCE_LEARNED_MIN = 0.5
+RUN_SEPARATOR = "#"  # protected models labelled NAME#K are runs (stage-2 seeds, say) of one configuration NAME
 
 
 def _family(r):
@@ -252,3 +253,35 @@ def robustness_summary(results, protected="sophon", reference="scratch", baselin
         "share_below_1_where_shown": sum(c["auc_ratio_mean"] < 1 for c in shown) / len(shown) if shown else None,
         "worst_cell": max(cells, key=lambda c: c["auc_ratio_mean"]),
         "per_cell": cells}
+
+
+def pooled_robustness(robustness):
+    """{NAME: summary} of the configurations run several times: the robustness summaries of the protected
+    models labelled NAME#K (K: a stage-2 seed, say), pooled by NAME where there are two runs or more, as a
+    method is judged over its training runs and not by its luckiest one. share_below_1_mean/_std and
+    share_below_1_where_shown_mean/_std: over the runs. per_cell: each cell's auc ratio (a run's being its
+    mean over attack seeds), mean and std over the runs, and runs_below_1; worst_cell: the largest mean."""
+    groups = {}
+    for label, r in robustness.items():
+        if r is not None and RUN_SEPARATOR in label:
+            groups.setdefault(label.split(RUN_SEPARATOR)[0], []).append((label, r))
+    pooled = {}
+    for name, runs in groups.items():
+        if len(runs) < 2:
+            continue
+        cells = {}
+        for _, r in runs:
+            for c in r["per_cell"]:
+                cells.setdefault(tuple(c[k] for k in FAMILY), []).append(c)
+        per_cell = []
+        for axes, same in cells.items():
+            mean, std = mean_std([c["auc_ratio_mean"] for c in same])
+            per_cell.append({**dict(zip(FAMILY, axes)), "auc_ratio_mean": mean, "auc_ratio_std": std,
+                             "runs": len(same), "runs_below_1": sum(c["auc_ratio_mean"] < 1 for c in same),
+                             "shows_protection": same[0]["shows_protection"]})
+        share, shown = (mean_std([r[key] for _, r in runs]) for key in ("share_below_1", "share_below_1_where_shown"))
+        pooled[name] = {"runs": [label for label, _ in runs], "cells": len(per_cell),
+                        "share_below_1_mean": share[0], "share_below_1_std": share[1],
+                        "share_below_1_where_shown_mean": shown[0], "share_below_1_where_shown_std": shown[1],
+                        "worst_cell": max(per_cell, key=lambda c: c["auc_ratio_mean"]), "per_cell": per_cell}
+    return pooled

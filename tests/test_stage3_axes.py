@@ -11,9 +11,9 @@ import common.finetune as ft
 from common.cli import UsageError
 from common.finetune import Attack, attack_subset, expand_grid, run_attack, subset_indices
 from common.plots import plot_grid
-from common.stage3 import Cell
+from common.stage3 import Cell, write_report
 from common.train import OPTIMIZERS, Precision, make_optimizer
-from common.verdicts import auc, robustness_summary, scratch_verdicts
+from common.verdicts import auc, pooled_robustness, robustness_summary, scratch_verdicts
 from helpers import TinyNet, load_script, read_rows, run_script
 from test_finetune import _domain, _grid_args
 
@@ -207,6 +207,31 @@ def test_a_cell_where_scratch_does_not_learn_cannot_show_protection():
     # without normal runs the head start is unknown, but a cell whose scratch did not learn is still flagged
     alone = robustness_summary([x for x in results if x["start"] != "normal"])
     assert [c["shows_protection"] for c in alone["per_cell"]] == [None, False, None]
+
+
+def test_runs_of_one_configuration_are_pooled_over_the_runs(tmp_path):
+    # two runs of "m" (m#0, m#1) and one of "solo": momentum below 1 in both runs of m, adam in run 0 only
+    ratios = {"m#0": {"momentum": 0.5, "adam": 0.8}, "m#1": {"momentum": 0.7, "adam": 1.4},
+              "solo": {"momentum": 2.0, "adam": 2.0}}
+    results = []
+    for seed in range(2):
+        for o in ("momentum", "adam"):
+            results += [_r("scratch", seed, [20, 40], o), _r("normal", seed, [60, 80], o)]
+            results += [_r(label, seed, [r[o] * 20, r[o] * 40], o) for label, r in ratios.items()]
+    robustness = {label: robustness_summary(results, protected=label) for label in ratios}
+    pooled = pooled_robustness(robustness)
+    assert list(pooled) == ["m"] and pooled["m"]["runs"] == ["m#0", "m#1"] and pooled["m"]["cells"] == 2
+    assert pooled["m"]["share_below_1_mean"] == pytest.approx(0.75)  # 1.0 and 0.5
+    assert pooled["m"]["share_below_1_std"] == pytest.approx(0.5 ** 0.5 / 2)
+    cells = {c["optimizer"]: c for c in pooled["m"]["per_cell"]}
+    assert cells["adam"]["auc_ratio_mean"] == pytest.approx(1.1) and cells["adam"]["runs_below_1"] == 1
+    assert cells["adam"]["auc_ratio_std"] == pytest.approx(0.3 * 2 ** 0.5)
+    assert cells["momentum"]["runs_below_1"] == 2 and pooled["m"]["worst_cell"]["optimizer"] == "adam"
+    report = write_report(type("Run", (), {"path": tmp_path})(), "t", results, [], [], robustness=robustness)
+    text = report.read_text()
+    assert "## Robustness per configuration, runs pooled" in text
+    assert "| m | m#0, m#1 | 0.75 +- 0.354 |" in text and "below 1 in 1 of 2 runs" in text
+    assert pooled_robustness({"solo": robustness["solo"], "m#0": robustness["m#0"]}) == {}
 
 
 def test_plots_group_by_the_new_axes_and_colour_several_models(tmp_path):
