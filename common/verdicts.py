@@ -194,10 +194,11 @@ def robustness_summary(results, protected="sophon", reference="scratch", baselin
     share_below_1: share of cells whose auc_ratio_mean (protected over reference) is below 1.
     share_below_1_per_seed_mean/_std/_ci95: the same share computed per seed, its mean, sample std and the
     `level` t-interval over seeds (clipped to [0, 1]; None with one seed; wide with few seeds).
-    worst_cell: the cell with the largest auc_ratio_mean (the attacker's best). per_cell: each cell's auc
-    ratio and the baseline's head start, auc(baseline) / auc(reference) mean over seeds; a cell where that is
-    not above HEAD_START_MIN cannot show protection (`shows_protection: false`): the task is learned from
-    scratch as fast as from the pretrained model. None where the baseline did not run. Nor can a cell where
+    worst_cell: the cell with the largest auc_ratio_mean (the attacker's best; worst_cell_where_shown: among
+    the cells that can show protection). per_cell: each cell's auc ratio and the baseline's head start,
+    auc(baseline) / auc(reference) mean over seeds; a cell where that is not above HEAD_START_MIN cannot
+    show protection (`shows_protection: false`): the task is learned from scratch as fast as from the
+    pretrained model. None where the baseline did not run. Nor can a cell where
     the reference did not learn (`reference_learned: false`): its final value, mean over seeds
     (`reference_final`), is below REFERENCE_LEARNED_MIN times the best cell's with the same train fraction,
     as where an lr is too small to move in the epochs run or too large to converge; a ratio there compares
@@ -252,6 +253,7 @@ def robustness_summary(results, protected="sophon", reference="scratch", baselin
         "cells_reference_did_not_learn": sum(not c["reference_learned"] for c in cells),
         "share_below_1_where_shown": sum(c["auc_ratio_mean"] < 1 for c in shown) / len(shown) if shown else None,
         "worst_cell": max(cells, key=lambda c: c["auc_ratio_mean"]),
+        "worst_cell_where_shown": max(shown, key=lambda c: c["auc_ratio_mean"]) if shown else None,
         "per_cell": cells}
 
 

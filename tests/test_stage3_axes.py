@@ -200,6 +200,7 @@ def test_a_cell_where_scratch_does_not_learn_cannot_show_protection():
     assert cells["sgd"]["head_start"] > 1 and cells["sgd"]["auc_ratio_mean"] < 1
     assert [cells[o]["shows_protection"] for o in ("momentum", "sgd", "adam")] == [True, False, True]
     assert r["cells_reference_did_not_learn"] == 1 and r["cells_unable_to_show_protection"] == 1
+    assert r["worst_cell"]["optimizer"] == "sgd" and r["worst_cell_where_shown"]["optimizer"] == "adam"
     assert r["share_below_1"] == 1.0 and r["share_below_1_where_shown"] == 1.0
     worse = robustness_summary([dict(x, test_acc_curve=[10, 30]) if x["start"] == "sophon" and x["optimizer"] == "sgd"
                                 else x for x in results])
