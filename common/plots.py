@@ -8,9 +8,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+from common.verdicts import FAMILY, robustness_summary  # noqa: E402
 
 START_STYLE = {"sophon": ("tab:red", "-"), "normal": ("tab:blue", "--"), "scratch": ("tab:gray", ":"),
                "irreversible": ("tab:red", "-"), "backdoored": ("tab:blue", "--")}
@@ -157,6 +162,64 @@ def plot_grid(run_dir, metric_keys=("test_acc",)):
     return out
 
 
+def grid_results(rows, key="test_acc"):
+    """metrics.csv rows of an attack grid -> results as summary.json has them (a `<key>_curve` per cell),
+    of the cells with every epoch written (as many as the longest: a grid's cells all run --epochs);
+    defence cells left out."""
+    cells = defaultdict(dict)
+    for r in rows:
+        v = _num(r.get(key))
+        if v is not None and not r.get("defence"):
+            cells[r["cell"]][int(r["epoch"])] = (r, v)
+    out, epochs = [], max((len(points) for points in cells.values()), default=0)
+    for points in cells.values():
+        if sorted(points) != list(range(epochs)):
+            continue
+        r = points[0][0]
+        out.append({"start": r["start"], "strategy": r["strategy"], "optimizer": r["optimizer"], "lr": float(r["lr"]),
+                    "batch_size": int(r["batch_size"]), "train_fraction": float(r.get("train_fraction") or 1),
+                    "schedule": r.get("schedule") or "constant", "seed": int(r["seed"]),
+                    f"{key}_curve": [points[e][1] for e in sorted(points)]})
+    return out
+
+
+def plot_robustness(run_dir, baselines=("normal", "scratch")):
+    """robustness.png: each protected model's AUC ratio vs scratch per attack family (common.verdicts.
+    robustness_summary, on the curves of metrics.csv), blue below 1 (slower than scratch), red above; hatched
+    where the family cannot show protection. Nothing where scratch did not run."""
+    run_dir = Path(run_dir)
+    results = grid_results(read_csv(run_dir / "metrics.csv"))
+    labels = sorted({r["start"] for r in results} - set(baselines))
+    summaries = {label: robustness_summary(results, protected=label) for label in labels}
+    summaries = {label: s for label, s in summaries.items() if s}
+    if not summaries:
+        return []
+    families = sorted({tuple(c[k] for k in FAMILY) for s in summaries.values() for c in s["per_cell"]},
+                      key=lambda f: (-f[4], f[5], f[0], f[1], f[2], f[3]))
+    ratio = {(label, tuple(c[k] for k in FAMILY)): c for label, s in summaries.items() for c in s["per_cell"]}
+    grid = np.full((len(families), len(summaries)), np.nan)
+    for j, label in enumerate(summaries):
+        for i, family in enumerate(families):
+            if (label, family) in ratio:
+                grid[i, j] = np.log2(ratio[(label, family)]["auc_ratio_mean"])
+    fig, ax = plt.subplots(figsize=(5 + 0.9 * len(summaries), 1.2 + 0.28 * len(families)))
+    image = ax.imshow(grid, cmap="RdBu_r", norm=TwoSlopeNorm(0, -2, 2), aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        if not np.isnan(v):
+            cell = ratio[(list(summaries)[j], families[i])]
+            ax.text(j, i, f"{cell['auc_ratio_mean']:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if abs(v) > 1 else "black")
+            if cell["shows_protection"] is False:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", color="0.5", lw=0))
+    ax.set_xticks(range(len(summaries)), list(summaries), rotation=30, ha="right")
+    ax.set_yticks(range(len(families)), [f"{s} {o} {lr:g} bs{b} f{f:g} {sch}" for s, o, lr, b, f, sch in families],
+                  fontsize=7)
+    fig.colorbar(image, ax=ax, label="auc ratio vs scratch", ticks=[-2, -1, 0, 1, 2],
+                 format=FuncFormatter(lambda v, _: f"{2.0 ** v:g}"))
+    ax.set_title("hatched: cannot show protection", fontsize=8)
+    return [_save(fig, run_dir / "plots" / "robustness.png")]
+
+
 def plot_run(run_dir):
     """Every plot of a run folder, chosen by its metrics.csv header."""
     run_dir = Path(run_dir)
@@ -167,7 +230,7 @@ def plot_run(run_dir):
         return plot_stage2(run_dir)
     if "start" in header[0]:
         keys = [k for k in ("test_acc", "asr", "untargeted_asr", "ra") if k in header[0]]
-        return plot_grid(run_dir, keys)
+        return plot_grid(run_dir, keys) + plot_robustness(run_dir)
     return plot_stage1(run_dir)
 
 

@@ -10,7 +10,7 @@ import torch
 import common.finetune as ft
 from common.cli import UsageError
 from common.finetune import Attack, attack_subset, expand_grid, run_attack, subset_indices
-from common.plots import plot_grid
+from common.plots import grid_results, plot_grid, plot_robustness
 from common.stage3 import Cell, write_report
 from common.train import OPTIMIZERS, Precision, make_optimizer
 from common.verdicts import auc, pooled_robustness, robustness_summary, scratch_verdicts
@@ -233,6 +233,27 @@ def test_runs_of_one_configuration_are_pooled_over_the_runs(tmp_path):
     assert "## Robustness per configuration, runs pooled" in text
     assert "| m | m#0, m#1 | 0.75 +- 0.354 |" in text and "below 1 in 1 of 2 runs" in text
     assert pooled_robustness({"solo": robustness["solo"], "m#0": robustness["m#0"]}) == {}
+
+
+def test_robustness_plot_reads_the_ratios_of_the_summary_from_metrics_csv(tmp_path):
+    results = []
+    for seed in range(2):
+        for o in ("sgd", "adam"):
+            results += [_r("scratch", seed, [10, 30 + seed], o), _r("normal", seed, [50, 70], o),
+                        _r("A", seed, [10, 20 + 5 * seed], o), _r("B", seed, [10, 40], o)]
+    header = "cell,start,strategy,optimizer,lr,batch_size,train_fraction,schedule,defence,seed,epoch,test_acc\n"
+    lines = [f"{r['start']}|{r['optimizer']}|{r['seed']},{r['start']},direct_all,{r['optimizer']},0.0001,16,1,"
+             f"constant,,{r['seed']},{e},{v}\n" for r in results for e, v in enumerate(r["test_acc_curve"])]
+    lines.append("C|sgd|0,C,direct_all,sgd,0.0001,16,1,constant,,0,0,10\n")  # a cell cut short: left out
+    (tmp_path / "metrics.csv").write_text(header + "".join(lines))
+    read = grid_results(read_rows(tmp_path / "metrics.csv"))
+    assert {r["start"] for r in read} == {"scratch", "normal", "A", "B"}
+    for label in ("A", "B"):
+        assert robustness_summary(read, protected=label) == robustness_summary(results, protected=label)
+    assert [p.name for p in plot_robustness(tmp_path)] == ["robustness.png"]
+    assert (tmp_path / "plots" / "robustness.png").stat().st_size > 0
+    (tmp_path / "metrics.csv").write_text(header + "".join(l for l in lines if not l.startswith("scratch")))
+    assert plot_robustness(tmp_path) == []  # no scratch curves: no ratios
 
 
 def test_plots_group_by_the_new_axes_and_colour_several_models(tmp_path):
