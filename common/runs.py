@@ -124,11 +124,24 @@ class Run:
         return run
 
     @classmethod
-    def open_existing(cls, path):
+    def open_existing(cls, path, config):
+        """Reopen for --resume; a raised EXTENDABLE flag is written to config.json (with when and by which
+        command, under `extended`) and the old summary.json removed: the run is unfinished again."""
         run = cls(path)
         run.lock()
         run._setup_logging()
         log.info("resuming run %s", run.path)
+        record = json.loads((run.path / "config.json").read_text())
+        raised = {k: (record["config"][k], config[k]) for k in EXTENDABLE
+                  if k in config and k in record["config"] and config[k] != record["config"][k]}
+        if raised:
+            record["config"].update({k: new for k, (_, new) in raised.items()})
+            record.setdefault("extended", []).append({
+                "flags": {k: [old, new] for k, (old, new) in raised.items()}, "argv": sys.argv,
+                "at": datetime.datetime.now().isoformat(timespec="seconds")})
+            write_json(run.path / "config.json", record)
+            (run.path / "summary.json").unlink(missing_ok=True)
+            log.info("extending the run: %s", ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in raised.items()))
         return run
 
     def lock(self):
@@ -197,9 +210,16 @@ def path_flags(parser):
     return {a.dest for a in parser._actions if a.type is Path}
 
 
+# Flags a resume may raise: stage 2's outer optimizers have constant lrs, so more loops continue the same
+# training (a finished run included) rather than change it.
+EXTENDABLE = ("total_loop",)
+
+
 def apply_resume(args, argv_given, run_dir, paths, skip=("resume", "out_dir", "device", "num_workers", "cache_dir")):
-    """The resumed run's config is authoritative; a repeated flag must equal it. `paths`: the path flags."""
+    """The resumed run's config is authoritative; a repeated flag must equal it, but an EXTENDABLE one may
+    be raised. `paths`: the path flags. Returns the raised flags, {name: (run's value, new value)}."""
     config = read_run_config(run_dir)
+    raised = {}
     for key, value in config.items():
         if key in skip or not hasattr(args, key):
             continue
@@ -209,11 +229,16 @@ def apply_resume(args, argv_given, run_dir, paths, skip=("resume", "out_dir", "d
         else:
             same = (str(mine) if isinstance(mine, Path) else mine) == value
         if key in argv_given and not same:
-            raise UsageError(f"--{key} {mine} differs from the resumed run's {value} ({run_dir}/config.json)")
+            if key in EXTENDABLE and mine > value:
+                raised[key] = (value, mine)
+                continue
+            hint = "; it can only be raised, to train on" if key in EXTENDABLE else ""
+            raise UsageError(f"--{key} {mine} differs from the resumed run's {value} ({run_dir}/config.json){hint}")
         setattr(args, key, Path(value) if key in paths and value else value)
     if args.out_dir is not None and Path(args.out_dir).resolve() != Path(run_dir).resolve():
         raise UsageError(f"--out_dir {args.out_dir} differs from --resume {run_dir}; omit it")
     args.out_dir = Path(run_dir).resolve()
+    return raised
 
 
 def given_flags(parser, argv=None):
@@ -331,7 +356,7 @@ def open_run(args, project, stage, dataset, config):
     run = None
     if world.main:
         if args.resume is not None:
-            run = Run.open_existing(args.out_dir)
+            run = Run.open_existing(args.out_dir, config)
         else:
             out = check_out_dir(args.out_dir) if args.out_dir is not None else default_run_dir(project, stage, args.arch, dataset)
             run = Run.start(out, config)
@@ -355,10 +380,16 @@ def preflight_resume(parser, args, project_stage, argv=None):
             check_out_dir(args.out_dir)
         return False
     run_dir = Path(args.resume).resolve()
-    apply_resume(args, given_flags(parser, argv), run_dir, path_flags(parser))
-    if is_finished(run_dir):
+    raised = apply_resume(args, given_flags(parser, argv), run_dir, path_flags(parser))
+    if not is_finished(run_dir):
+        return False
+    if not raised:
         print(f"{project_stage}: run {run_dir} is already finished; nothing to resume")
         return True
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("stopped_early"):
+        raise UsageError(f"--resume {run_dir}: the run stopped early at loop {summary.get('loops_completed')} "
+                         f"(strikes in a row); more loops would stop it again")
     return False
 
 

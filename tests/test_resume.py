@@ -126,9 +126,49 @@ def test_resuming_a_finished_run_says_so(stage2_full, monkeypatch, capsys, resto
 
 def test_resume_with_a_differing_flag_is_refused(stage2_full):
     before = tree_snapshot(stage2_full)
-    proc = run_script("stage2", "--resume", stage2_full, "--total_loop", "7")
-    _one_error_line(proc.returncode, proc.stderr, "--total_loop", "7")
+    proc = run_script("stage2", "--resume", stage2_full, "--total_loop", "5")  # fewer loops: only more extend
+    _one_error_line(proc.returncode, proc.stderr, "--total_loop 5", "can only be raised")
     assert tree_snapshot(stage2_full) == before
+
+
+def test_more_loops_extend_a_finished_run_to_where_a_longer_run_ends(tmp_path, data_root, stage1_run, stage2_full_bg):
+    """Stage 2's outer lrs are constant, so 3 loops then --total_loop 6 is the 6-loop run: same losses every
+    loop, same final model. The short run's extra evaluation and final fine-tune test at loop 3 stay in its
+    history (they leave the training state as it was)."""
+    out = tmp_path / "short"
+    short = [*STAGE2, "--model_path", stage1_run, "--data_root", data_root, "--total_loop", "3"]  # the last wins
+    proc = run_script("stage2", *short, "--out_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["loops_completed"] == 3
+    proc = run_script("stage2", "--resume", out, "--total_loop", "6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--total_loop 3 -> 6" in proc.stdout and "resumed at loop 3 of 6" in proc.stdout
+    full = stage2_full_bg.wait()
+    _assert_same_model(out / "checkpoints" / "final.pt", full / "checkpoints" / "final.pt")
+    rows, full_rows = read_rows(out / "metrics.csv"), read_rows(full / "metrics.csv")
+    assert [int(r["loop"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    for r, f in zip(rows, full_rows):
+        assert float(r["fts_loss"]) == pytest.approx(float(f["fts_loss"]), rel=1e-4, abs=1e-6), r["loop"]
+        assert (r["fts_optimizer"], r["fts_lr"]) == (f["fts_optimizer"], f["fts_lr"]), r["loop"]
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"]["total_loop"] == 6
+    assert [e["flags"] for e in record["extended"]] == [{"total_loop": [3, 6]}]
+    summary, full_summary = (json.loads((d / "summary.json").read_text()) for d in (out, full))
+    assert summary["loops_completed"] == 6 and summary["orig_test_acc"] == full_summary["orig_test_acc"]
+    again = run_script("stage2", "--resume", out, "--total_loop", "6")
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-2000:]
+
+
+def test_an_early_stopped_run_is_not_extended(stage2_full, tmp_path, monkeypatch, capsys, restore_signals):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(stage2_full, run)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "stopped_early": True}))
+    before = tree_snapshot(run)
+    code, _, err = _resume_in_process(["--resume", run, "--total_loop", "9"], monkeypatch, capsys)
+    _one_error_line(code, err, "stopped early", "more loops would stop it again")
+    assert tree_snapshot(run) == before
 
 
 @pytest.mark.parametrize("flag,value", [("--fts_optimizers", "adam"), ("--data_root", "/elsewhere"),
@@ -146,8 +186,8 @@ def test_resume_with_out_dir_elsewhere_is_refused(stage2_full, tmp_path, monkeyp
 
 def test_resume_with_an_abbreviated_differing_flag_is_refused(stage2_full, monkeypatch, capsys, restore_signals):
     # flags are never abbreviated, so a prefix cannot slip past the comparison with the run's config
-    code, _, err = _resume_in_process(["--resume", stage2_full, "--total", "7"], monkeypatch, capsys)
-    _one_error_line(code, err, "unrecognized arguments: --total 7")
+    code, _, err = _resume_in_process(["--resume", stage2_full, "--alph", "7"], monkeypatch, capsys)
+    _one_error_line(code, err, "unrecognized arguments: --alph 7")
 
 
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path, monkeypatch, capsys, restore_signals):
@@ -158,8 +198,8 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path, monkeypatch, capsys, res
 def test_in_process_resume_checks_the_argv_it_was_given(stage2_full, monkeypatch, restore_signals):
     algo = load_script("stage2")
     monkeypatch.setattr(sys, "argv", [str(algo.__file__)])
-    with pytest.raises(UsageError, match="--total_loop"):
-        algo.main(["--resume", str(stage2_full), "--total_loop", "7"])
+    with pytest.raises(UsageError, match="--alpha"):
+        algo.main(["--resume", str(stage2_full), "--alpha", "7"])
 
 
 def test_stage1_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, data_root):
