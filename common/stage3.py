@@ -305,15 +305,14 @@ def _defence_lines(rows):
 
 
 def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",), notes=(), robustness=None,
-                 defence_verdicts=None):
+                 robustness_pooled=None, defence_verdicts=None):
     """report.md: the verdict tables and the final figures, readable without opening the CSVs."""
     lines = [f"# {title}", ""]
     lines += list(notes) + ([""] if notes else [])
     if robustness:
         lines += _robustness_lines(robustness)
-        pooled = pooled_robustness(robustness)
-        if pooled:
-            lines += _pooled_lines(pooled)
+    if robustness_pooled:
+        lines += _pooled_lines(robustness_pooled)
     if defence_verdicts:
         lines += _defence_lines(defence_verdicts)
     if verdicts:
@@ -381,17 +380,17 @@ def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, 
         verdicts = verdict_fn(results)
         summary = {"dataset": args.dataset, "results": results, "verdicts": verdicts, **(extra_summary or {})}
         robustness = robustness_fn(results) if robustness_fn else None
+        pooled = pooled_robustness(robustness) if robustness_fn else None
         if robustness_fn:
             summary["robustness"] = robustness
-            pooled = pooled_robustness(robustness)
-            if pooled:
-                summary["robustness_pooled"] = pooled
+        if pooled:
+            summary["robustness_pooled"] = pooled
         defence_rows = defence_fn(results) if defence_fn and defence_cfg is not None else None
         if defence_rows is not None:
             summary["defence_verdicts"] = defence_rows
         close_run(run, stage, summary, len(evaluator.domain))
         report = write_report(run, title, results, verdicts, sorted(run.plots_dir.glob("*.png")), metric_keys, notes,
-                              robustness, defence_rows)
+                              robustness, pooled, defence_rows)
         print(report.read_text())
         return 0
 

@@ -228,7 +228,8 @@ def test_runs_of_one_configuration_are_pooled_over_the_runs(tmp_path):
     assert cells["adam"]["auc_ratio_mean"] == pytest.approx(1.1) and cells["adam"]["runs_below_1"] == 1
     assert cells["adam"]["auc_ratio_std"] == pytest.approx(0.3 * 2 ** 0.5)
     assert cells["momentum"]["runs_below_1"] == 2 and pooled["m"]["worst_cell"]["optimizer"] == "adam"
-    report = write_report(type("Run", (), {"path": tmp_path})(), "t", results, [], [], robustness=robustness)
+    report = write_report(type("Run", (), {"path": tmp_path})(), "t", results, [], [], robustness=robustness,
+                          robustness_pooled=pooled)
     text = report.read_text()
     assert "## Robustness per configuration, runs pooled" in text
     assert "| m | m#0, m#1 | 0.75 +- 0.354 |" in text and "below 1 in 1 of 2 runs" in text
