@@ -66,7 +66,8 @@ def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, to
     p.add_argument("--fast_lr", type=pos_float, default=fast_lr, help="simulated fine-tuner's lr when --fts_lrs is not given")
     p.add_argument("--fts_loop", type=nonneg_int, default=fts_loop, help="FTS steps per outer loop (0: none)")
     p.add_argument("--ntr_loop", type=nonneg_int, default=ntr_loop)
-    p.add_argument("--total_loop", type=pos_int, default=total_loop)
+    p.add_argument("--total_loop", type=pos_int, default=total_loop,
+                   help="outer loops; with --resume it may be raised, to train a run (finished or not) on")
     p.add_argument("--adaptation_steps", type=pos_int, default=adaptation_steps, help="inner steps per episode")
     p.add_argument("--test_interval", "--test_iterval", dest="test_interval", type=nonneg_int, default=test_interval,
                    help=f"fine-tune test every N loops (0: off); --test_iterval is {COMPAT}")
