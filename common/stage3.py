@@ -236,8 +236,9 @@ def _robustness_lines(robustness):
     """report.md's robustness section: one row per protected model, then the head start of every cell."""
     lines = ["## Robustness per protected model", "", ROBUSTNESS_LEGEND, "",
              "| protected | attack families | share auc ratio < 1 | per seed: mean +- std | 95% CI over seeds | "
-             "families unable to show protection (scratch did not learn) | share < 1 where shown | worst (auc ratio) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "families unable to show protection (scratch did not learn) | share < 1 where shown | "
+             "geo-mean auc ratio (where shown) | worst (auc ratio) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, r in robustness.items():
         w = r["worst_cell"]
         worst = (f"{w['strategy']} {w['optimizer']} lr {w['lr']:g} bs {w['batch_size']} f {w['train_fraction']:g} "
@@ -247,7 +248,8 @@ def _robustness_lines(robustness):
                      f"{_fmt(r['share_below_1_per_seed_mean'])} +- {_fmt(r['share_below_1_per_seed_std'])} | "
                      f"{'n/a' if ci is None else f'{ci[0]:.2f} - {ci[1]:.2f}'} ({r['ci_note']}) | "
                      f"{r['cells_unable_to_show_protection']} ({r['cells_reference_did_not_learn']}) | "
-                     f"{_fmt(r['share_below_1_where_shown'])} | {worst} |")
+                     f"{_fmt(r['share_below_1_where_shown'])} | {_fmt(r['auc_ratio_geomean'])} "
+                     f"({_fmt(r['auc_ratio_geomean_where_shown'])}) | {worst} |")
     lines += ["", "Per attack family: scratch's final accuracy (mean over seeds), the head start of normal over "
               "scratch (auc(normal) / auc(scratch), mean over seeds) and each protected model's auc ratio vs "
               "scratch:", ""]
@@ -272,12 +274,14 @@ def _pooled_lines(pooled):
     lines = ["## Robustness per configuration, runs pooled", "",
              "Protected models labelled NAME#K are runs of one configuration NAME (stage-2 seeds, say); mean +- "
              "std over the runs.", "",
-             "| configuration | runs | share auc ratio < 1 | share < 1 where shown | worst (auc ratio) |",
-             "| --- | --- | --- | --- | --- |"]
+             "| configuration | runs | share auc ratio < 1 | share < 1 where shown | geo-mean auc ratio | "
+             "geo-mean where shown | worst (auc ratio) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, p in pooled.items():
         w = p["worst_cell"]
         lines.append(f"| {name} | {', '.join(p['runs'])} | {_pm(p, 'share_below_1')} | "
-                     f"{_pm(p, 'share_below_1_where_shown')} | {w['strategy']} {w['optimizer']} lr {w['lr']:g} "
+                     f"{_pm(p, 'share_below_1_where_shown')} | {_pm(p, 'auc_ratio_geomean')} | "
+                     f"{_pm(p, 'auc_ratio_geomean_where_shown')} | {w['strategy']} {w['optimizer']} lr {w['lr']:g} "
                      f"bs {w['batch_size']} f {w['train_fraction']:g} {w['schedule']} ({_pm(w, 'auc_ratio')}, "
                      f"below 1 in {w['runs_below_1']} of {w['runs']} runs) |")
     return lines + [""]

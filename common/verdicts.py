@@ -203,6 +203,10 @@ def robustness_summary(results, protected="sophon", reference="scratch", baselin
     (`reference_final`), is below REFERENCE_LEARNED_MIN times the best cell's with the same train fraction,
     as where an lr is too small to move in the epochs run or too large to converge; a ratio there compares
     two curves near chance.
+    auc_ratio_geomean (_where_shown): the geometric mean of the cells' auc_ratio_mean, a ratio's natural
+    average (x2 and x0.5 cancel). The share counts cells across 1, so it moves in steps of one cell and not
+    at all for a cell going from 1.5 to 1.1; the geometric mean moves with every cell, which makes it the
+    steadier number for comparing two protections on one grid.
     """
     cells, per_seed = [], {}
     for family, seeds in _by_attack(results, metric).items():
@@ -252,16 +256,25 @@ def robustness_summary(results, protected="sophon", reference="scratch", baselin
         "cells_unable_to_show_protection": sum(c["shows_protection"] is False for c in cells),
         "cells_reference_did_not_learn": sum(not c["reference_learned"] for c in cells),
         "share_below_1_where_shown": sum(c["auc_ratio_mean"] < 1 for c in shown) / len(shown) if shown else None,
+        "auc_ratio_geomean": geometric_mean([c["auc_ratio_mean"] for c in cells]),
+        "auc_ratio_geomean_where_shown": geometric_mean([c["auc_ratio_mean"] for c in shown]) if shown else None,
         "worst_cell": max(cells, key=lambda c: c["auc_ratio_mean"]),
         "worst_cell_where_shown": max(shown, key=lambda c: c["auc_ratio_mean"]) if shown else None,
         "per_cell": cells}
+
+
+def geometric_mean(values):
+    """exp(mean log); 0 when a value is 0 (a protected curve at 0 throughout)."""
+    if min(values) <= 0:
+        return 0.0
+    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def pooled_robustness(robustness):
     """{NAME: summary} of the configurations run several times: the robustness summaries of the protected
     models labelled NAME#K (K: a stage-2 seed, say), pooled by NAME where there are two runs or more, as a
     method is judged over its training runs and not by its luckiest one. share_below_1_mean/_std and
-    share_below_1_where_shown_mean/_std: over the runs. per_cell: each cell's auc ratio (a run's being its
+    share_below_1_where_shown_mean/_std, auc_ratio_geomean(_where_shown)_mean/_std: over the runs. per_cell: each cell's auc ratio (a run's being its
     mean over attack seeds), mean and std over the runs, and runs_below_1; worst_cell: the largest mean."""
     groups = {}
     for label, r in robustness.items():
@@ -281,9 +294,9 @@ def pooled_robustness(robustness):
             per_cell.append({**dict(zip(FAMILY, axes)), "auc_ratio_mean": mean, "auc_ratio_std": std,
                              "runs": len(same), "runs_below_1": sum(c["auc_ratio_mean"] < 1 for c in same),
                              "shows_protection": same[0]["shows_protection"]})
-        share, shown = (mean_std([r[key] for _, r in runs]) for key in ("share_below_1", "share_below_1_where_shown"))
-        pooled[name] = {"runs": [label for label, _ in runs], "cells": len(per_cell),
-                        "share_below_1_mean": share[0], "share_below_1_std": share[1],
-                        "share_below_1_where_shown_mean": shown[0], "share_below_1_where_shown_std": shown[1],
+        over_runs = {}
+        for key in ("share_below_1", "share_below_1_where_shown", "auc_ratio_geomean", "auc_ratio_geomean_where_shown"):
+            over_runs[f"{key}_mean"], over_runs[f"{key}_std"] = mean_std([r[key] for _, r in runs])
+        pooled[name] = {"runs": [label for label, _ in runs], "cells": len(per_cell), **over_runs,
                         "worst_cell": max(per_cell, key=lambda c: c["auc_ratio_mean"]), "per_cell": per_cell}
     return pooled

@@ -176,6 +176,8 @@ def test_robustness_summary_by_hand():
     assert "3 seeds" in r["ci_note"] and "wide" in r["ci_note"]
     assert r["worst_cell"]["optimizer"] == "adam"
     assert r["cells_unable_to_show_protection"] == 1 and r["share_below_1_where_shown"] == 1.0
+    assert r["auc_ratio_geomean"] == pytest.approx((a["auc_ratio_mean"] * b["auc_ratio_mean"]) ** 0.5)
+    assert r["auc_ratio_geomean_where_shown"] == pytest.approx(a["auc_ratio_mean"])  # B cannot show protection
     # one seed: no interval; no normal model: the head start is unknown
     one = robustness_summary([x for x in results if x["seed"] == 0 and x["start"] != "normal"])
     assert one["share_below_1_ci95"] is None and one["per_cell"][0]["shows_protection"] is None
@@ -228,11 +230,17 @@ def test_runs_of_one_configuration_are_pooled_over_the_runs(tmp_path):
     assert cells["adam"]["auc_ratio_mean"] == pytest.approx(1.1) and cells["adam"]["runs_below_1"] == 1
     assert cells["adam"]["auc_ratio_std"] == pytest.approx(0.3 * 2 ** 0.5)
     assert cells["momentum"]["runs_below_1"] == 2 and pooled["m"]["worst_cell"]["optimizer"] == "adam"
+    # a cell from 0.8 to 1.4 moves the share by one cell; the geo-means (0.632 and 0.990) see how far
+    geo = [(0.5 * 0.8) ** 0.5, (0.7 * 1.4) ** 0.5]
+    assert [robustness[k]["auc_ratio_geomean"] for k in ("m#0", "m#1")] == pytest.approx(geo)
+    assert pooled["m"]["auc_ratio_geomean_mean"] == pytest.approx(sum(geo) / 2)
+    assert pooled["m"]["auc_ratio_geomean_std"] == pytest.approx(abs(geo[0] - geo[1]) / 2 ** 0.5)
     report = write_report(type("Run", (), {"path": tmp_path})(), "t", results, [], [], robustness=robustness,
                           robustness_pooled=pooled)
     text = report.read_text()
     assert "## Robustness per configuration, runs pooled" in text
     assert "| m | m#0, m#1 | 0.75 +- 0.354 |" in text and "below 1 in 1 of 2 runs" in text
+    assert f"| {sum(geo) / 2:.3g} +- {abs(geo[0] - geo[1]) / 2 ** 0.5:.3g} |" in text
     assert pooled_robustness({"solo": robustness["solo"], "m#0": robustness["m#0"]}) == {}
 
 
