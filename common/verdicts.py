@@ -273,9 +273,10 @@ def geometric_mean(values):
 def pooled_robustness(robustness):
     """{NAME: summary} of the configurations run several times: the robustness summaries of the protected
     models labelled NAME#K (K: a stage-2 seed, say), pooled by NAME where there are two runs or more, as a
-    method is judged over its training runs and not by its luckiest one. share_below_1_mean/_std and
-    share_below_1_where_shown_mean/_std, auc_ratio_geomean(_where_shown)_mean/_std: over the runs. per_cell: each cell's auc ratio (a run's being its
-    mean over attack seeds), mean and std over the runs, and runs_below_1; worst_cell: the largest mean."""
+    method is judged over its training runs and not by its luckiest one. share_below_1_mean/_std,
+    share_below_1_where_shown_mean/_std and auc_ratio_geomean(_where_shown)_mean/_std: over the runs.
+    per_cell: each cell's auc ratio (a run's being its mean over attack seeds), mean and std over the runs,
+    and runs_below_1; worst_cell: the largest mean."""
     groups = {}
     for label, r in robustness.items():
         if r is not None and RUN_SEPARATOR in label:
