@@ -136,6 +136,7 @@ class Grid:
                                                "train_fraction", "schedule", "defence", "seed", "epoch"]
                                + metric_keys)
         self.done_path = run.path / "cells.jsonl"
+        self.numerics = Precision(device, context.amp, context.channels_last).numerics
 
     def completed(self):
         """{cell key: entry} of the finished cells (read on rank 0)."""
@@ -152,7 +153,7 @@ class Grid:
                  **{f"{k}_curve": [c[k] for c in curve] for k in self.metric_keys},
                  "train_samples": getattr(curve, "train_samples", None),
                  "skipped_steps": getattr(curve, "skipped_steps", 0),
-                 "diverged_epoch": getattr(curve, "diverged_epoch", None)}
+                 "diverged_epoch": getattr(curve, "diverged_epoch", None), "numerics": self.numerics}
         if getattr(curve, "defence_info", None) is not None:
             entry["defence_info"] = curve.defence_info
         with open(self.done_path, "a") as f:
@@ -160,11 +161,19 @@ class Grid:
 
     def adopt(self, source, starts):
         """Copy the cells of `starts` that the run folder `source` finished and this grid has (cells.jsonl
-        entries and their metrics.csv rows) and have not run here yet; returns how many."""
+        entries and their metrics.csv rows) and have not run here yet; returns how many. A cell that ran
+        with other numerics (a GPU's bf16 against this CPU's fp32, say) is run here instead, so that the
+        start models of one grid are compared under one arithmetic; entries written before cells recorded
+        their numerics are taken as they are."""
         source = Path(source)
         lent, done = read_cells(source / "cells.jsonl"), self.completed()
         wanted = {c.key for c in self.cells if c.start in starts} - set(done)
-        taken = [e for key, e in lent.items() if key in wanted]
+        offered = [e for key, e in lent.items() if key in wanted]
+        taken = [e for e in offered if e.get("numerics", self.numerics) == self.numerics]
+        if len(taken) < len(offered):
+            other = sorted({e["numerics"] for e in offered} - {self.numerics})
+            log.info("%d cells of %s ran with %s there, %s here: running them here", len(offered) - len(taken),
+                     source, " / ".join(other), self.numerics)
         keys = {e["key"] for e in taken}
         rows = CSVLog(source / "metrics.csv", self.metrics.header).rows() if (source / "metrics.csv").exists() else []
         for row in rows:
@@ -184,6 +193,10 @@ class Grid:
         todo = [c for c in self.cells if c.key not in done]
         if done:
             log.info("%d of %d cells already done; running %d", len(done), len(self.cells), len(todo))
+            other = sorted({e.get("numerics") for e in done.values()} - {None, self.numerics})
+            if other and world.main:
+                log.warning("cells done before ran with %s, the rest run with %s: the grid mixes the two "
+                            "(start a new run folder to keep one)", " / ".join(other), self.numerics)
         bar = progress(total=len(todo), desc="attack grid", disable=not world.main)
         for first in range(0, len(todo), world.size):
             if interrupts.due():

@@ -139,6 +139,11 @@ class Precision:
     def describe(self):
         return f"amp={'bf16' if self.amp else 'off'} channels_last={self.channels_last} compile={self.compile}"
 
+    @property
+    def numerics(self):
+        """What changes a training curve beyond run-to-run noise: the device type and the arithmetic."""
+        return f"{self.device.type} {'bf16' if self.amp else 'fp32'}"
+
 
 def seed_everything(seed):
     random.seed(seed)

@@ -379,6 +379,29 @@ def test_reused_baseline_cells_stand_in_for_running_them(tmp_path, data_root, st
 
 
 @pytest.mark.slow
+def test_cells_of_other_numerics_run_again_instead_of_being_reused(tmp_path, data_root, stage2_runs):
+    grid = ["--data_root", data_root, "--seeds", "0,1", "--epochs", "1", "--bs", "16", "--starts", "scratch"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_script("stage3", "--path", stage2_runs("kl"), *grid, "--out_dir", first).returncode == 0
+    entries = [json.loads(line) for line in (first / "cells.jsonl").read_text().splitlines()]
+    assert [e["numerics"] for e in entries] == ["cpu fp32", "cpu fp32"]
+    entries[1]["numerics"] = "cuda bf16"  # as a GPU grid would have written it
+    (first / "cells.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    proc = run_script("stage3", "--path", stage2_runs("kl"), *grid, "--reuse_cells", first, "--out_dir", second)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 cells of scratch reused" in proc.stdout and "1 of 2 cells already done; running 1" in proc.stdout
+    assert "ran with cuda bf16 there, cpu fp32 here: running them here" in proc.stdout
+    assert f"cell {entries[1]['key']}" in proc.stdout and f"cell {entries[0]['key']}" not in proc.stdout
+    assert [json.loads(line)["numerics"] for line in (second / "cells.jsonl").read_text().splitlines()] == \
+        ["cpu fp32", "cpu fp32"]
+    (first / "cells.jsonl").write_text(json.dumps(entries[1]) + "\n")  # a grid cut short on a GPU, resumed here
+    (first / "summary.json").unlink()
+    proc = run_script("stage3", "--resume", first)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cells done before ran with cuda bf16, the rest run with cpu fp32" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("change, needle", [(["--epochs", "2"], "epochs 1 there, 2 here"),
                                             (["--test_subset", "10"], "test_subset None there, 10 here")])
 def test_cells_of_other_settings_are_not_reused(tmp_path, data_root, stage2_runs, change, needle):
