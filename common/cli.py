@@ -5,6 +5,7 @@ Every refusal is one stderr line ``<script>: error: <message>`` with exit code 2
 Flag families are argparse parents, so a flag means the same thing in every script.
 """
 import argparse
+import copy
 import math
 import os
 import sys
@@ -187,14 +188,30 @@ def preset_flag(presets):
     return p
 
 
-def parse_with_presets(parser, argv, presets):
-    """parser.parse_args(argv) with the chosen preset's values as defaults."""
-    chooser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    chooser.add_argument("--preset")  # an unknown name is the full parser's to refuse, in its own words
-    chosen, _ = chooser.parse_known_args(argv)
-    if chosen.preset in presets:
-        parser.set_defaults(**presets[chosen.preset])
-    return parser.parse_args(argv)
+def parse_with_presets(parser, argv, presets, supersedes=None):
+    """parser.parse_args(argv) with the chosen preset's values as defaults. `supersedes` maps a flag to the
+    flags it takes the place of (--fts_lrs to --fts_lr_range): typed on the command line, it drops the
+    preset's values for those, so the flag typed is the one that runs; typing both is refused."""
+    args = parser.parse_args(argv)  # refuses bad input and answers --help before the probe below re-parses
+    typed = given_flags(parser, argv)
+    replaced = {name: flag for flag in typed for name in (supersedes or {}).get(flag, ())}
+    for name, flag in replaced.items():
+        if name in typed:
+            parser.error(f"--{flag} takes the place of --{name}; give one of them")
+    if args.preset in presets:
+        parser.set_defaults(**{k: v for k, v in presets[args.preset].items() if k not in replaced})
+        args = parser.parse_args(argv)
+    return args
+
+
+def given_flags(parser, argv=None):
+    """Dest names of the flags present in argv: argv re-parsed with every default suppressed, so aliases and
+    --flag=value forms count."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
 
 
 def build_parser(doc, parents):

@@ -375,7 +375,7 @@ def defence_attacks(args):
 
 def check_flags(args, given):
     """Refuse --defences_only without defences or with fine-tuning grid flags, and a defence flag that none
-    of the chosen defences reads (`given`: the dest names typed, common.runs.given_flags)."""
+    of the chosen defences reads (`given`: the dest names typed, common.cli.given_flags)."""
     chosen = set(args.defences or ())
     if args.defences_only and not chosen:
         raise UsageError("--defences_only needs --defences")

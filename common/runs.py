@@ -3,8 +3,6 @@
 runs/<project>/<stage>/<YYYYmmdd-HHMMSS>_<arch>_<dataset>/ holds config.json, metrics.csv, summary.json,
 plots/, log.txt and checkpoints/. A folder holding another run is never overwritten.
 """
-import argparse
-import copy
 import csv
 import datetime
 import json
@@ -18,7 +16,7 @@ from pathlib import Path
 
 from common import dist
 from common.checkpoints import REPO_ROOT, CheckpointError, atomic_save, load_file, replace_atomically
-from common.cli import UsageError
+from common.cli import UsageError, given_flags
 
 try:
     import fcntl
@@ -239,16 +237,6 @@ def apply_resume(args, argv_given, run_dir, paths, skip=("resume", "out_dir", "d
         raise UsageError(f"--out_dir {args.out_dir} differs from --resume {run_dir}; omit it")
     args.out_dir = Path(run_dir).resolve()
     return raised
-
-
-def given_flags(parser, argv=None):
-    """Dest names of the flags present in argv (for resume's equality check): argv re-parsed with every
-    default suppressed, so aliases and --flag=value forms count."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    probe = copy.deepcopy(parser)
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(probe.parse_args(argv)))
 
 
 def write_json(path, obj):

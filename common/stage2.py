@@ -49,6 +49,11 @@ def learned_share_value(text):
     return value
 
 
+# A flag typed on the command line drops a preset's value for the flags it takes the place of
+# (common.cli.parse_with_presets): --preset robust --fts_lrs 1e-2 simulates lr 1e-2, not the preset's range.
+SUPERSEDES = {"fts_lrs": ("fts_lr_range",), "fast_lr": ("fts_lr_range",)}
+
+
 def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, total_loop, adaptation_steps,
                  test_interval, finetune_epochs, final_finetune_epochs, finetune_lr, min_orig_acc, max_strikes,
                  eval_interval, save_every, fts_optimizers, fts_lrs, fts_head, fts_scope, fts_envs, fts_clip,
@@ -366,6 +371,10 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
     if args.bs < 4:
         raise UsageError(f"--bs {args.bs} is too small for stage 2: each batch is split into support and query, "
                          f"two samples each at least (BatchNorm); use --bs 4 or more")
+    if args.fts_lrs and args.fts_lr_range:
+        raise UsageError("--fts_lrs and --fts_lr_range both choose the simulated fine-tuners' lr; give one")
+    if args.fts_lr_range:
+        args.fast_lr = None  # unused, so config.json does not show an lr that was never simulated
     if args.fts_lr_adapt and args.fts_lr_range is None:
         raise UsageError("--fts_lr_adapt learns the lr inside --fts_lr_range LO,HI; give that range too")
     if args.fts_lr_learned_share != 1 and not args.fts_lr_adapt:

@@ -28,6 +28,8 @@ BAD_FLAGS_IN_PROCESS = [
     ("stage2", ["--fts_head", "drop"], "--fts_head"),
     ("stage2", ["--fts_lr_range", "1e-2,1e-5"], "--fts_lr_range"),
     ("stage2", ["--fts_lr_range", "1e-3"], "--fts_lr_range"),
+    ("stage2", ["--fts_lrs", "1e-2", "--fts_lr_range", "1e-4,1e-3"], "--fts_lr_range"),
+    ("stage2", ["--fast_lr", "1e-2", "--fts_lr_range", "1e-4,1e-3"], "--fts_lr_range"),
     ("stage2", ["--fts_lr_adapt", "-0.1"], "--fts_lr_adapt"),
     ("stage2", ["--fts_lr_learned_share", "1.5"], "--fts_lr_learned_share"),
     ("stage2", ["--fts_lr_learned_share", "0"], "--fts_lr_learned_share"),

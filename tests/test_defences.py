@@ -320,7 +320,7 @@ def test_defence_cells_and_keys():
     (["--defences", "ft,fine_pruning", "--super_ft_half_cycle", "4"], "--super_ft_half_cycle is read by super_ft"),
 ])
 def test_unused_defence_flags_are_refused(argv, message):
-    from common.runs import given_flags
+    from common.cli import given_flags
     parser, args = _args(argv)
     with pytest.raises(UsageError, match=message):
         dfn.check_flags(args, given_flags(parser, argv))

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from common.cli import UsageError
 from common.finetune import schedule_factor
 from common.fts import EXP_STEP_RATE, FTS, FineTuner, FineTunerSampler, query_weights, support_query_split
 from common.losses import kl_uniform
+from common.sophon import SophonConfig
+from common.stage2 import setup_stage2
 from common.train import Precision
 from helpers import TinyNet, linear_model, load_script, step_resumed, tiny_sophon
 
@@ -263,6 +266,25 @@ def test_preset_sets_its_flags_and_given_flags_win(script, name, override, value
         _, given = module.parse_args(argv)
         assert getattr(given, override) == value
         assert all(getattr(given, k) == getattr(chosen, k) for k in preset if k != override)
+
+
+@pytest.mark.parametrize("typed", [["--fts_lrs", "1e-2"], ["--fast_lr", "1e-2"]])
+def test_a_typed_lr_replaces_the_presets_lr_range(typed):
+    """--preset robust draws the lr from a range; an lr typed after (or before) it is the one simulated."""
+    module = load_script("stage2")
+    for argv in (["--preset", "robust", *typed], [*typed, "--preset", "robust"]):
+        _, args = module.parse_args(argv)
+        assert args.fts_lr_range is None
+        assert SophonConfig.from_args(args).fts_lrs == (1e-2,)
+        assert args.adaptation_steps == 20  # the rest of the preset stays
+
+
+def test_lrs_and_an_lr_range_both_set_by_constants_are_refused():
+    module = load_script("stage2")
+    _, args = module.parse_args([])
+    args.fts_lrs, args.fts_lr_range = [1e-2], [1e-4, 1e-3]
+    with pytest.raises(UsageError, match="give one"):
+        setup_stage2(args, "sophon_orig", module.STAGE)
 
 
 @pytest.mark.parametrize("script, name, override, value", PRESETS)

@@ -245,6 +245,8 @@ def test_the_original_command_plus_resume_is_accepted_for_every_stage(tmp_path, 
         again = run_script(stage, *argv, "--resume", out, cwd=tmp_path)
         assert again.returncode == 0, (stage, again.stderr[-3000:])
         assert "already finished" in again.stdout, (stage, again.stdout[-2000:])
+    recorded = json.loads((tmp_path / "s2" / "config.json").read_text())["config"]
+    assert recorded["fts_lr_range"] == [1e-4, 1e-3] and recorded["fast_lr"] is None  # no lr shown that never ran
     # a path that means something else is still refused
     other_parent = ["s2" if a == "s1" else a for a in commands["stage2"]]
     proc = run_script("stage2", *other_parent, "--resume", "s2", cwd=tmp_path)

@@ -13,7 +13,7 @@ from common import cli
 from common.backdoor import (ATTACK_METRICS, BackdoorEval, check_trigger, poison, stage2_summary_keys,
                              target_query_loss, trigger_flags)
 from common.runs import begin
-from common.stage2 import Stage2Task, run_stage2_script, setup_stage2, stage2_flags
+from common.stage2 import SUPERSEDES, Stage2Task, run_stage2_script, setup_stage2, stage2_flags
 
 STAGE = "irreversible_backdoor/stage2_train"
 MODEL_PATH = None  # backdoored stage-1 checkpoint; None: newest under runs/irreversible_backdoor/stage1_pretrain
@@ -77,7 +77,7 @@ def parse_args(argv=None):
         mask_share=MASK_SHARE, mask_every=MASK_EVERY, restricted_holdout=RESTRICTED_HOLDOUT)
     parser = cli.build_parser(__doc__, [cli.preset_flag(PRESETS), common, cli.restricted_flag(DATASET), stage2,
                                         trigger_flags(), cli.speed_flags()])
-    return parser, cli.parse_with_presets(parser, argv, PRESETS)
+    return parser, cli.parse_with_presets(parser, argv, PRESETS, SUPERSEDES)
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ from common.checkpoints import (foreign_record, inherit, is_foreign, load_parent
 from common.data import check_name, check_subset_caps, load_domain
 from common.defences import check_arch, check_flags, defence_flags
 from common.finetune import grid_flags
-from common.runs import begin, config_of, given_flags
+from common.runs import begin, config_of
 from common.stage3 import run_stage3_script
 from common.train import Precision
 from common.verdicts import defence_verdicts, persistence_verdicts
@@ -43,7 +43,7 @@ def parse_args(argv=None):
                         help="irreversible checkpoint or run folder; --model_path is the seed's spelling, kept for compatibility")
     parser.add_argument("--baseline_path", type=Path, default=BASELINE_PATH, help="plain backdoored checkpoint or run folder")
     args = parser.parse_args(argv)
-    check_flags(args, given_flags(parser, argv))
+    check_flags(args, cli.given_flags(parser, argv))
     return parser, args
 
 

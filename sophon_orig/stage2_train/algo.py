@@ -10,7 +10,7 @@ from functools import partial
 from common import cli
 from common.losses import FTE_LOSSES, fte_query_loss
 from common.runs import begin
-from common.stage2 import Stage2Task, run_stage2_script, setup_stage2, stage2_flags
+from common.stage2 import SUPERSEDES, Stage2Task, run_stage2_script, setup_stage2, stage2_flags
 from common.train import AccuracyEval
 
 STAGE = "sophon_orig/stage2_train"
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     parser = cli.build_parser(__doc__, [cli.preset_flag(PRESETS), common, cli.restricted_flag(DATASET), stage2,
                                         cli.speed_flags()])
     parser.add_argument("--loss_type", choices=tuple(FTE_LOSSES), default=LOSS_TYPE)
-    return parser, cli.parse_with_presets(parser, argv, PRESETS)
+    return parser, cli.parse_with_presets(parser, argv, PRESETS, SUPERSEDES)
 
 
 def main(argv=None):
