@@ -57,3 +57,68 @@ def reinit_head(model, generator=None):
     head.weight.copy_(w.to(head.weight.device, head.weight.dtype))
     if head.bias is not None:
         head.bias.zero_()
+
+
+@torch.no_grad()
+def batchnorm_fed_layers(model, image_size):
+    """[(layer, batchnorm)]: every BatchNorm whose input is the output of one convolution or linear layer,
+    found by one forward pass (eval mode, zeros) rather than by module names, so a user's own model is read
+    the same way. Scaling such a layer's weight and bias by f, and its BatchNorm's running mean by f and
+    running variance by f^2, leaves the model's function unchanged (up to the BatchNorm's eps)."""
+    produced, pairs = {}, []
+
+    def record_output(layer, inputs, output):
+        produced[id(output)] = (layer, output)  # the tensor is held, so its id is not reused during the pass
+
+    def record_input(bn, inputs):
+        if id(inputs[0]) in produced:
+            pairs.append((produced[id(inputs[0])][0], bn))
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            hooks.append(m.register_forward_hook(record_output))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            hooks.append(m.register_forward_pre_hook(record_input))
+    was_training = model.training
+    param = next(model.parameters())
+    try:
+        model.eval()
+        model(torch.zeros(2, 3, image_size, image_size, device=param.device, dtype=param.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return pairs
+
+
+@torch.no_grad()
+def rescale_batchnorm_fed(model, image_size, factor=None, reference=None):
+    """Rescale every BatchNorm-fed layer without changing what the model computes; returns the factors used.
+
+    `factor`: every such layer's weight times `factor`. `reference` (a model of the same architecture)
+    instead: each layer's weight brought to the root-mean-square of the reference's same layer, which undoes
+    any earlier rescale (an attacker who renormalises before fine-tuning). The scale matters to fine-tuning
+    though not to the function: an optimiser's step moves a weight k times larger k times less, relatively
+    (SGD's, whose gradient also shrinks by k, k^2 times less)."""
+    if (factor is None) == (reference is None):
+        raise ValueError("give factor or reference, not both")
+    pairs = batchnorm_fed_layers(model, image_size)
+    if not pairs:
+        raise UsageError(f"{type(model).__name__} has no layer that feeds a BatchNorm: nothing to rescale")
+    if reference is None:
+        factors = [float(factor)] * len(pairs)
+    else:
+        ref_pairs = batchnorm_fed_layers(reference, image_size)
+        if [tuple(l.weight.shape) for l, _ in ref_pairs] != [tuple(l.weight.shape) for l, _ in pairs]:
+            raise ValueError("the reference's BatchNorm-fed layers differ from the model's")
+        factors = [(r.weight.pow(2).mean().sqrt() / l.weight.pow(2).mean().sqrt()).item()
+                   for (l, _), (r, _) in zip(pairs, ref_pairs)]
+    for (layer, bn), f in zip(pairs, factors):
+        layer.weight.mul_(f)
+        if layer.bias is not None:
+            layer.bias.mul_(f)
+        if bn.running_mean is not None:
+            bn.running_mean.mul_(f)
+            bn.running_var.mul_(f * f)
+    return factors

@@ -24,6 +24,7 @@ from common.cli import UsageError, comma_list, fraction, nonneg_float, nonneg_in
 from common.data import DATA_ON_DEVICE, DEVICE_DATA_SHARE, check_name, check_subset_caps, load_domain
 from common.finetune import SCHEDULES, SCOPES, Attack, holdout, run_attack
 from common.fts import EXP_STEP_RATE, FTS_OPTIMIZERS, HEAD_POLICIES, STEP_WEIGHTS
+from common.models import rescale_batchnorm_fed
 from common.runs import Interrupted, close_run, config_of, guarded, open_run, read_last
 from common.sophon import Sophon, SophonConfig
 from common.train import Precision, progress, seed_everything
@@ -60,7 +61,7 @@ def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, to
                  fts_schedules="constant", fts_lr_range=None, fts_lr_adapt=0.0, fts_lr_learned_share=1.0,
                  fts_query_every=1, fts_step_weights="uniform",
                  clean_loop=0, sam_rho=0.0, mask_share=0.0, mask_every=25, restricted_holdout=None,
-                 data_on_device="auto"):
+                 data_on_device="auto", rescale=None):
     """Stage-2 flags; each default is the script's constant of the same (upper-case) name. Comma-list
     constants are written as on the command line ("sgd,adam"): argparse parses a string default too."""
     p = argparse.ArgumentParser(add_help=False)
@@ -126,6 +127,11 @@ def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, to
     p.add_argument("--restricted_holdout", type=fraction, default=restricted_holdout, metavar="F",
                    help="leave out of stage 2 the fixed share F of the restricted training split that stage 3's "
                         "--train_fractions F gives its attacker or defender (same --subset), so that data is unseen")
+    p.add_argument("--rescale", type=pos_float, default=rescale, metavar="F",
+                   help="before stage 2, multiply every layer that feeds a BatchNorm by F (its running statistics to "
+                        "match: the model computes the same function); an optimiser's step then moves those weights F "
+                        "times less, relatively, in the simulated fine-tuners and in a real attacker alike. None: as "
+                        "the parent")
     p.add_argument("--data_on_device", choices=DATA_ON_DEVICE, default=data_on_device,
                    help="keep the training domains' uint8 images on the GPU and gather each batch there (the same "
                         f"batches either way); auto: on CUDA when they take at most {DEVICE_DATA_SHARE * 100:.0f}%% of the "
@@ -401,7 +407,10 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
         d.pin_for(device)
     precision = Precision(device, args.amp, args.channels_last, args.compile)
     seed_everything(args.seed)
-    model = precision.prepare(model_from_checkpoint(ckpt, parent))
+    model = model_from_checkpoint(ckpt, parent)
+    if args.rescale:
+        rescale_batchnorm_fed(model, args.image_size or 224, factor=args.rescale)
+    model = precision.prepare(model)
     config = config_of(args, stage=stage, parent=str(parent), model_path=str(parent), **foreign_record(ckpt))
     return Stage2Setup(parent, ckpt, *domains, device, precision, model, config)
 
