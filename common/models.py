@@ -122,3 +122,16 @@ def rescale_batchnorm_fed(model, image_size, factor=None, reference=None):
             bn.running_mean.mul_(f)
             bn.running_var.mul_(f * f)
     return factors
+
+
+def renormalized(state, arch, num_classes, image_size):
+    """`state` (a state_dict of `arch`) with every BatchNorm-fed layer brought to the weight scale of a freshly
+    built `arch`, the function unchanged: a step an attacker who knows the architecture can take before
+    fine-tuning, so that a protection resting on an unusual weight scale is measured without it."""
+    model = build_model(arch, num_classes)
+    model.load_state_dict(state)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        reference = build_model(arch, num_classes)
+    rescale_batchnorm_fed(model, image_size, reference=reference)
+    return model.state_dict()

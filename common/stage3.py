@@ -29,13 +29,13 @@ from common.verdicts import DEFENCE_LEGEND, FAMILY, LEGEND, ROBUSTNESS_LEGEND, p
 log = logging.getLogger("sophon")
 
 # Config keys that do not decide a cell's outcome: the grid's axes (a cell's key names its values), which start
-# models run (compared model by model), where things are written, and how fast. Every other key must agree
-# for another run's cell to stand in for this run's.
+# models run and how they are prepared (compared model by model, by the script's `sources_of`), where things are
+# written, and how fast. Every other key must agree for another run's cell to stand in for this run's.
 REUSE_FREE = frozenset({
     "start", "strategies", "optimizers", "lrs", "batch_sizes", "seeds", "train_fractions", "schedules", "bs",
     "finetune_lr", "defences", "defences_only", "path", "parent", "normal_path", "baseline_path", "parent_format",
     "parent_sha256", "normal_format", "normal_sha256", "baseline_format", "baseline_sha256", "out_dir", "resume",
-    "reuse_cells", "num_workers", "cache_dir", "download", "device"})
+    "reuse_cells", "num_workers", "cache_dir", "download", "device", "renormalize"})
 
 
 def shared_starts(source, config, sources_of):

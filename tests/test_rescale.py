@@ -5,7 +5,7 @@ from torch import nn
 
 from common.checkpoints import load_parent, resolve_checkpoint
 from common.cli import UsageError
-from common.models import batchnorm_fed_layers, build_model, rescale_batchnorm_fed
+from common.models import batchnorm_fed_layers, build_model, renormalized, rescale_batchnorm_fed
 from common.stage2 import setup_stage2
 from helpers import load_script
 
@@ -77,6 +77,20 @@ def test_reference_undoes_a_rescale():
     assert factors == pytest.approx([1 / 7] * 20, rel=1e-5)
     assert [layer.weight.pow(2).mean().sqrt().item() for layer, _ in batchnorm_fed_layers(model, 32)] == \
         pytest.approx(rms, rel=1e-5)
+    assert torch.allclose(model(x), before, atol=1e-4, rtol=1e-4)
+
+
+def test_renormalized_brings_a_rescaled_state_to_a_fresh_models_scale():
+    torch.manual_seed(1)
+    model = trained_stats(build_model("resnet18"), 32)
+    x = torch.randn(4, 3, 32, 32)
+    before = model(x).detach()
+    rescale_batchnorm_fed(model, 32, factor=10)
+    state = renormalized(model.state_dict(), "resnet18", 10, 32)
+    fresh = [layer.weight.pow(2).mean().sqrt().item() for layer, _ in batchnorm_fed_layers(build_model("resnet18"), 32)]
+    model.load_state_dict(state)
+    got = [layer.weight.pow(2).mean().sqrt().item() for layer, _ in batchnorm_fed_layers(model, 32)]
+    assert got == pytest.approx(fresh, rel=0.05)  # another fresh draw: the same scale, to sampling noise
     assert torch.allclose(model(x), before, atol=1e-4, rtol=1e-4)
 
 

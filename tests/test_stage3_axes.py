@@ -353,6 +353,9 @@ def test_start_sources_name_the_checkpoint_of_each_start_model_run():
     assert sophon(config) == {"a": "/r/a.pt", "b": "/r/b.pt", "normal": "/r/n.pt", "scratch": None}
     assert sophon(dict(config, path="/r/s.pt", start=["sophon"])) == {"sophon": "/r/s.pt"}
     assert sophon(dict(config, start=["scratch"])) == {"scratch": None}
+    renormalized = sophon(dict(config, renormalize=True))  # another start for the protected models alone
+    assert renormalized == {"a": "/r/a.pt renormalized", "b": "/r/b.pt renormalized", "normal": "/r/n.pt",
+                            "scratch": None}
     config = {"path": "/r/i.pt", "baseline_path": "/r/b.pt", "start": ["backdoored"]}
     assert backdoor(config) == {"backdoored": "/r/b.pt"}
 
@@ -412,3 +415,17 @@ def test_cells_of_other_settings_are_not_reused(tmp_path, data_root, stage2_runs
                       "--out_dir", tmp_path / "second")
     assert proc.returncode == 2 and needle in proc.stderr and "ran other settings" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "second").exists()
+
+
+@pytest.mark.slow
+def test_a_renormalising_attacker_reruns_the_protected_cells_alone(tmp_path, data_root, stage2_runs):
+    grid = ["--path", f"kl={stage2_runs('kl')}", "--data_root", data_root, "--epochs", "1", "--bs", "16"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_script("stage3", *grid, "--out_dir", first).returncode == 0
+    proc = run_script("stage3", *grid, "--renormalize", "--reuse_cells", first, "--out_dir", second)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 cells of normal, scratch reused" in proc.stdout and "cell kl|" in proc.stdout
+    assert json.loads((second / "config.json").read_text())["config"]["renormalize"] is True
+    start = [[r for r in read_rows(run / "metrics.csv") if r["start"] == "kl" and r["epoch"] == "0"]
+             for run in (first, second)]
+    assert start[0][0]["test_acc"] == start[1][0]["test_acc"]  # the same function before fine-tuning

@@ -3,6 +3,7 @@
     python sophon_orig/stage3_eval/finetune_test.py --start sophon --path path_to_ckpt
     python sophon_orig/stage3_eval/finetune_test.py --path seed=runs/A,diverse=runs/B --train_fractions 1.0,0.1 \
         --schedules constant,cosine   # two protected models side by side, same attacks and baselines
+    python sophon_orig/stage3_eval/finetune_test.py --path runs/A --renormalize   # attacker undoes a weight rescale
     python sophon_orig/stage3_eval/finetune_test.py --strategies direct_all,initfc_all --optimizers momentum,adam \
         --lrs 1e-4,1e-3 --seeds 0,1
     torchrun --nproc_per_node 2 sophon_orig/stage3_eval/finetune_test.py --seeds 0,1,2,3   # cells over 2 GPUs
@@ -13,6 +14,7 @@ from pathlib import Path
 from common import cli
 from common.checkpoints import foreign_record, inherit, is_foreign, load_parent, resolve_checkpoint
 from common.data import check_name, check_subset_caps, load_domain
+from common.models import renormalized
 from common.finetune import grid_flags
 from common.runs import begin, canonical_path, config_of
 from common.stage3 import run_stage3_script
@@ -40,6 +42,10 @@ def parse_args(argv=None):
                              "each `label=path` or `path` (label: the run folder's name); one unlabelled path "
                              "is the start 'sophon'; --model_path is the seed's spelling, kept for compatibility")
     parser.add_argument("--normal_path", type=Path, default=NORMAL_PATH, help="normal (stage-1) checkpoint or run folder")
+    parser.add_argument("--renormalize", action="store_true",
+                        help="an informed attacker: before fine-tuning, bring every BatchNorm-fed layer of each "
+                             "protected model to a fresh model's weight scale, its function unchanged (the baselines "
+                             "are left as they are, so their cells can be reused)")
     args = parser.parse_args(argv)
     items = protected_items(args.path)
     if len(items) > 1 or items[0][0] != "sophon":  # recorded (and compared on --resume) as label=/absolute/path,...
@@ -85,9 +91,11 @@ def protected_items(path):
 
 
 def start_sources(config):
-    """{start: the checkpoint it loads} of the start models a run's config fine-tunes; scratch loads none."""
+    """{start: the checkpoint it loads} of the start models a run's config fine-tunes; scratch loads none. A
+    protected model renormalised first (--renormalize) is another start than the checkpoint as it is."""
     started = config["start"]
-    sources = {label: str(path) for label, path in protected_items(config["path"])} if "sophon" in started else {}
+    how = " renormalized" if config.get("renormalize") else ""
+    sources = {label: str(path) + how for label, path in protected_items(config["path"])} if "sophon" in started else {}
     return {**sources, **({"normal": config.get("normal_path")} if "normal" in started else {}),
             **({"scratch": None} if "scratch" in started else {})}
 
@@ -123,6 +131,10 @@ def main(argv=None):
     args.dataset = args.dataset or sophon["dataset"]
     check_name(args.dataset)
     starts = {**{label: protected[label]["model"] for label in labels}, "scratch": None}
+    if args.renormalize:
+        for label in labels:
+            starts[label] = renormalized(starts[label], args.arch, protected[label]["num_classes"],
+                                         args.image_size or 224)
     normal_path = None
     if "normal" in args.start:
         normal_path = resolve_checkpoint(args.normal_path or sophon["parent"], "sophon_orig", "stage1_pretrain", "--normal_path")
