@@ -10,6 +10,7 @@ import torch
 import common.finetune as ft
 from common.cli import UsageError
 from common.finetune import Attack, attack_subset, expand_grid, run_attack, subset_indices
+from common.models import build_model, rescale_batchnorm_fed
 from common.plots import grid_results, plot_grid, plot_robustness
 from common.stage3 import Cell, write_report
 from common.train import OPTIMIZERS, Precision, make_optimizer
@@ -429,3 +430,26 @@ def test_a_renormalising_attacker_reruns_the_protected_cells_alone(tmp_path, dat
     start = [[r for r in read_rows(run / "metrics.csv") if r["start"] == "kl" and r["epoch"] == "0"]
              for run in (first, second)]
     assert start[0][0]["test_acc"] == start[1][0]["test_acc"]  # the same function before fine-tuning
+
+
+@pytest.mark.slow
+def test_renormalising_undoes_a_rescale_before_the_attack(tmp_path, data_root, stage2_runs):
+    """A x1000 copy of a model fine-tunes differently from the model itself (Adam's relative step is 1000 times
+    smaller), and the same once both are renormalised: the attack starts from the renormalised weights."""
+    ckpt = torch.load(stage2_runs("kl") / "checkpoints" / "final.pt", map_location="cpu", weights_only=False)
+    model = build_model(ckpt["arch"], ckpt["num_classes"])
+    model.load_state_dict(ckpt["model"])
+    rescale_batchnorm_fed(model, 16, factor=1000)
+    torch.save({**ckpt, "model": model.state_dict()}, tmp_path / "x1000.pt")
+    grid = ["--path", f"plain={stage2_runs('kl')},x1000={tmp_path / 'x1000.pt'}", "--starts", "sophon",
+            "--data_root", data_root, "--epochs", "2", "--bs", "16", "--optimizers", "adam", "--lrs", "1e-2"]
+    curves = {}
+    for flags in ([], ["--renormalize"]):
+        out = tmp_path / ("renormalized" if flags else "as_given")
+        proc = run_script("stage3", *grid, *flags, "--out_dir", out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = read_rows(out / "metrics.csv")
+        curves[bool(flags)] = {label: [r["test_acc"] for r in rows if r["start"] == label] for label in ("plain", "x1000")}
+    assert curves[False]["plain"][0] == curves[False]["x1000"][0]  # the same function
+    assert curves[False]["plain"] != curves[False]["x1000"]  # but not the same attack
+    assert curves[True]["plain"] == curves[True]["x1000"]
