@@ -179,7 +179,8 @@ class FTS:
         self.origin = [(lp, lp.detach().clone() if finetuner.head == "reinit" and name in self.head_names else mp)
                        for (name, lp), mp in zip(learner.named_parameters(), model.parameters()) if id(lp) in trained]
         device = next(model.parameters()).device
-        inner = make_optimizer(finetuner.optimizer, trainable, finetuner.lr, device=device)
+        inner = make_optimizer(finetuner.optimizer, trainable, finetuner.lr, device=device,
+                               compiled=self.precision.compile)
         learner.train()
         for m in bn_eval:
             m.eval()

@@ -111,7 +111,8 @@ class Sophon:
         self.restricted_gather = Gather(restricted, precision.device, self.data_on_device)
         self.ntr_gather = (self.restricted_gather if ntr_data is restricted
                            else Gather(ntr_data, precision.device, self.data_on_device))
-        fast = launch_options(torch.optim.Adam, precision.device) if precision.device.type == "cuda" else {}
+        cuda = precision.device.type == "cuda"
+        fast = launch_options(torch.optim.Adam, precision.device, precision.compile) if cuda else {}
         self.fts_opt = torch.optim.Adam(model.parameters(), lr=config.alpha * config.lr, **fast)
         self.ntr_opt = torch.optim.Adam(model.parameters(), lr=config.beta * config.lr, **fast)
         self.clean_opt = torch.optim.Adam(model.parameters(), lr=config.beta * config.lr, **fast)

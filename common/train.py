@@ -64,21 +64,26 @@ OPTIMIZERS = {
 ATTACK_WEIGHT_DECAY = {"sgd": 1e-4, "momentum": 1e-4}
 
 
-def make_optimizer(name, params, lr, *, attack=False, device=None):
+def make_optimizer(name, params, lr, *, attack=False, device=None, compiled=False):
     """`device` (the simulated fine-tuners' optimisers pass it): few kernel launches per step, fused on CUDA
-    where torch has it (Adam, AdamW, SGD), else foreach; the same update up to float rounding."""
+    where torch has it (Adam, AdamW, SGD) and the model is not compiled, else foreach; the same update up to
+    float rounding."""
     cls, kwargs = OPTIMIZERS[name]
     kwargs = dict(kwargs, lr=lr)
     if attack and name in ATTACK_WEIGHT_DECAY:
         kwargs["weight_decay"] = ATTACK_WEIGHT_DECAY[name]
     if device is not None:
-        kwargs.update(launch_options(cls, device))
+        kwargs.update(launch_options(cls, device, compiled))
     return cls(params, **kwargs)
 
 
-def launch_options(cls, device):
+def launch_options(cls, device, compiled=False):
+    """Fused kernels refuse a gradient laid out unlike its parameter, and a compiled backward gives convolution
+    weights inductor's layout (seen on an H200, torch 2.11: "check_fast_path_restrictions"), so a compiled
+    model's optimisers take foreach, which accepts any layout."""
     accepted = inspect.signature(cls.__init__).parameters
-    if device.type == "cuda" and "fused" in accepted and cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD):
+    fusable = cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+    if device.type == "cuda" and not compiled and "fused" in accepted and fusable:
         return {"fused": True}  # SGD has it from torch 2.3 on (else foreach)
     return {"foreach": True} if "foreach" in accepted else {}
 
