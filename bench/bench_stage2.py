@@ -50,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--bs", type=int, default=150)
     p.add_argument("--adaptation_steps", type=int, default=10)
-    p.add_argument("--memory_steps", default="5,20", help="two adaptation_steps values for the memory check")
+    p.add_argument("--memory_steps", default="5,20",
+                   help="two adaptation_steps values for the memory check; none: skip it (saves two process starts)")
     p.add_argument("--loops", type=int, default=5, help="timed outer loops (after one warm-up)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=("auto", "off"), default="auto")
@@ -305,7 +306,7 @@ def main(argv=None):
         profile(algo, device)
     flops = flops_per_loop(algo)
     floor_s = time_floor(algo, args, device, precision, args.loops)
-    steps = [int(s) for s in args.memory_steps.split(",")]
+    steps = [] if args.memory_steps == "none" else [int(s) for s in args.memory_steps.split(",")]
     memory = {s: peak_memory_mb(args, s)["peak_mb"] for s in steps}
     name = f"{args.project}_{args.arch}_{args.image_size}px_bs{args.bs}_steps{args.adaptation_steps}_{device.type}"
     name += "_compile" * precision.compile + "_devdata" * algo.data_on_device
