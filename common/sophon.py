@@ -41,6 +41,18 @@ from common.train import bn_stats_kept, launch_options, sam_step
 MASK_BATCHES = 8  # clean restricted-domain batches whose summed gradient ranks the coordinates for the mask
 
 
+def outer_param_groups(model, lr, lr_scale):
+    """An outer optimiser's parameter groups: every parameter at `lr`, but those named in `lr_scale`
+    ({name: factor}) at lr * factor, one group per factor."""
+    unknown = set(lr_scale) - {name for name, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"lr_scale names no parameter of the model: {', '.join(sorted(unknown))}")
+    groups = {}
+    for name, p in model.named_parameters():
+        groups.setdefault(lr_scale.get(name, 1.0), []).append(p)
+    return [{"params": params, "lr": lr * factor} for factor, params in groups.items()]
+
+
 @dataclass(frozen=True)
 class SophonConfig:
     alpha: float = 3.0  # FTS step = alpha * lr
@@ -103,7 +115,8 @@ class Sophon:
     OPTIMIZERS = ("fts_opt", "ntr_opt", "clean_opt")
     STREAMS = ("restricted_stream", "ntr_stream", "clean_stream", "mask_stream")
 
-    def __init__(self, model, query_loss, restricted, ntr_data, config, precision, world=None, data_on_device="auto"):
+    def __init__(self, model, query_loss, restricted, ntr_data, config, precision, world=None, data_on_device="auto",
+                 lr_scale=None):
         self.model, self.config, self.precision = model, config, precision
         self.restricted, self.ntr_data = restricted, ntr_data
         self.world = world or dist.world()
@@ -113,9 +126,10 @@ class Sophon:
                            else Gather(ntr_data, precision.device, self.data_on_device))
         cuda = precision.device.type == "cuda"
         fast = launch_options(torch.optim.Adam, precision.device, precision.compile) if cuda else {}
-        self.fts_opt = torch.optim.Adam(model.parameters(), lr=config.alpha * config.lr, **fast)
-        self.ntr_opt = torch.optim.Adam(model.parameters(), lr=config.beta * config.lr, **fast)
-        self.clean_opt = torch.optim.Adam(model.parameters(), lr=config.beta * config.lr, **fast)
+        groups = lambda lr: outer_param_groups(model, lr, lr_scale or {})
+        self.fts_opt = torch.optim.Adam(groups(config.alpha * config.lr), **fast)
+        self.ntr_opt = torch.optim.Adam(groups(config.beta * config.lr), **fast)
+        self.clean_opt = torch.optim.Adam(groups(config.beta * config.lr), **fast)
         to_input = lambda x: restricted.to_input(x, precision.device, None, precision.channels_last)
         self.fts = FTS(model, query_loss, to_input, precision)
         self.episode_gen = torch.Generator().manual_seed(config.seed + 1)  # one seed per episode

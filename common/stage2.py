@@ -24,7 +24,7 @@ from common.cli import UsageError, comma_list, fraction, nonneg_float, nonneg_in
 from common.data import DATA_ON_DEVICE, DEVICE_DATA_SHARE, check_name, check_subset_caps, load_domain
 from common.finetune import SCHEDULES, SCOPES, Attack, holdout, run_attack
 from common.fts import EXP_STEP_RATE, FTS_OPTIMIZERS, HEAD_POLICIES, STEP_WEIGHTS
-from common.models import rescale_batchnorm_fed
+from common.models import batchnorm_fed_layers, rescale_batchnorm_fed
 from common.runs import Interrupted, close_run, config_of, guarded, open_run, read_last
 from common.sophon import Sophon, SophonConfig
 from common.train import Precision, progress, seed_everything
@@ -61,7 +61,7 @@ def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, to
                  fts_schedules="constant", fts_lr_range=None, fts_lr_adapt=0.0, fts_lr_learned_share=1.0,
                  fts_query_every=1, fts_step_weights="uniform",
                  clean_loop=0, sam_rho=0.0, mask_share=0.0, mask_every=25, restricted_holdout=None,
-                 data_on_device="auto", rescale=None):
+                 data_on_device="auto", rescale=None, rescale_outer_lr=False):
     """Stage-2 flags; each default is the script's constant of the same (upper-case) name. Comma-list
     constants are written as on the command line ("sgd,adam"): argparse parses a string default too."""
     p = argparse.ArgumentParser(add_help=False)
@@ -132,6 +132,11 @@ def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, to
                         "match: the model computes the same function); an optimiser's step then moves those weights F "
                         "times less, relatively, in the simulated fine-tuners and in a real attacker alike. None: as "
                         "the parent")
+    p.add_argument("--rescale_outer_lr", action=argparse.BooleanOptionalAction, default=rescale_outer_lr,
+                   help="with --rescale F: stage 2's own optimisers (FTS, NTR, clean; Adam, whose step does not grow "
+                        "with the weights) step the rescaled layers at F times their lr, so those layers move as much, "
+                        "relatively, as at scale 1 while the simulated fine-tuners see the rescaled model; without it "
+                        "stage 2 moves them F times less, relatively")
     p.add_argument("--data_on_device", choices=DATA_ON_DEVICE, default=data_on_device,
                    help="keep the training domains' uint8 images on the GPU and gather each batch there (the same "
                         f"batches either way); auto: on CUDA when they take at most {DEVICE_DATA_SHARE * 100:.0f}%% of the "
@@ -383,6 +388,8 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
         args.fast_lr = None  # unused, so config.json does not show an lr that was never simulated
     if args.fts_lr_adapt and args.fts_lr_range is None:
         raise UsageError("--fts_lr_adapt learns the lr inside --fts_lr_range LO,HI; give that range too")
+    if args.rescale_outer_lr and not args.rescale:
+        raise UsageError("--rescale_outer_lr scales the outer lr of the layers --rescale F rescales; give --rescale too")
     if args.fts_lr_learned_share != 1 and not args.fts_lr_adapt:
         raise UsageError("--fts_lr_learned_share is the share of episodes at the learned lr; give --fts_lr_adapt too")
     parent = resolve_checkpoint(args.model_path, project, "stage1_pretrain")
@@ -415,13 +422,22 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
     return Stage2Setup(parent, ckpt, *domains, device, precision, model, config)
 
 
+def outer_lr_scale(model, args):
+    """{parameter name: F} for the layers `--rescale F` rescaled, when `--rescale_outer_lr`; else None."""
+    if not args.rescale_outer_lr:
+        return None
+    rescaled = {id(p) for layer, _ in batchnorm_fed_layers(model, args.image_size or 224)
+                for p in layer.parameters(recurse=False)}
+    return {name: args.rescale for name, p in model.named_parameters() if id(p) in rescaled}
+
+
 def run_stage2_script(args, interrupts, project, stage, s, task):
     """Open the run folder, train, close; returns the exit code."""
     run = open_run(args, project, "stage2_train", args.dataset, s.config)
     for note in {d.note for d in (s.orig_train, s.restr_train) if d.note}:
         run.log_note(note)
     algo = Sophon(s.model, task.query_loss, task.restricted_train, task.ntr_train, SophonConfig.from_args(args),
-                  s.precision, data_on_device=args.data_on_device)
+                  s.precision, data_on_device=args.data_on_device, lr_scale=outer_lr_scale(s.model, args))
     log.info("stage 2 on %s: %s, training data on the %s", s.device, s.precision.describe(),
              "device" if algo.data_on_device else "host")
     meta = dict(arch=args.arch, dataset=args.dataset, stage=stage, parent=s.parent, config=s.config)

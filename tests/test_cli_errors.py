@@ -162,7 +162,8 @@ def test_flag_contradicting_the_parent_checkpoint(refused):
 @pytest.mark.parametrize("flags, needle", [(["--bs", "3"], "--bs"),
                                            (["--fts_loop", "0", "--ntr_loop", "0"], "--clean_loop"),
                                            (["--fts_lr_adapt", "0.1"], "--fts_lr_range"),
-                                           (["--fts_lr_learned_share", "0.5"], "--fts_lr_adapt")])
+                                           (["--fts_lr_learned_share", "0.5"], "--fts_lr_adapt"),
+                                           (["--rescale_outer_lr"], "--rescale too")])
 def test_stage2_refused_up_front_with_its_parent(script_modules, stage1_run, data_root, tmp_path, monkeypatch, capsys,
                                                  restore_signals, flags, needle):
     """Checks that need the parent checkpoint or the data: a batch too small to split, loops that do nothing."""

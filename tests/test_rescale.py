@@ -6,8 +6,10 @@ from torch import nn
 from common.checkpoints import load_parent, resolve_checkpoint
 from common.cli import UsageError
 from common.models import batchnorm_fed_layers, build_model, renormalized, rescale_batchnorm_fed
-from common.stage2 import setup_stage2
-from helpers import load_script
+from common.sophon import Sophon, SophonConfig, outer_param_groups
+from common.stage2 import outer_lr_scale, setup_stage2
+from common.train import Precision
+from helpers import TinyNet, load_script, tiny_domain
 
 
 class Mixed(nn.Module):
@@ -103,6 +105,44 @@ def test_a_model_without_batchnorm_is_refused_and_arguments_checked():
         rescale_batchnorm_fed(build_model("resnet18"), 32, reference=build_model("resnet34"))
 
 
+def ntr_trained(factor, lr_scale, steps=4):
+    """A TinyNet with its conv rescaled by `factor`, after `steps` NTR-only outer loops at outer lr scale `lr_scale`."""
+    torch.manual_seed(0)
+    model = trained_stats(TinyNet(), 8)
+    rescale_batchnorm_fed(model, 8, factor=factor)
+    cpu = Precision(torch.device("cpu"))
+    restricted, orig = tiny_domain("MNIST", 1), tiny_domain("FashionMNIST", 2)
+    ce = lambda net, x, y: torch.nn.functional.cross_entropy(net(restricted.to_input(x, cpu.device)), y)
+    algo = Sophon(model, ce, restricted, orig, SophonConfig(lr=1e-2, bs=20, fts_loop=0), cpu, lr_scale=lr_scale)
+    for _ in range(steps):
+        algo.step()
+    return dict(model.named_parameters())
+
+
+def test_outer_lr_following_the_rescale_moves_the_rescaled_layer_as_at_scale_one():
+    plain, start = ntr_trained(1, None), ntr_trained(1, None, steps=0)
+    followed = ntr_trained(10, {"conv.weight": 10, "conv.bias": 10})
+    fixed = ntr_trained(10, None)
+    # Adam's step is scale-free: x10 the lr is the same relative step. (The conv's bias, right before a
+    # BatchNorm, has no gradient but rounding noise, which Adam normalises: it is not compared.)
+    target = plain["conv.weight"] * 10
+    assert (followed["conv.weight"] - target).norm() < 1e-3 * target.norm()
+    moved = (plain["conv.weight"] - start["conv.weight"]).norm()
+    assert (fixed["conv.weight"] / 10 - start["conv.weight"]).norm() < 0.2 * moved
+    for name in ("bn.weight", "bn.bias", "fc.weight", "fc.bias"):
+        assert torch.allclose(followed[name], plain[name], rtol=1e-3, atol=1e-5), name
+
+
+def test_outer_param_groups():
+    model = TinyNet()
+    groups = outer_param_groups(model, 1e-3, {"conv.weight": 10, "conv.bias": 10})
+    assert sorted((g["lr"], len(g["params"])) for g in groups) == [(1e-3, 4), (pytest.approx(1e-2), 2)]
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters()}
+    assert [g["lr"] for g in outer_param_groups(model, 1e-3, {})] == [1e-3]
+    with pytest.raises(ValueError, match="conv.wieght"):
+        outer_param_groups(model, 1e-3, {"conv.wieght": 10})
+
+
 @pytest.mark.slow
 def test_stage2_rescale_starts_from_the_rescaled_parent(stage1_run, data_root):
     module = load_script("stage2")
@@ -118,3 +158,7 @@ def test_stage2_rescale_starts_from_the_rescaled_parent(stage1_run, data_root):
     assert torch.allclose(setup.model.state_dict()[stem], parent[stem] * 10)
     assert torch.allclose(setup.model.state_dict()["fc.weight"], parent["fc.weight"])  # the head feeds no BatchNorm
     assert setup.config["rescale"] == 10
+    assert outer_lr_scale(setup.model, scaled) is None
+    scaled.rescale_outer_lr = True
+    assert outer_lr_scale(setup.model, scaled) == {f"{n}.weight": 10 for n, m in setup.model.named_modules()
+                                                   if isinstance(m, nn.Conv2d)}

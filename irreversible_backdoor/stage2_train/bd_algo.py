@@ -51,6 +51,7 @@ FTS_LR_LEARNED_SHARE = 1.0  # with FTS_LR_ADAPT: share of episodes at the learne
 FTS_QUERY_EVERY = 1  # query loss after every N-th inner step (and the last)
 FTS_STEP_WEIGHTS = "uniform"  # uniform | exp (late inner steps weigh more)
 RESCALE = None  # e.g. 10: BatchNorm-fed layers x10 before stage 2, same function
+RESCALE_OUTER_LR = False  # True: stage 2's own optimisers step the rescaled layers at RESCALE x the lr
 # What else was tried for persistence (README, "Irreversible backdoor"): SBL's continual learning on clean
 # restricted-domain data with sharpness-aware steps, and Neurotoxin's masking of the clean gradient's coordinates.
 CLEAN_LOOP = 0  # clean restricted-domain steps per loop (SBL); 0: off
@@ -75,7 +76,8 @@ def parse_args(argv=None):
         fts_clip=FTS_CLIP, fts_schedules=FTS_SCHEDULES, fts_lr_range=FTS_LR_RANGE, fts_lr_adapt=FTS_LR_ADAPT,
         fts_lr_learned_share=FTS_LR_LEARNED_SHARE, fts_query_every=FTS_QUERY_EVERY, fts_step_weights=FTS_STEP_WEIGHTS,
         clean_loop=CLEAN_LOOP, sam_rho=SAM_RHO,
-        mask_share=MASK_SHARE, mask_every=MASK_EVERY, restricted_holdout=RESTRICTED_HOLDOUT, rescale=RESCALE)
+        mask_share=MASK_SHARE, mask_every=MASK_EVERY, restricted_holdout=RESTRICTED_HOLDOUT, rescale=RESCALE,
+        rescale_outer_lr=RESCALE_OUTER_LR)
     parser = cli.build_parser(__doc__, [cli.preset_flag(PRESETS), common, cli.restricted_flag(DATASET), stage2,
                                         trigger_flags(), cli.speed_flags()])
     return parser, cli.parse_with_presets(parser, argv, PRESETS, SUPERSEDES)

@@ -49,6 +49,7 @@ FTS_LR_LEARNED_SHARE = 1.0  # with FTS_LR_ADAPT: share of episodes at the learne
 FTS_QUERY_EVERY = 1  # query loss after every N-th inner step (and the last)
 FTS_STEP_WEIGHTS = "uniform"  # uniform | exp (late inner steps weigh more)
 RESCALE = None  # e.g. 10: BatchNorm-fed layers x10 before stage 2, same function (README, "A rescaled start")
+RESCALE_OUTER_LR = False  # True: stage 2's own optimisers step the rescaled layers at RESCALE x the lr
 # Named configurations (--preset NAME): flag values as typed; flags on the command line still win.
 # robust: long, scale-free simulated attackers (README, "Protection against adaptive attackers").
 PRESETS = {"robust": {"loss_type": "entropy", "adaptation_steps": 20, "fts_query_every": 2, "fts_step_weights": "exp",
@@ -66,7 +67,8 @@ def parse_args(argv=None):
         fts_optimizers=FTS_OPTIMIZERS, fts_lrs=FTS_LRS, fts_head=FTS_HEAD, fts_scope=FTS_SCOPE, fts_envs=FTS_ENVS,
         fts_clip=FTS_CLIP, fts_schedules=FTS_SCHEDULES, fts_lr_range=FTS_LR_RANGE, fts_lr_adapt=FTS_LR_ADAPT,
         fts_lr_learned_share=FTS_LR_LEARNED_SHARE, fts_query_every=FTS_QUERY_EVERY, fts_step_weights=FTS_STEP_WEIGHTS,
-        rescale=RESCALE)
+        rescale=RESCALE,
+        rescale_outer_lr=RESCALE_OUTER_LR)
     parser = cli.build_parser(__doc__, [cli.preset_flag(PRESETS), common, cli.restricted_flag(DATASET), stage2,
                                         cli.speed_flags()])
     parser.add_argument("--loss_type", choices=tuple(FTE_LOSSES), default=LOSS_TYPE)
