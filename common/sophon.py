@@ -110,6 +110,9 @@ class Sophon:
     live on the device and batches are gathered there. The indices are drawn on the host either way (the
     streams' generators are what a resume restores and what makes environment e the same on every rank),
     so both placements see exactly the same batches.
+
+    `lr_scale` ({parameter name: factor}): the outer optimisers step those parameters at factor x their lr
+    (stage 2's `--rescale_outer_lr`: a layer rescaled by F then moves as much, relatively, as at scale 1).
     """
 
     OPTIMIZERS = ("fts_opt", "ntr_opt", "clean_opt")

@@ -67,8 +67,7 @@ def parse_args(argv=None):
         fts_optimizers=FTS_OPTIMIZERS, fts_lrs=FTS_LRS, fts_head=FTS_HEAD, fts_scope=FTS_SCOPE, fts_envs=FTS_ENVS,
         fts_clip=FTS_CLIP, fts_schedules=FTS_SCHEDULES, fts_lr_range=FTS_LR_RANGE, fts_lr_adapt=FTS_LR_ADAPT,
         fts_lr_learned_share=FTS_LR_LEARNED_SHARE, fts_query_every=FTS_QUERY_EVERY, fts_step_weights=FTS_STEP_WEIGHTS,
-        rescale=RESCALE,
-        rescale_outer_lr=RESCALE_OUTER_LR)
+        rescale=RESCALE, rescale_outer_lr=RESCALE_OUTER_LR)
     parser = cli.build_parser(__doc__, [cli.preset_flag(PRESETS), common, cli.restricted_flag(DATASET), stage2,
                                         cli.speed_flags()])
     parser.add_argument("--loss_type", choices=tuple(FTE_LOSSES), default=LOSS_TYPE)
