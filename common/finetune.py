@@ -161,11 +161,14 @@ class _ScheduledSteps:
         self.scheduler.step()
 
 
-def grid_flags(default_epochs, default_lr, default_bs, starts):
-    """The attack grid's flags; `starts` names the start models a script fine-tunes (default: all)."""
+def grid_flags(default_epochs, default_lr, default_bs, starts, optional_starts=()):
+    """The attack grid's flags; `starts` names the start models a script fine-tunes by default, `optional_starts`
+    those it fine-tunes only when asked."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--start", "--starts", dest="start", type=comma_list(str, starts), default=list(starts),
-                   help=f"start models to fine-tune (any of {','.join(starts)}); under torchrun write --starts: "
+    choices = tuple(starts) + tuple(optional_starts)
+    p.add_argument("--start", "--starts", dest="start", type=comma_list(str, choices), default=list(starts),
+                   help=f"start models to fine-tune (any of {','.join(choices)}; default {','.join(starts)}); "
+                        f"under torchrun write --starts: "
                         f"torchrun's own parser takes --start for its --start-method")
     p.add_argument("--epochs", type=pos_int, default=default_epochs, help="fine-tuning epochs per attack")
     p.add_argument("--finetune_lr", type=pos_float, default=default_lr)

@@ -18,7 +18,7 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 from common.verdicts import FAMILY, robustness_summary  # noqa: E402
 
 START_STYLE = {"sophon": ("tab:red", "-"), "normal": ("tab:blue", "--"), "scratch": ("tab:gray", ":"),
-               "irreversible": ("tab:red", "-"), "backdoored": ("tab:blue", "--")}
+               "null": ("0.6", "-."), "irreversible": ("tab:red", "-"), "backdoored": ("tab:blue", "--")}
 EXTRA_COLOURS = ("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 
 

@@ -28,6 +28,12 @@ from common.verdicts import DEFENCE_LEGEND, FAMILY, LEGEND, ROBUSTNESS_LEGEND, p
 
 log = logging.getLogger("sophon")
 
+NULL_START = "null"
+# The null start is a second model from scratch: its init is drawn with seed + NULL_SEED_OFFSET (never a seed a
+# grid uses), and everything else in its cell (subset, data order, new head) is scratch's. Its ratio vs scratch is
+# what a model with no protection and no head start scores, so it calibrates the others.
+NULL_SEED_OFFSET = 1_000_003
+
 # Config keys that do not decide a cell's outcome: the grid's axes (a cell's key names its values), which start
 # models run and how they are prepared (compared model by model, by the script's `sources_of`), where things are
 # written, and how fast. Every other key must agree for another run's cell to stand in for this run's.
@@ -108,7 +114,9 @@ class GridContext:
         self.defence_cfg = defence_cfg
 
     def start_model(self, start, seed):
-        torch.manual_seed(seed)  # the scratch model is a fresh arch seeded by the cell's seed
+        # only the init comes from the global generator (the attack draws from its own), so a null cell differs
+        # from its scratch cell in the init alone
+        torch.manual_seed(seed + NULL_SEED_OFFSET if start == NULL_START else seed)
         model = build_model(self.arch, self.num_classes, init="scratch")
         if self.starts[start] is not None:
             model.load_state_dict(self.starts[start], strict=True)

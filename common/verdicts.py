@@ -23,7 +23,8 @@ ROBUSTNESS_LEGEND = (
     "show protection, since from scratch the task is learned as fast as from a pretrained model; nor can a "
     "family where scratch did not learn (final accuracy below half the best family's with the same train "
     "fraction): 'slower than scratch' then compares curves near chance. worst: the family with the largest "
-    "auc ratio.")
+    "auc ratio. null (where run): a second model from scratch, another init with scratch's data order and head; "
+    "its ratios are what a model with no protection scores, the noise floor of the others'.")
 
 
 def epochs_to_reach(curve, target):

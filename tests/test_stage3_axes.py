@@ -12,7 +12,7 @@ from common.cli import UsageError
 from common.finetune import Attack, attack_subset, expand_grid, run_attack, subset_indices
 from common.models import build_model, rescale_batchnorm_fed
 from common.plots import grid_results, plot_grid, plot_robustness
-from common.stage3 import Cell, write_report
+from common.stage3 import NULL_START, Cell, GridContext, write_report
 from common.train import OPTIMIZERS, Precision, make_optimizer
 from common.verdicts import auc, pooled_robustness, robustness_summary, scratch_verdicts
 from helpers import TinyNet, load_script, read_rows, run_script
@@ -354,6 +354,7 @@ def test_start_sources_name_the_checkpoint_of_each_start_model_run():
     assert sophon(config) == {"a": "/r/a.pt", "b": "/r/b.pt", "normal": "/r/n.pt", "scratch": None}
     assert sophon(dict(config, path="/r/s.pt", start=["sophon"])) == {"sophon": "/r/s.pt"}
     assert sophon(dict(config, start=["scratch"])) == {"scratch": None}
+    assert sophon(dict(config, start=["scratch", "null"])) == {"scratch": None, "null": "fresh init, seed + 1000003"}
     renormalized = sophon(dict(config, renormalize=True))  # another start for the protected models alone
     assert renormalized == {"a": "/r/a.pt renormalized", "b": "/r/b.pt renormalized", "normal": "/r/n.pt",
                             "scratch": None}
@@ -453,3 +454,44 @@ def test_renormalising_undoes_a_rescale_before_the_attack(tmp_path, data_root, s
     assert curves[False]["plain"][0] == curves[False]["x1000"][0]  # the same function
     assert curves[False]["plain"] != curves[False]["x1000"]  # but not the same attack
     assert curves[True]["plain"] == curves[True]["x1000"]
+
+
+# ---- the null start: a second scratch model, the noise floor of the auc ratios ---------------------------------
+
+def test_the_null_start_is_scratch_with_another_init():
+    context = GridContext("resnet18", 10, {"scratch": None, NULL_START: None}, None, None, False, False)
+    stem = lambda start, seed: context.start_model(start, seed).conv1.weight
+    torch.manual_seed(3)
+    expected = build_model("resnet18", 10).conv1.weight
+    assert torch.equal(stem("scratch", 3), expected)  # scratch's init is drawn from the cell's seed, as before
+    assert torch.equal(stem(NULL_START, 3), stem(NULL_START, 3))
+    assert not torch.allclose(stem(NULL_START, 3), stem("scratch", 3))
+    assert not torch.allclose(stem(NULL_START, 3), stem(NULL_START, 4))
+
+
+def test_null_is_a_reserved_label():
+    with pytest.raises(UsageError, match="reserved"):
+        load_script("stage3").protected_items(f"{NULL_START}=/r/a.pt,b=/r/b.pt")
+
+
+@pytest.mark.slow
+def test_a_grid_with_the_null_start_judges_it_like_a_protected_model(tmp_path, data_root, stage2_runs):
+    grid = ["--path", stage2_runs("kl"), "--data_root", data_root, "--start", "sophon,scratch,null", "--seeds", "0,1",
+            "--epochs", "1", "--bs", "16"]
+    proc = run_script("stage3", *grid, "--out_dir", tmp_path / "a")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert set(s["robustness"]) == {"sophon", NULL_START}
+    curve = {(r["start"], r["seed"]): r["test_acc_curve"] for r in s["results"]}
+    (cell,) = s["robustness"][NULL_START]["per_cell"]
+    ratios = [auc(curve[NULL_START, seed]) / auc(curve["scratch", seed]) for seed in (0, 1)]
+    assert cell["auc_ratio_mean"] == pytest.approx(sum(ratios) / 2)
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "| null |" in report and "a second model from scratch" in report
+    # a grid of null and scratch alone (the noise floor by itself) takes both over from a grid of the same settings
+    proc = run_script("stage3", *grid, "--start", "scratch,null", "--out_dir", tmp_path / "b", "--reuse_cells",
+                      tmp_path / "a")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 cells of null, scratch reused" in (tmp_path / "b" / "log.txt").read_text()
+    again = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert set(again["robustness"]) == {NULL_START} and again["robustness"][NULL_START] == s["robustness"][NULL_START]

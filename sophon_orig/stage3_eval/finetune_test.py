@@ -4,6 +4,7 @@
     python sophon_orig/stage3_eval/finetune_test.py --path seed=runs/A,diverse=runs/B --train_fractions 1.0,0.1 \
         --schedules constant,cosine   # two protected models side by side, same attacks and baselines
     python sophon_orig/stage3_eval/finetune_test.py --path runs/A --renormalize   # attacker undoes a weight rescale
+    python sophon_orig/stage3_eval/finetune_test.py --path runs/A --start sophon,normal,scratch,null   # + noise floor
     python sophon_orig/stage3_eval/finetune_test.py --strategies direct_all,initfc_all --optimizers momentum,adam \
         --lrs 1e-4,1e-3 --seeds 0,1
     torchrun --nproc_per_node 2 sophon_orig/stage3_eval/finetune_test.py --seeds 0,1,2,3   # cells over 2 GPUs
@@ -17,7 +18,7 @@ from common.data import check_name, check_subset_caps, load_domain
 from common.models import renormalized
 from common.finetune import grid_flags
 from common.runs import begin, canonical_path, config_of
-from common.stage3 import run_stage3_script
+from common.stage3 import NULL_SEED_OFFSET, NULL_START, run_stage3_script
 from common.train import AccuracyEval
 from common.verdicts import robustness_summary, scratch_verdicts
 
@@ -25,6 +26,7 @@ STAGE = "sophon_orig/stage3_eval"
 MODEL_PATH = None  # sophon checkpoint (.pt or run folder); None: newest under runs/sophon_orig/stage2_train
 NORMAL_PATH = None  # normal checkpoint; None: the sophon checkpoint's parent, else the newest stage-1 run
 STARTS = ("sophon", "normal", "scratch")  # "sophon": every protected model of --path
+OPTIONAL_STARTS = (NULL_START,)  # a second scratch model, judged like a protected one: the grid's noise floor
 BASELINES = ("normal", "scratch")
 SHARED = ("arch", "num_classes", "orig_dataset", "image_size", "dataset")  # what the protected models must share
 EPOCHS = 20
@@ -35,8 +37,8 @@ SEED = 0
 
 def parse_args(argv=None):
     common = cli.common_flags(arch=None, orig_dataset=None, bs=BS, seed=SEED, inherit=True)
-    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(None), grid_flags(EPOCHS, FINETUNE_LR, BS, STARTS),
-                                        cli.speed_flags()])
+    grid = grid_flags(EPOCHS, FINETUNE_LR, BS, STARTS, OPTIONAL_STARTS)
+    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(None), grid, cli.speed_flags()])
     parser.add_argument("--path", "--model_path", dest="path", type=Path, default=MODEL_PATH,
                         help="protected checkpoint or run folder, or a comma list of them to compare side by side, "
                              "each `label=path` or `path` (label: the run folder's name); one unlabelled path "
@@ -81,7 +83,7 @@ def protected_items(path):
     items = [(label or _label_of(p), p) for label, p in items]
     seen = {}
     for label, p in items:
-        if label in BASELINES or any(c in label for c in "|,="):
+        if label in BASELINES + OPTIONAL_STARTS or any(c in label for c in "|,="):
             raise cli.UsageError(f"--path: label {label!r} is reserved or holds one of | , = ; give label=path")
         if label in seen:
             raise cli.UsageError(f"--path: label {label!r} names two models ({seen[label]} and {p}); give "
@@ -97,7 +99,8 @@ def start_sources(config):
     how = " renormalized" if config.get("renormalize") else ""
     sources = {label: str(path) + how for label, path in protected_items(config["path"])} if "sophon" in started else {}
     return {**sources, **({"normal": config.get("normal_path")} if "normal" in started else {}),
-            **({"scratch": None} if "scratch" in started else {})}
+            **({"scratch": None} if "scratch" in started else {}),
+            **({NULL_START: f"fresh init, seed + {NULL_SEED_OFFSET}"} if NULL_START in started else {})}
 
 
 def _shared(ckpt):
@@ -130,7 +133,7 @@ def main(argv=None):
                              f"domain: give --dataset")
     args.dataset = args.dataset or sophon["dataset"]
     check_name(args.dataset)
-    starts = {**{label: protected[label]["model"] for label in labels}, "scratch": None}
+    starts = {**{label: protected[label]["model"] for label in labels}, "scratch": None, NULL_START: None}
     if args.renormalize:
         for label in labels:
             starts[label] = renormalized(starts[label], args.arch, protected[label]["num_classes"],
@@ -151,10 +154,11 @@ def main(argv=None):
     config = config_of(args, stage=STAGE, parent=str(sophon_path), path=recorded,
                        normal_path=str(normal_path) if normal_path else None, **foreign_record(sophon),
                        **(foreign_record(normal, "normal") if normal_path else {}))
-    compare = {"sophon", "scratch"} <= set(args.start)
-    verdict_fn = (lambda results: [v for label in labels for v in scratch_verdicts(results, protected=label)]) \
+    judged = (labels if "sophon" in args.start else []) + ([NULL_START] if NULL_START in args.start else [])
+    compare = bool(judged) and "scratch" in args.start
+    verdict_fn = (lambda results: [v for label in judged for v in scratch_verdicts(results, protected=label)]) \
         if compare else (lambda results: [])
-    robustness_fn = (lambda results: {label: robustness_summary(results, protected=label) for label in labels}) \
+    robustness_fn = (lambda results: {label: robustness_summary(results, protected=label) for label in judged}) \
         if compare else None
     chosen = [k for start in args.start for k in (labels if start == "sophon" else [start])]
     return run_stage3_script(
@@ -162,7 +166,9 @@ def main(argv=None):
         num_classes=sophon["num_classes"], train=train, evaluator=AccuracyEval(test), config=config,
         metric_keys=["test_acc"], verdict_fn=verdict_fn, robustness_fn=robustness_fn, sources_of=start_sources,
         title=f"Fine-tuning {args.arch} on {args.dataset}: {' vs '.join(labels)} vs normal vs scratch",
-        notes=[f"{label}: {paths[label]}" for label in labels] + [f"normal: {normal_path}", f"test samples: {len(test)}"])
+        notes=[f"{label}: {paths[label]}" for label in labels] + [f"normal: {normal_path}", f"test samples: {len(test)}"]
+        + ([f"{NULL_START}: a second model from scratch (another init, scratch's data order and head): the ratios a "
+            f"model with no protection scores"] if NULL_START in args.start else []))
 
 
 if __name__ == "__main__":
