@@ -24,8 +24,7 @@ ROBUSTNESS_LEGEND = (
     "family where scratch did not learn (final accuracy below half the best family's with the same train "
     "fraction): 'slower than scratch' then compares curves near chance. worst: the family with the largest "
     "auc ratio. null (where run): a second model from scratch, another init with scratch's data order and head; "
-    "its ratios are what a model with no protection scores, the noise floor of the others', and a family "
-    "shows protection only where normal's head start also exceeds null's ratio.")
+    "its ratios are what a model with no protection scores, the noise floor of the others'.")
 
 
 def epochs_to_reach(curve, target):
@@ -200,10 +199,10 @@ def robustness_summary(results, protected="sophon", reference="scratch", baselin
     the cells that can show protection). per_cell: each cell's auc ratio and the baseline's head start,
     auc(baseline) / auc(reference) mean over seeds; a cell where that is not above HEAD_START_MIN cannot
     show protection (`shows_protection: false`): the task is learned from scratch as fast as from the
-    pretrained model. None where the baseline did not run. Where the grid ran a `null` start (a second model
-    from scratch), the head start must also exceed null's ratio over the reference (`null_ratio`): a pretrained
-    model that learns no faster than another fresh init has no head start, whatever its ratio over this
-    reference's seeds. Nor can a cell where
+    pretrained model. None where the baseline did not run. `null_ratio`: where the grid ran a `null` start (a
+    second model from scratch), its auc over the reference's, mean over seeds, what the protected model's
+    ratio would be without protection (None otherwise). It does not enter `shows_protection`: with three
+    seeds it is as noisy as the head start it would correct. Nor can a cell where
     the reference did not learn (`reference_learned: false`): its final value, mean over seeds
     (`reference_final`), is below REFERENCE_LEARNED_MIN times the best cell's with the same train fraction,
     as where an lr is too small to move in the epochs run or too large to converge; a ratio there compares
@@ -242,8 +241,7 @@ def robustness_summary(results, protected="sophon", reference="scratch", baselin
         best[c["train_fraction"]] = max(best.get(c["train_fraction"], c["reference_final"]), c["reference_final"])
     for c in cells:
         c["reference_learned"] = c["reference_final"] >= REFERENCE_LEARNED_MIN * best[c["train_fraction"]]
-        head_start = None if c["head_start"] is None else (
-            c["head_start"] > max(HEAD_START_MIN, c["null_ratio"] if c["null_ratio"] is not None else 0.0))
+        head_start = None if c["head_start"] is None else c["head_start"] > HEAD_START_MIN
         c["shows_protection"] = head_start if c["reference_learned"] else False
     shares = [sum(flags) / len(flags) for flags in per_seed.values()]
     seed_mean, seed_std = mean_std(shares)
