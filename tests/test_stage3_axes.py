@@ -503,6 +503,7 @@ def test_a_grid_with_the_null_start_judges_it_like_a_protected_model(tmp_path, d
     (cell,) = s["robustness"][NULL_START]["per_cell"]
     ratios = [auc(curve[NULL_START, seed]) / auc(curve["scratch", seed]) for seed in (0, 1)]
     assert cell["auc_ratio_mean"] == pytest.approx(sum(ratios) / 2)
+    assert s["robustness"]["sophon"]["per_cell"][0]["null_ratio"] == pytest.approx(cell["auc_ratio_mean"])
     report = (tmp_path / "a" / "report.md").read_text()
     assert "| null |" in report and "a second model from scratch" in report
     # a grid of null and scratch alone (the noise floor by itself) takes both over from a grid of the same settings
