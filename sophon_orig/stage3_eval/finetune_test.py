@@ -166,9 +166,7 @@ def main(argv=None):
         num_classes=sophon["num_classes"], train=train, evaluator=AccuracyEval(test), config=config,
         metric_keys=["test_acc"], verdict_fn=verdict_fn, robustness_fn=robustness_fn, sources_of=start_sources,
         title=f"Fine-tuning {args.arch} on {args.dataset}: {' vs '.join(labels)} vs normal vs scratch",
-        notes=[f"{label}: {paths[label]}" for label in labels] + [f"normal: {normal_path}", f"test samples: {len(test)}"]
-        + ([f"{NULL_START}: a second model from scratch (another init, scratch's data order and head): the ratios a "
-            f"model with no protection scores"] if NULL_START in args.start else []))
+        notes=[f"{label}: {paths[label]}" for label in labels] + [f"normal: {normal_path}", f"test samples: {len(test)}"])
 
 
 if __name__ == "__main__":
