@@ -82,19 +82,38 @@ def test_ranks_hold_identical_weights_after_every_step(two_ranks):
         assert torch.equal(a[1], b[1]) and a[2] == b[2] and a[3] == b[3]
 
 
+def _adam_reach(config, loops):
+    """How far one coordinate's weight can move in `loops` outer loops: each loop takes one Adam step per FTS,
+    NTR and clean step, and an Adam step moves a coordinate by about its lr whatever the gradient's size."""
+    c = dict(SophonConfig().__dict__, **config)
+    per_loop = c["lr"] * (c["alpha"] * c["fts_loop"] + c["beta"] * (c["ntr_loop"] + c["clean_loop"]))
+    return 2 * loops * per_loop  # the step may go the other way in the other layout
+
+
 def test_two_ranks_equal_one_process(two_ranks):
     single = _run(1)
-    first_state, first_grad = two_ranks[0][0][0], two_ranks[0][0][1]
+    first_grad = two_ranks[0][0][1]
     # from the same weights, the FTS gradient of 4 environments over 2 ranks is the 1-process one up to the
     # order of the float additions
     assert torch.allclose(first_grad, single[0][1], rtol=1e-5, atol=1e-8)
-    assert torch.allclose(first_state, single[0][0], rtol=0, atol=1e-6)
+    # Weights: a coordinate with a real gradient takes the same Adam steps in both layouts. One whose gradient is
+    # zero but for rounding (a conv bias before BatchNorm, whose running mean follows it) takes steps of either
+    # sign, each about the lr whatever the gradient's size, so there the two layouts may differ by up to that.
+    grads = torch.stack([g.abs() for _, g, _, _ in single])
+    # (exactly 0 is no rounding: the model's own head gets no FTS gradient when the fine-tuner takes a new one)
+    real = ~((grads > 0) & (grads < 1e-6 * grads.amax(dim=1, keepdim=True))).any(dim=0)
+    net = TinyNet()
+    params = dict(net.named_parameters())
+    is_param = torch.cat([torch.full((v.numel(),), k in params) for k, v in net.state_dict().items()])
+    tight = torch.zeros_like(is_param)
+    tight[is_param] = real
+    assert real.sum() > 0.9 * real.numel(), "rounding-only gradients are the exception"
     for loop, ((state, _, loss, tuners), (s1, _, l1, t1)) in enumerate(zip(two_ranks[0], single)):
         assert tuners == [t.__dict__ for t in t1], "environment e draws the same fine-tuner on any world size"
         assert loss == pytest.approx(l1, rel=1e-5)
-        # Adam moves a coordinate by ~lr whatever its gradient's size, so where a gradient is ~0 the rounding
-        # of the sums above shows at the 1e-4 scale after a few loops (the FTS step is alpha * lr = 3e-3)
-        assert (state - s1).abs().max().item() < 2e-3, f"loop {loop + 1}"
+        gap = (state - s1).abs()
+        assert gap[tight].max().item() < 1e-4, f"loop {loop + 1}: a coordinate with a real gradient moved apart"
+        assert gap.max().item() <= _adam_reach(CONFIG, loop + 1), f"loop {loop + 1}"
 
 
 def test_learned_lr_is_the_same_on_every_rank_and_world_size(tmp_path_factory):
