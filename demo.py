@@ -6,15 +6,15 @@ scratch models on MNIST and compares their curves.
 
     python demo.py [--data_root DIR] [--out_dir DIR]
 """
-import importlib.util
+import importlib
 import json
 import time
 from pathlib import Path
 
 from common import cli
-from common.checkpoints import REPO_ROOT
+from common.files import REPO_ROOT
 from common.data import DataNotFound, load_domain
-from common.fetch import fetch
+from common.data.fetch import fetch
 
 ORIG_DATASET = "FashionMNIST"
 DATASET = "MNIST"
@@ -56,10 +56,7 @@ def ensure_data(root):
 
 
 def run_stage(script, argv):
-    spec = importlib.util.spec_from_file_location(Path(script).stem, REPO_ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    code = module.main(argv)
+    code = importlib.import_module(".".join(Path(script).with_suffix("").parts)).main(argv)
     if code:
         raise SystemExit(f"demo: {script} exited with {code}")
 

@@ -18,33 +18,17 @@ from pathlib import Path
 
 import torch
 
+from common.catalog import DATASETS, check_name
 from common.cli import Parser, UsageError
+from common.files import REPO_ROOT, atomic_save, replace_atomically
 from common.models import build_model, classifier_head, head_path
 
 FORMAT_VERSION = 1
-REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = ("model", "arch", "num_classes", "dataset", "stage", "config", "metrics", "parent", "format_version")
 
 
 class CheckpointError(UsageError):
     pass
-
-
-def atomic_save(obj, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    replace_atomically(tmp, path, lambda: torch.save(obj, tmp))
-
-
-def replace_atomically(tmp, path, write):
-    """write() fills `tmp`, which then replaces `path`; a failed write leaves the old file and no temp."""
-    try:
-        write()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def unwrap(model):
@@ -257,7 +241,6 @@ def _check_shapes(state, expected, path, arch, skip=()):
 def foreign_checkpoint(state, path, fmt, arch, orig_dataset, image_size=None):
     """A foreign state_dict as an in-memory checkpoint of this project (stage 'foreign', parent None); its
     'foreign' entry says what the run's config records (parent_format, parent_sha256)."""
-    from common.data import DATASETS, check_name
     check_name(orig_dataset)
     num_classes = DATASETS[orig_dataset].num_classes
     expected, head = _expected_state(arch, num_classes)

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from common import dist
-from common.checkpoints import REPO_ROOT, CheckpointError, atomic_save, load_file, replace_atomically
+from common.checkpoints import CheckpointError, load_file
 from common.cli import UsageError, given_flags
+from common.files import REPO_ROOT, atomic_save, replace_atomically, write_json, write_text_atomically
 
 try:
     import fcntl
@@ -237,16 +238,6 @@ def apply_resume(args, argv_given, run_dir, paths, skip=("resume", "out_dir", "d
         raise UsageError(f"--out_dir {args.out_dir} differs from --resume {run_dir}; omit it")
     args.out_dir = Path(run_dir).resolve()
     return raised
-
-
-def write_json(path, obj):
-    write_text_atomically(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def write_text_atomically(path, text):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    replace_atomically(tmp, path, lambda: tmp.write_text(text))
 
 
 class CSVLog:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoints import atomic_save, init_model, make_checkpoint
+from common.checkpoints import init_model, make_checkpoint
 from common.cli import nonneg_float, pos_float, pos_int
 from common.data import check_name, check_subset_caps, load_domain
+from common.files import atomic_save
 from common.runs import Interrupted, close_run, config_of, guarded, open_run, read_last
 from common.train import (AccuracyEval, Precision, ce_step, progress, resolve_device, sam_step, seed_everything,
                           train_epoch)

