@@ -1,7 +1,7 @@
 """Helpers shared by the tests: script paths, subprocess/in-process runners, tiny models."""
 import csv
 import hashlib
-import importlib.util
+import importlib
 import os
 import signal
 import subprocess
@@ -129,11 +129,8 @@ def interrupted_run(stage, args, out_parent, after_rows, sig=signal.SIGINT, igno
 
 
 def load_script(stage):
-    """Import a stage script as a module (for in-process `main(argv)` calls)."""
-    spec = importlib.util.spec_from_file_location(f"_script_{stage}", SCRIPTS[stage])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """A stage script as the module it also is (sophon_orig.stage2_train.algo), for in-process `main(argv)`."""
+    return importlib.import_module(".".join(SCRIPTS[stage].relative_to(REPO).with_suffix("").parts))
 
 
 def tree_snapshot(folder):
