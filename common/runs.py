@@ -98,6 +98,7 @@ class Run:
         self.plots_dir = self.path / "plots"
         self.writes = True  # False on the ranks other than 0: they compute, rank 0 writes
         self._lock = None
+        self.mirror = None  # --tensorboard: common.live.TensorBoardMirror, fed every CSV row
 
     @classmethod
     def start(cls, path, config):
@@ -109,6 +110,7 @@ class Run:
                 "started": datetime.datetime.now().isoformat(timespec="seconds")}
         write_json(run.path / "config.json", full)
         run._setup_logging()
+        run.watch(config)
         log.info("run folder %s", run.path)
         log.info("config %s", json.dumps(config, default=str))
         return run
@@ -129,6 +131,7 @@ class Run:
         run = cls(path)
         run.lock()
         run._setup_logging()
+        run.watch(config)
         log.info("resuming run %s", run.path)
         record = json.loads((run.path / "config.json").read_text())
         raised = {k: (record["config"][k], config[k]) for k in EXTENDABLE
@@ -166,6 +169,9 @@ class Run:
         self._lock = handle
 
     def unlock(self):
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
         if self._lock is not None:
             self._lock.close()  # closing the descriptor releases the flock
             self._lock = None
@@ -181,11 +187,20 @@ class Run:
             log.addHandler(handler)
         log.propagate = False
 
+    def watch(self, config):
+        if config.get("tensorboard"):
+            from common.live import TensorBoardMirror
+            self.mirror = TensorBoardMirror(self.path / "tensorboard")
+
     def log_note(self, note):
         log.warning("NOTE: %s", note)
 
     def csv(self, name, header):
-        return CSVLog(self.path / name, header) if self.writes else _Discard(header)
+        if not self.writes:
+            return _Discard(header)
+        mirror = self.mirror
+        return CSVLog(self.path / name, header,
+                      mirror=None if mirror is None else lambda row: mirror(Path(name).stem, row))
 
     def save(self, obj, name):
         """A checkpoint under checkpoints/ (atomic); nothing on ranks other than 0."""
@@ -243,8 +258,8 @@ def apply_resume(args, argv_given, run_dir, paths, skip=("resume", "out_dir", "d
 class CSVLog:
     """A CSV with a fixed header, appended and flushed row by row so a running job can be plotted."""
 
-    def __init__(self, path, header):
-        self.path, self.header = Path(path), list(header)
+    def __init__(self, path, header, mirror=None):
+        self.path, self.header, self.mirror = Path(path), list(header), mirror
         if not self.path.exists():
             with open(self.path, "w", newline="") as f:
                 csv.writer(f).writerow(self.header)
@@ -252,6 +267,8 @@ class CSVLog:
     def append(self, row):
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([_cell(row.get(k)) for k in self.header])
+        if self.mirror is not None:
+            self.mirror({k: row.get(k) for k in self.header})
 
     def rows(self):
         with open(self.path, newline="") as f:
