@@ -8,6 +8,9 @@ cells (results with a `defence`) are grouped by `defence_verdicts` alone, never 
 """
 import math
 
+from common.stats import (LEVEL, MIN_ELIGIBILITY_SEEDS, compare_families, head_start_shown, headline, log_ratio,
+                          paired_log_ratio, split_seeds)
+
 LEGEND = (
     "epochs to scratch final: first epoch (0 = before fine-tuning) at which the protected curve reaches the "
     "scratch model's final accuracy, fastest seed; never = not within the epochs run. auc ratio: area under "
@@ -24,7 +27,16 @@ ROBUSTNESS_LEGEND = (
     "family where scratch did not learn (final accuracy below half the best family's with the same train "
     "fraction): 'slower than scratch' then compares curves near chance. worst: the family with the largest "
     "auc ratio. null (where run): a second model from scratch, another init with scratch's data order and head; "
-    "its ratios are what a model with no protection scores, the noise floor of the others'.")
+    "its ratios are what a model with no protection scores, the noise floor of the others'. These are the old "
+    "fields, kept as they were: a mean of per-seed ratios leans above 1 (Jensen), 'where shown' is decided on the "
+    "scratch runs it divides by, a diverged seed counts, and the worst of many noisy families is not corrected for. "
+    "The paired fields (vs_reference, vs_null, eligibility; common.stats) fix these: per seed the log of "
+    "auc(model) / auc(scratch), same seed, same data order and head; a family's ratio is their geometric mean, "
+    "with a paired t 95% interval; a seed where either model diverged is left out and reported; the one-sided "
+    "tests of 'learns faster than scratch' (alpha 0.025, as for 95% intervals) are Holm- and "
+    "Benjamini-Hochberg-corrected over the families, and the simultaneous interval is Bonferroni's (upper end "
+    "<= 1: slower, family-wise). Eligible: on the first half of a family's seeds (sorted), normal's head start "
+    "has a 95% lower end above 1 and scratch learned; an eligible family is judged on the other half alone.")
 
 
 def epochs_to_reach(curve, target):
@@ -211,6 +223,37 @@ def robustness_summary(results, protected="sophon", reference="scratch", baselin
     average (x2 and x0.5 cancel). The share counts cells across 1, so it moves in steps of one cell and not
     at all for a cell going from 1.5 to 1.1; the geometric mean moves with every cell, which makes it the
     steadier number for comparing two protections on one grid.
+
+    The fields above are the old ones, kept unchanged: auc_ratio_mean is a mean of per-seed ratios, which leans
+    above 1 for a model drawn like the reference (Jensen); shows_protection is decided on the reference runs it
+    divides by, so "where shown" favours families where the reference was unlucky; a diverged seed counts (its
+    last evaluation stands for the remaining epochs); and nothing corrects for the number of families.
+
+    The paired fields (common.stats), where a seed whose protected model or reference diverged (`diverged_epoch` not
+    None) is left out of every ratio:
+    per cell: vs_reference: seed by seed, log(auc(protected) / auc(reference)) with the same seed; `seeds` used,
+    ratio = exp(mean log ratio) (the geometric mean over seeds), ci: the paired t `level` interval, as ratios,
+    ci_simultaneous: Bonferroni's, the two-sided 1 - (1 - level) / N interval over the N families tested, p_faster:
+    one-sided paired t test of H1 "learns faster" (mean log ratio > 0), p_faster_holm, p_faster_bh, faster
+    (Holm-adjusted p below alpha = (1 - level) / 2, as for the intervals); None where no seed is left. vs_null: the
+    same against the null start, where it ran (None otherwise). diverged_seeds: {start: seeds that diverged};
+    seeds_excluded: the seeds where both ran but left out of vs_reference. eligibility: decided on seeds the verdict
+    does not use (common.stats.split_seeds: the family's seeds where protected and reference ran, sorted, the first
+    half rounded down; its verdict_seeds are the rest). eligible is False where the reference did not learn on them
+    (reference_final, its mean final value over non-diverged eligibility seeds, below REFERENCE_LEARNED_MIN times
+    the best family's with the same train fraction), else head_start_shown: the lower end of the `level` t interval
+    of log(auc(baseline) / auc(reference)) over the eligibility seeds is above 0 (head_start, head_start_ci: as
+    ratios); None (undetermined) with fewer than MIN_ELIGIBILITY_SEEDS usable seeds or no baseline. ratio: the
+    geometric mean over the verdict seeds alone.
+    summary: headline, one line: "no family learns faster than <reference> (Holm-corrected over N families...)" or
+    the families that do with their simultaneous intervals. vs_reference: families, families_tested (two seeds or
+    more), share_below_1 (of the families' ratios), ratio_geomean (exp of the mean over families of their mean log
+    ratio), faster_holm, faster_bh, slower_simultaneous (families, by their axes with ratio and intervals),
+    worst_family (the largest ratio), alpha, level. headline_vs_null, vs_null: the same against the null start (None
+    where it did not run, or where it is the protected model). eligibility: families_eligible, families_ineligible,
+    families_undetermined, share_below_1 and ratio_geomean of the eligible families' ratios on their verdict seeds,
+    a note where some are undetermined. diverged: seeds_excluded, families (with a diverged seed), by_start
+    (diverged seeds per start).
     """
     cells, per_seed = [], {}
     for family, seeds in _by_attack(results, metric).items():
@@ -252,7 +295,7 @@ def robustness_summary(results, protected="sophon", reference="scratch", baselin
     else:
         note = (f"{level:.0%} t-interval over {len(shares)} seeds (t = {interval[2]:.2f})"
                 + ("; wide with so few seeds" if len(shares) < 5 else ""))
-    return {
+    summary = {
         "protected": protected, "reference": reference, "baseline": baseline, "cells": len(cells),
         "seeds": len(shares),
         "share_below_1": sum(c["auc_ratio_mean"] < 1 for c in cells) / len(cells),
@@ -267,6 +310,126 @@ def robustness_summary(results, protected="sophon", reference="scratch", baselin
         "worst_cell": max(cells, key=lambda c: c["auc_ratio_mean"]),
         "worst_cell_where_shown": max(shown, key=lambda c: c["auc_ratio_mean"]) if shown else None,
         "per_cell": cells}
+    summary.update(_paired_fields(results, cells, protected, reference, baseline, null, metric, level))
+    return summary
+
+
+def _records_by_family(results):
+    """{family: {seed: {start: result}}} of the fine-tuning attacks (defence cells left out)."""
+    grouped = {}
+    for r in results:
+        if not r.get("defence"):
+            grouped.setdefault(_family(r), {}).setdefault(r["seed"], {})[r["start"]] = r
+    return grouped
+
+
+def _diverged(result):
+    return result.get("diverged_epoch") is not None
+
+
+def _seed_log_ratios(runs, model, reference, metric, seeds):
+    """{seed: log(auc(model) / auc(reference))} over `seeds` where both ran and neither diverged."""
+    out = {}
+    for seed in seeds:
+        mine, ref = runs[seed].get(model), runs[seed].get(reference)
+        if mine is None or ref is None or _diverged(mine) or _diverged(ref):
+            continue
+        value = log_ratio(auc(mine[metric]), auc(ref[metric]))
+        if value is not None:
+            out[seed] = value
+    return out
+
+
+def describe_family(family):
+    """An attack family (FAMILY's values) in words, as a headline names it."""
+    strategy, optimizer, lr, bs, fraction, schedule = family
+    return f"{strategy} {optimizer} lr {lr:g} bs {bs} data {fraction:g} {schedule}"
+
+
+def _named(verdicts, summary):
+    """common.stats.compare_families' summary with each family it names given by its axes, ratio and intervals."""
+    def entry(family):
+        v = verdicts[family]
+        return {**dict(zip(FAMILY, family)), **{k: v[k] for k in (
+            "ratio", "ci", "ci_simultaneous", "p_faster", "p_faster_holm", "p_faster_bh")}}
+    named = {**summary, "worst_family": entry(summary["worst_family"]) if summary["worst_family"] else None}
+    for key in ("faster_holm", "faster_bh", "slower_simultaneous"):
+        named[key] = [entry(f) for f in summary[key]]
+    return named
+
+
+def _eligibility(records, ran, ratios, reference, baseline, metric, level):
+    """({family: eligibility}, summary over the eligible families), decided on each family's eligibility seeds
+    (common.stats.split_seeds) and judged on its verdict seeds; robustness_summary's docstring has the rule."""
+    found = {}
+    for key, seeds in ran.items():
+        runs = records[key]
+        held, used = split_seeds(seeds)
+        heads = list(_seed_log_ratios(runs, baseline, reference, metric, held).values())
+        head = paired_log_ratio(heads, level)
+        finals = [runs[s][reference][metric][-1] for s in held if not _diverged(runs[s][reference])]
+        mine = [ratios[key][s] for s in used if s in ratios[key]]
+        found[key] = {"seeds": held, "verdict_seeds": used, "head_start": head and head["ratio"],
+                      "head_start_ci": head and head["ci"], "head_start_shown": head_start_shown(heads, level),
+                      "reference_final": sum(finals) / len(finals) if finals else None,
+                      "ratio": math.exp(sum(mine) / len(mine)) if mine else None}
+    fraction = FAMILY.index("train_fraction")
+    best = {}
+    for key, e in found.items():
+        if e["reference_final"] is not None:
+            best[key[fraction]] = max(best.get(key[fraction], e["reference_final"]), e["reference_final"])
+    for key, e in found.items():
+        learned = None if e["reference_final"] is None else \
+            e["reference_final"] >= REFERENCE_LEARNED_MIN * best[key[fraction]]
+        e["reference_learned"] = learned
+        e["eligible"] = e["head_start_shown"] if learned else learned
+    judged = [e["ratio"] for e in found.values() if e["eligible"] and e["ratio"] is not None]
+    count = {state: sum(e["eligible"] is state for e in found.values()) for state in (True, False, None)}
+    summary = {"families_eligible": count[True], "families_ineligible": count[False],
+               "families_undetermined": count[None],
+               "share_below_1": sum(r < 1 for r in judged) / len(judged) if judged else None,
+               "ratio_geomean": geometric_mean(judged) if judged else None}
+    if count[None]:
+        summary["note"] = (f"{count[None]} of {len(found)} families undetermined: eligibility needs "
+                           f"{MIN_ELIGIBILITY_SEEDS} usable eligibility seeds (the first half of a family's seeds, "
+                           f"so {2 * MIN_ELIGIBILITY_SEEDS} seeds or more) and a baseline run; an undetermined "
+                           "family is left out of share_below_1 and ratio_geomean here")
+    return found, summary
+
+
+def _paired_fields(results, cells, protected, reference, baseline, null, metric, level):
+    """robustness_summary's paired fields (its docstring says what they hold): vs_reference, vs_null, eligibility,
+    diverged_seeds and seeds_excluded added to each of `cells`; the summary's returned."""
+    records = _records_by_family(results)
+    keys = [tuple(c[k] for k in FAMILY) for c in cells]
+    ran = {key: sorted(s for s, r in records[key].items() if protected in r and reference in r) for key in keys}
+    ratios = {key: _seed_log_ratios(records[key], protected, reference, metric, ran[key]) for key in keys}
+    nulls = {key: _seed_log_ratios(records[key], protected, null, metric, sorted(records[key])) for key in keys}
+    verdicts, summary = compare_families({k: list(v.values()) for k, v in ratios.items()}, level)
+    null_ran = protected != null and any(nulls.values())
+    null_verdicts, null_summary = compare_families({k: list(v.values()) for k, v in nulls.items()}, level) \
+        if null_ran else ({}, None)
+    eligibility, eligible = _eligibility(records, ran, ratios, reference, baseline, metric, level)
+    starts = list(dict.fromkeys((protected, reference, baseline, null)))
+    for c, key in zip(cells, keys):
+        runs = records[key]
+        c["vs_reference"] = {"seeds": sorted(ratios[key]), **verdicts[key]} if key in verdicts else None
+        c["vs_null"] = {"seeds": sorted(nulls[key]), **null_verdicts[key]} if key in null_verdicts else None
+        c["eligibility"] = eligibility[key]
+        diverged = {start: [s for s in sorted(runs) if start in runs[s] and _diverged(runs[s][start])]
+                    for start in starts}
+        c["diverged_seeds"] = {start: seeds for start, seeds in diverged.items() if seeds}
+        c["seeds_excluded"] = len(ran[key]) - len(ratios[key])
+    return {
+        "headline": headline(verdicts, summary, reference, describe_family),
+        "vs_reference": _named(verdicts, summary),
+        "headline_vs_null": headline(null_verdicts, null_summary, null, describe_family) if null_ran else None,
+        "vs_null": _named(null_verdicts, null_summary) if null_ran else None,
+        "eligibility": eligible,
+        "diverged": {"seeds_excluded": sum(c["seeds_excluded"] for c in cells),
+                     "families": sum(bool(c["diverged_seeds"]) for c in cells),
+                     "by_start": {start: sum(len(c["diverged_seeds"].get(start, ())) for c in cells)
+                                  for start in starts}}}
 
 
 def geometric_mean(values):
@@ -282,7 +445,8 @@ def pooled_robustness(robustness):
     method is judged over its training runs and not by its luckiest one. share_below_1_mean/_std,
     share_below_1_where_shown_mean/_std and auc_ratio_geomean(_where_shown)_mean/_std: over the runs.
     per_cell: each cell's auc ratio (a run's being its mean over attack seeds), mean and std over the runs,
-    and runs_below_1; worst_cell: the largest mean."""
+    and runs_below_1; worst_cell: the largest mean. These are the old fields; the paired ones: per_cell's
+    vs_reference and runs_faster_holm (_pooled_cell), the configuration's vs_reference (_pooled_paired)."""
     groups = {}
     for label, r in robustness.items():
         if r is not None and RUN_SEPARATOR in label:
@@ -300,10 +464,34 @@ def pooled_robustness(robustness):
             mean, std = mean_std([c["auc_ratio_mean"] for c in same])
             per_cell.append({**dict(zip(FAMILY, axes)), "auc_ratio_mean": mean, "auc_ratio_std": std,
                              "runs": len(same), "runs_below_1": sum(c["auc_ratio_mean"] < 1 for c in same),
-                             "shows_protection": same[0]["shows_protection"]})
+                             "shows_protection": same[0]["shows_protection"], **_pooled_cell(same)})
         over_runs = {}
         for key in ("share_below_1", "share_below_1_where_shown", "auc_ratio_geomean", "auc_ratio_geomean_where_shown"):
             over_runs[f"{key}_mean"], over_runs[f"{key}_std"] = mean_std([r[key] for _, r in runs])
         pooled[name] = {"runs": [label for label, _ in runs], "cells": len(per_cell), **over_runs,
-                        "worst_cell": max(per_cell, key=lambda c: c["auc_ratio_mean"]), "per_cell": per_cell}
+                        "worst_cell": max(per_cell, key=lambda c: c["auc_ratio_mean"]), "per_cell": per_cell,
+                        "vs_reference": _pooled_paired(runs, per_cell)}
     return pooled
+
+
+def _pooled_cell(same):
+    """A family's paired fields over the runs: vs_reference, common.stats.paired_log_ratio of the runs' mean log
+    ratios (a run, not a seed, is the unit: the runs share the reference's seeds), and runs_faster_holm."""
+    judged = [c["vs_reference"] for c in same if c.get("vs_reference")]
+    return {"vs_reference": paired_log_ratio([v["mean_log"] for v in judged], LEVEL),
+            "runs_faster_holm": sum(v["faster"] for v in judged)}
+
+
+def _pooled_paired(runs, per_cell):
+    """A configuration's paired summary over its runs: headlines (each run's), share_below_1_mean/_std and
+    ratio_geomean (the geometric mean of the runs' ratio_geomean), worst_family: the family with the largest
+    ratio over the runs."""
+    judged = [(label, r) for label, r in runs if r.get("vs_reference") and r["vs_reference"]["families"]]
+    if not judged:
+        return None
+    share_mean, share_std = mean_std([r["vs_reference"]["share_below_1"] for _, r in judged])
+    cells = [c for c in per_cell if c["vs_reference"]]
+    return {"headlines": {label: r["headline"] for label, r in judged},
+            "share_below_1_mean": share_mean, "share_below_1_std": share_std,
+            "ratio_geomean": geometric_mean([r["vs_reference"]["ratio_geomean"] for _, r in judged]),
+            "worst_family": max(cells, key=lambda c: c["vs_reference"]["ratio"]) if cells else None}
