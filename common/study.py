@@ -2,7 +2,7 @@
 
     python -m common.study run experiments/adaptive_attacker.toml [--jobs N]    # runs/studies/adaptive_attacker/
     python -m common.study table experiments/adaptive_attacker.toml            # docs/results/adaptive_attacker.md
-    python -m common.study run experiments/adaptive_attacker.toml --smoke      # the same study, toy scale, synthetic data
+    python -m common.study run experiments/adaptive_attacker.toml --smoke      # same study, toy scale, synthetic
     python -m common.study table experiments/adaptive_attacker.toml --smoke    # its page, next to the smoke runs
 
 A study file (TOML) lists its runs once, in order: `[[run]]` with `name`, `script` (a stage script, relative to

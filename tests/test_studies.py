@@ -163,7 +163,8 @@ def test_override_replaces_or_adds():
 
 def test_a_run_reading_a_later_one_is_refused(tmp_path):
     study = tmp_path / "s.toml"
-    study.write_text('[[run]]\nname = "a"\nscript = "sophon_orig/stage2_train/algo.py"\nargs = ["--model_path", "{b}"]\n'
+    study.write_text('[[run]]\nname = "a"\nscript = "sophon_orig/stage2_train/algo.py"\n'
+                     'args = ["--model_path", "{b}"]\n'
                      '[[run]]\nname = "b"\nscript = "sophon_orig/stage1_pretrain/train.py"\n')
     with pytest.raises(UsageError, match="reads b, which is not a run listed before it"):
         load_study(study)
