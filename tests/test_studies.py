@@ -1,0 +1,177 @@
+"""Every study file runs at smoke scale, and the page its table command writes says what the run folders say.
+
+No study file can rot without a red test: its commands run (the real flags, with the smoke section's scale
+flags), its run folders are where the file says, a second `run` skips what is finished and resumes what is not,
+and every number of every table is read back from the page and compared with the summary.json it came from.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.cli import UsageError
+from common.study import load_study, override
+
+REPO = Path(__file__).resolve().parents[1]
+STUDIES = sorted((REPO / "experiments").glob("*.toml"))
+
+
+def study_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "common.study", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env=dict(os.environ), timeout=timeout)
+
+
+def tables_of(page):
+    """{section title: (header, rows)} of the markdown tables on a page, each row a list of cell strings."""
+    tables, title, lines = {}, None, page.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("## "):
+            title = line[3:]
+        elif line.startswith("| ") and title not in tables and i + 1 < len(lines) and lines[i + 1].startswith("| ---"):
+            rows = []
+            for row in lines[i + 2:]:
+                if not row.startswith("| "):
+                    break
+                rows.append([c.strip() for c in row.strip()[1:-1].split(" | ")])
+            tables[title] = ([c.strip() for c in line.strip()[1:-1].split(" | ")], rows)
+    return tables
+
+
+def close(cell, mean, std=None, digits=2):
+    """A printed `mean` or `mean +- std` agrees with the values to the digits printed."""
+    if mean is None:
+        return cell == "-"
+    parts = [float(p) for p in cell.split(" +- ")]
+    want = [mean] if std is None else [mean, std]
+    tol = 0.5 * 10 ** -digits + 1e-9
+    return len(parts) == len(want) and all(abs(p - w) <= tol for p, w in zip(parts, want))
+
+
+def summary(folder):
+    return json.loads((Path(folder) / "summary.json").read_text())
+
+
+def folders(spec, root, name):
+    """The run folders of run NAME, as the study file's layout promises: ROOT/NAME or ROOT/NAME/seedS."""
+    entry = next((r for r in spec["run"] if r["name"] == name), None)
+    if entry is None:
+        return []
+    if "seeds" in entry:
+        return [(f"{name}#{s}", root / name / f"seed{s}") for s in entry["seeds"]]
+    return [(name, root / name)]
+
+
+def model(grid, spec, root, name):
+    """(figures, pooled, labels) of model NAME in a stage-3 summary."""
+    labels = [label for label, _ in folders(spec, root, name)] or [name]
+    if name in grid.get("robustness_pooled", {}):
+        return grid["robustness_pooled"][name], True, labels
+    return grid["robustness"][labels[0]], False, labels
+
+
+def check_robustness(table, spec, root, header, rows):
+    grids = [summary(root / g) for g in table["grids"]]
+    assert [r[0] for r in rows] == table["rows"]
+    for row in rows:
+        name, runs = row[0], folders(spec, root, row[0])
+        accs = [summary(f)["orig_test_acc"] for _, f in runs]
+        if len(accs) > 1:
+            mean = sum(accs) / len(accs)
+            std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
+            assert close(row[2], mean, std), (name, row[2])
+        elif accs:
+            assert close(row[2], accs[0]), (name, row[2])
+        else:
+            assert row[1:3] == ["-", "-"]
+        cells = iter(row[3:])
+        for grid in grids:
+            figures, pooled, labels = model(grid, spec, root, name)
+            for key in ("share_below_1", "share_below_1_where_shown", "auc_ratio_geomean",
+                        "auc_ratio_geomean_where_shown"):
+                cell = next(cells)
+                ok = close(cell, figures[f"{key}_mean"], figures[f"{key}_std"]) if pooled else close(cell, figures[key])
+                assert ok, (name, key, cell)
+            if table.get("adaptive"):
+                counts = [sum(c["optimizer"] in table["adaptive"] and c["auc_ratio_mean"] >= 1
+                              for c in grid["robustness"][label]["per_cell"]) for label in labels]
+                assert next(cells) == ", ".join(map(str, counts)), name
+        assert next(cells, None) is None, f"{name}: more cells than the summaries give"
+
+
+def check_families(table, spec, root, header, rows):
+    grid = summary(root / table["grid"])
+    first = model(grid, spec, root, table["columns"][0])
+    first_cells = grid["robustness"][first[2][0]]["per_cell"]
+    assert len(rows) == len(first_cells) > 0
+    for row, cell in zip(rows, first_cells):
+        assert close(row[1], cell["reference_final"], digits=1)
+        assert close(row[2], cell["head_start"])
+        for name, printed in zip(table["columns"], row[3:]):
+            figures, pooled, _ = model(grid, spec, root, name)
+            same = [c for c in figures["per_cell"]
+                    if all(c[k] == cell[k] for k in ("strategy", "optimizer", "lr", "batch_size", "train_fraction",
+                                                       "schedule"))]
+            assert len(same) == 1
+            assert close(printed, same[0]["auc_ratio_mean"], same[0]["auc_ratio_std"] if pooled else None), \
+                (name, printed)
+
+
+CHECKS = {"robustness": check_robustness, "families": check_families}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("study", STUDIES, ids=[s.stem for s in STUDIES])
+def test_study_smoke_run_and_table(study, tmp_path):
+    spec = tomllib.loads(study.read_text())
+    root = tmp_path / "runs"
+    proc = study_cli("run", study, "--smoke", "--root", root, "--jobs", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for entry in spec["run"]:
+        for _, folder in folders(spec, root, entry["name"]):
+            assert (folder / "summary.json").is_file(), folder
+
+    # an unfinished run (its summary gone) is resumed with the script's --resume; finished ones are skipped
+    last = spec["run"][-1]["name"]
+    (root / last / "summary.json").unlink()
+    proc = study_cli("run", study, "--smoke", "--root", root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{last}: resuming" in proc.stdout
+    assert proc.stdout.count("finished, skipped") == sum(len(r.get("seeds", [0])) for r in spec["run"]) - 1
+    assert "--resume" in (root / "logs" / f"{last}.log").read_text()
+
+    proc = study_cli("table", study, "--smoke", "--root", root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    page = (root / f"{study.stem}.md").read_text()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert commit[:12] in page and f"python -m common.study table experiments/{study.name} --smoke" in page
+    tables = tables_of(page)
+    assert spec["table"], "a study without tables writes no results"
+    for table in spec["table"]:
+        header, rows = tables[table["title"]]
+        CHECKS[table["kind"]](table, spec, root, header, rows)
+    assert re.search(r"^## Runs$", page, re.M)
+
+
+def test_override_replaces_or_adds():
+    assert override(["--a", "1", "--b", "2"], ["--b", "3", "--c", "4"]) == ["--a", "1", "--b", "3", "--c", "4"]
+
+
+def test_a_run_reading_a_later_one_is_refused(tmp_path):
+    study = tmp_path / "s.toml"
+    study.write_text('[[run]]\nname = "a"\nscript = "sophon_orig/stage2_train/algo.py"\n'
+                     'args = ["--model_path", "{b}"]\n'
+                     '[[run]]\nname = "b"\nscript = "sophon_orig/stage1_pretrain/train.py"\n')
+    with pytest.raises(UsageError, match="reads b, which is not a run listed before it"):
+        load_study(study)
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=[s.stem for s in STUDIES])
+def test_study_file_loads_at_both_scales(study, tmp_path):
+    for smoke in (False, True):
+        loaded = load_study(study, smoke, tmp_path)
+        assert all(r.folder.is_relative_to(tmp_path) for r in loaded.runs)
