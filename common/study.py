@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.checkpoints import REPO_ROOT
+from common.files import REPO_ROOT
 from common.cli import Parser, UsageError, run as run_cli
 from common.runs import git_commit, is_finished
 from common.verdicts import FAMILY, mean_std
