@@ -28,19 +28,21 @@ STEP_WEIGHTS = ("uniform", "exp")
 EXP_STEP_RATE = 3.0  # exp step weights: the last queried step weighs e^3 (about 20) times the first
 
 
-def query_weights(steps, every=1, kind="uniform"):
-    """Weight of the query loss after each of an episode's `steps` inner steps, summing to 1.
+def query_weights(adaptation_steps, every=1, kind="uniform"):
+    """Weight of the query loss after each of an episode's `adaptation_steps` inner steps, summing to 1.
 
     The query is taken after every `every`-th step and after the last (the adapted weights the attacker ends
     with always count); the other steps get weight 0 and skip the query pass. uniform: equal weights.
-    exp: weight proportional to exp(EXP_STEP_RATE * k / steps) at step k (1-based), so that the loss late in
-    the simulated fine-tuning, where a real attacker goes on, dominates (TAR, Tamirisa et al. ICLR'25)."""
+    exp: weight proportional to exp(EXP_STEP_RATE * k / adaptation_steps) at step k (1-based), so that the
+    loss late in the simulated fine-tuning, where a real attacker goes on, dominates (TAR, Tamirisa et al.
+    ICLR'25)."""
     if kind not in STEP_WEIGHTS:
         raise ValueError(f"unknown step weights {kind!r} (choose from {', '.join(STEP_WEIGHTS)})")
-    queried = [k for k in range(1, steps + 1) if k % every == 0 or k == steps]
-    raw = {k: (1.0 if kind == "uniform" else math.exp(EXP_STEP_RATE * k / steps)) for k in queried}
+    inner = range(1, adaptation_steps + 1)
+    queried = [k for k in inner if k % every == 0 or k == adaptation_steps]
+    raw = {k: (1.0 if kind == "uniform" else math.exp(EXP_STEP_RATE * k / adaptation_steps)) for k in queried}
     total = sum(raw.values())
-    return [raw.get(k, 0.0) / total for k in range(1, steps + 1)]
+    return [raw.get(k, 0.0) / total for k in inner]
 
 
 @dataclass(frozen=True)
@@ -198,11 +200,11 @@ class FTS:
         model_grads = [mp.grad for _, mp in pairs]
         total = torch.zeros((), device=device)
         steps = batches.split(gen) if isinstance(batches, IndexedBatches) else _split_pairs(batches, gen)
-        n_steps = len(batches.indices) if isinstance(batches, IndexedBatches) else len(batches)
-        per_step = [float(weights)] * n_steps if isinstance(weights, (int, float)) else list(weights)
-        if len(per_step) != n_steps:
-            raise ValueError(f"{len(per_step)} step weights for {n_steps} inner steps")
-        lr_factor = schedule_factor(finetuner.schedule, n_steps)
+        adaptation_steps = len(batches.indices) if isinstance(batches, IndexedBatches) else len(batches)
+        per_step = [float(weights)] * adaptation_steps if isinstance(weights, (int, float)) else list(weights)
+        if len(per_step) != adaptation_steps:
+            raise ValueError(f"{len(per_step)} step weights for {adaptation_steps} inner steps")
+        lr_factor = schedule_factor(finetuner.schedule, adaptation_steps)
         for k, (x_support, y_support, x_query, y_query) in enumerate(steps):
             xs = self.to_input(x_support)
             ys = y_support.to(device, non_blocking=True)

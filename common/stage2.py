@@ -1,7 +1,7 @@
 """The stage-2 runner shared by SOPHON and the irreversible backdoor: everything around the algorithm.
 
-The maths is `common.sophon.Sophon` (one outer loop per `step()`). This module owns the run: flags, the
-run folder, metrics.csv, the evaluation schedule, the accuracy floor and its rollback, the periodic
+The maths is the method's (`--method`, common.methods; SOPHON's is common.sophon.Sophon), one outer loop
+per `step()`. This module owns the run: the settings (`Stage2Settings`), the run folder, metrics.csv, the evaluation schedule, the accuracy floor and its rollback, the periodic
 fine-tune probes, checkpoints, interrupts and summary.json. What differs between the projects (query
 loss, NTR data, evaluations, extra columns and summary keys) comes from their `Stage2Task`.
 """
@@ -40,13 +40,6 @@ def mask_share_value(text):
     value = nonneg_float(text)
     if value >= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), the share of coordinates frozen (1: all), got {text}")
-    return value
-
-
-def learned_share_value(text):
-    value = pos_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], a share of the episodes, got {text}")
     return value
 
 
@@ -97,7 +90,7 @@ class Stage2Flags(Settings):
                                   type=nonneg_float, metavar="ETA")
     fts_lr_learned_share: float = setting(1.0, "with --fts_lr_adapt: the share of episodes at the learned lr; the "
                                                "others draw theirs from --fts_lr_range, so attackers at other lrs "
-                                               "stay simulated", type=learned_share_value, metavar="P")
+                                               "stay simulated", type=pos_float, metavar="P")
     fts_query_every: int = setting(1, "query loss after every N-th inner step and the last; the others skip the "
                                       "query pass, so longer horizons cost less (TAR queries every 4th of 64 steps)",
                                    type=pos_int, metavar="N")
