@@ -163,12 +163,17 @@ def time_floor(algo, args, device, precision, loops):
 @contextlib.contextmanager
 def eager(algo):
     """The loop with its compiled forwards swapped for the plain modules (FLOP counting)."""
-    saved = algo.fts.learner_fwd, algo.model_fwd
-    algo.fts.learner_fwd, algo.model_fwd = algo.fts.learner, algo.model
+    parts = (algo.ntr, algo.clean, algo.neurotoxin)  # they share the model's compiled forward
+    saved = algo.fts.learner_fwd, [part.model_fwd for part in parts]
+    algo.fts.learner_fwd = algo.fts.learner
+    for part in parts:
+        part.model_fwd = algo.model
     try:
         yield algo
     finally:
-        algo.fts.learner_fwd, algo.model_fwd = saved
+        algo.fts.learner_fwd = saved[0]
+        for part, fwd in zip(parts, saved[1]):
+            part.model_fwd = fwd
 
 
 def flops_per_loop(algo):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import dist
 from common.checkpoints import REPO_ROOT, CheckpointError, atomic_save, load_file, replace_atomically
-from common.cli import UsageError, given_flags
+from common.settings import UsageError, given_flags
 
 try:
     import fcntl
