@@ -73,11 +73,12 @@ class FineTunerSampler:
     With `lr_range` (lo, hi) the learning rate is not one of `lrs` but drawn log-uniformly from [lo, hi]
     for each episode: an attacker's lr is a continuum, and a short list leaves gaps between its points.
 
-    With `lr_adapt` > 0 as well, the lr is not drawn but learned, adversarially, one per optimiser (MLAC, Henderson et al. AIES'23: the simulated attacker tunes its
-    own lr): it starts at the range's geometric middle, and after each episode `adapt` moves its log by
-    `lr_adapt` against the sign of d(attacker's loss)/d(log lr), within the range. The sign makes the step
-    scale-free, as the optimisers' lrs differ by orders of magnitude. `learned_share` < 1 mixes the two: that share of the episodes uses the learned lr,
-    the others draw theirs from the range, so the attackers who fine-tune at other lrs are still simulated."""
+    With `lr_adapt` > 0 as well, the lr is not drawn but learned, adversarially, one per optimiser (MLAC,
+    Henderson et al. AIES'23: the simulated attacker tunes its own lr): it starts at the range's geometric
+    middle, and after each episode `adapt` moves its log by `lr_adapt` against the sign of d(attacker's
+    loss)/d(log lr), within the range. The sign makes the step scale-free, as the optimisers' lrs differ by
+    orders of magnitude. `learned_share` < 1 mixes the two: that share of the episodes uses the learned lr, the
+    others draw theirs from the range, so the attackers who fine-tune at other lrs are still simulated."""
 
     def __init__(self, optimizers, lrs, heads, scopes, seed, schedules=("constant",), lr_range=None, lr_adapt=0.0,
                  learned_share=1.0):

@@ -31,6 +31,7 @@ from common.train import launch_options
 
 log = logging.getLogger("sophon")
 
+
 class Sophon:
     """The model, its optimisers, the FTS inner loop, the fine-tuner sampler and the batch streams.
 
@@ -77,18 +78,17 @@ class Sophon:
         # the FTS loss is the weighted mean over the queried inner steps and the environments
         self.step_weights = [w / config.fts_envs for w in query_weights(
             config.adaptation_steps, config.fts_query_every, config.fts_step_weights)]
-        self.restricted_stream = BatchStream(len(restricted), config.bs, seed=config.seed + 3)
-        fwd = precision.maybe_compile(model)
-        part = dict(precision=precision, world=self.world)
-        self.neurotoxin = NeurotoxinMask(model, fwd, restricted, self.restricted_gather,
-                                         BatchStream(len(restricted), config.bs, seed=config.seed + 6),
+        stream = lambda domain, offset: BatchStream(len(domain), config.bs, seed=config.seed + offset)
+        self.restricted_stream = stream(restricted, 3)
+        # NTR, and the irreversible backdoor's persistence parts (common.persistence; inert at their defaults):
+        # Neurotoxin's mask around the FTS and NTR updates, SBL's clean steps after NTR, SAM in both
+        fwd, part = precision.maybe_compile(model), dict(precision=precision, world=self.world)
+        self.neurotoxin = NeurotoxinMask(model, fwd, restricted, self.restricted_gather, stream(restricted, 6),
                                          share=config.mask_share, every=config.mask_every, **part)
-        self.ntr = SupervisedSteps(model, fwd, ntr_data, ntr_gather, BatchStream(len(ntr_data), config.bs,
-                                   seed=config.seed + 4), adam(config.beta * config.lr), sam_rho=config.sam_rho,
-                                   frozen=self.neurotoxin.frozen, **part)
-        self.clean = SupervisedSteps(model, fwd, restricted, self.restricted_gather, BatchStream(
-            len(restricted), config.bs, seed=config.seed + 5), adam(config.beta * config.lr), sam_rho=config.sam_rho,
-            **part)
+        self.ntr = SupervisedSteps(model, fwd, ntr_data, ntr_gather, stream(ntr_data, 4), adam(config.beta * config.lr),
+                                   sam_rho=config.sam_rho, frozen=self.neurotoxin.frozen, **part)
+        self.clean = SupervisedSteps(model, fwd, restricted, self.restricted_gather, stream(restricted, 5),
+                                     adam(config.beta * config.lr), sam_rho=config.sam_rho, **part)
 
     def step(self):
         """One outer loop; one host sync, for the losses (and one per FTS step for the learned lr's slopes)."""
@@ -176,7 +176,8 @@ class Sophon:
 def outer_adam(model, precision, lr_scale):
     """lr -> an outer Adam over the model (fused on CUDA); parameters named in `lr_scale` ({name: factor})
     step at lr * factor, one group per factor."""
-    fast = launch_options(torch.optim.Adam, precision.device, precision.compile) if precision.device.type == "cuda" else {}
+    cuda = precision.device.type == "cuda"
+    fast = launch_options(torch.optim.Adam, precision.device, precision.compile) if cuda else {}
 
     def make(lr):
         return torch.optim.Adam(outer_param_groups(model, lr, lr_scale), **fast)

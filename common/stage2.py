@@ -1,9 +1,10 @@
 """The stage-2 runner shared by SOPHON and the irreversible backdoor: everything around the algorithm.
 
-The maths is the method's (`--method`, common.methods; SOPHON's is common.sophon.Sophon), one outer loop
-per `step()`. This module owns the run: the settings (`Stage2Settings`), the run folder, metrics.csv, the evaluation schedule, the accuracy floor and its rollback, the periodic
-fine-tune probes, checkpoints, interrupts and summary.json. What differs between the projects (query
-loss, NTR data, evaluations, extra columns and summary keys) comes from their `Stage2Task`.
+The maths is the method's (`--method`, common.methods; SOPHON's is common.sophon.Sophon), one outer loop per
+`step()`. This module owns the run: the settings (`Stage2Settings`), the run folder, metrics.csv, the
+evaluation schedule, the accuracy floor and its rollback, the periodic fine-tune probes, checkpoints,
+interrupts and summary.json. What differs between the projects (query loss, NTR data, evaluations, extra
+columns and summary keys) comes from their `Stage2Task`.
 """
 import argparse
 import copy
