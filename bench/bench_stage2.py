@@ -37,7 +37,8 @@ from common.data import DATA_ON_DEVICE, Domain
 from common.fts import support_query_split
 from common.losses import FTE_LOSSES, fte_query_loss
 from common.models import build_model
-from common.sophon import Sophon, SophonConfig
+from common.sophon import Sophon
+from common.stage2 import Stage2Settings
 from common.train import Precision, make_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,8 +89,8 @@ def build(args, adaptation_steps):
     orig = synthetic_domain("FashionMNIST", n, args.image_size, 1, 0)
     restricted = synthetic_domain("MNIST", n, args.image_size, 1, 1)
     orig, restricted = orig.pin_for(device), restricted.pin_for(device)
-    config = SophonConfig(bs=args.bs, adaptation_steps=adaptation_steps, fts_envs=args.fts_envs,
-                          fts_optimizers=tuple(args.fts_optimizers.split(",")))
+    config = Stage2Settings(bs=args.bs, adaptation_steps=adaptation_steps, fts_envs=args.fts_envs,
+                            fts_optimizers=tuple(args.fts_optimizers.split(",")))
     if args.project == "sophon":
         query = fte_query_loss(FTE_LOSSES["kl"], restricted, device, precision.channels_last)
         ntr = orig
@@ -162,12 +163,17 @@ def time_floor(algo, args, device, precision, loops):
 @contextlib.contextmanager
 def eager(algo):
     """The loop with its compiled forwards swapped for the plain modules (FLOP counting)."""
-    saved = algo.fts.learner_fwd, algo.model_fwd
-    algo.fts.learner_fwd, algo.model_fwd = algo.fts.learner, algo.model
+    parts = (algo.ntr, algo.clean, algo.neurotoxin)  # they share the model's compiled forward
+    saved = algo.fts.learner_fwd, [part.model_fwd for part in parts]
+    algo.fts.learner_fwd = algo.fts.learner
+    for part in parts:
+        part.model_fwd = algo.model
     try:
         yield algo
     finally:
-        algo.fts.learner_fwd, algo.model_fwd = saved
+        algo.fts.learner_fwd = saved[0]
+        for part, fwd in zip(parts, saved[1]):
+            part.model_fwd = fwd
 
 
 def flops_per_loop(algo):

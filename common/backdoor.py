@@ -5,14 +5,15 @@ stamped on the un-normalised image after every geometric transform and before no
 stamped the normalised tensor and normalised again: a global corruption, not a patch). ASR, untargeted
 ASR and RA count only test images whose true class is not the target.
 """
-import argparse
 import functools
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from common.cli import UsageError, fraction, nonneg_int, pos_int
+from common.settings import Settings, defaults_of, parent_parser, setting
 from common.train import predict
 
 POISON_SEED = 20240520  # fixed: the same samples are poisoned in every run
@@ -79,13 +80,17 @@ def target_query_loss(domain, size, target, device, channels_last):
     return loss
 
 
-def trigger_flags(*, poison_percent=None, target_label=None, trigger_size=None):
-    """Trigger flags; None defaults mean 'from the parent checkpoint' (stages 2 and 3)."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--poison_percent", type=fraction, default=poison_percent, help="share of training samples poisoned")
-    p.add_argument("--target_label", type=nonneg_int, default=target_label)
-    p.add_argument("--trigger_size", type=pos_int, default=trigger_size, help="side of the white square (px)")
-    return p
+@dataclass
+class TriggerSettings(Settings):
+    """The trigger; None means 'from the parent checkpoint' (stages 2 and 3)."""
+    poison_percent: Optional[float] = setting(None, "share of training samples poisoned", type=fraction)
+    target_label: Optional[int] = setting(None, type=nonneg_int)
+    trigger_size: Optional[int] = setting(None, "side of the white square (px)", type=pos_int)
+
+
+def trigger_flags(**defaults):
+    """The trigger flags as an argparse parent, for scripts not yet written as one settings class."""
+    return parent_parser(TriggerSettings, defaults_of(TriggerSettings, **defaults))
 
 
 def stage2_summary_keys(final_orig, final_finetune):

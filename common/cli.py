@@ -2,21 +2,22 @@
 
 Every refusal is one stderr line ``<script>: error: <message>`` with exit code 2 and no traceback
 (SPEC §7); `run` turns `UsageError` (and its subclasses raised by data/checkpoint code) into that.
-Flag families are argparse parents, so a flag means the same thing in every script.
+Flag families are settings groups (common.settings), so a flag means the same thing in every script.
 """
 import argparse
-import copy
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+# Parser, UsageError, build_parser and given_flags live in common.settings; many modules take them from here
+from common.settings import (Parser, Settings, UsageError, build_parser, defaults_of,  # noqa: F401
+                             given_flags, parent_parser, setting)
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "caformer")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-class UsageError(Exception):
-    """A bad input the user can fix: reported in one line, exit code 2."""
 
 
 def script_name():
@@ -31,13 +32,6 @@ def run(main):
         print(f"{script_name()}: error: {err}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse without the usage dump: errors become UsageError (one line, exit 2)."""
-
-    def error(self, message):
-        raise UsageError(message)
 
 
 # ---- value types: each rejects with a message that names the problem --------------------------
@@ -112,6 +106,7 @@ def comma_list(item_type, choices=None):
         return items
 
     parse.__name__ = f"comma list of {getattr(item_type, '__name__', 'items')}"
+    parse.choices = choices  # listed in the generated help
     return parse
 
 
@@ -134,88 +129,63 @@ def default_data_root():
 
 # ---- flag families -----------------------------------------------------------------------------
 
+@dataclass
+class CommonSettings(Settings):
+    """Flags every script has. arch, orig_dataset and image_size None (stages 2-3): from the parent checkpoint."""
+    arch: Optional[str] = setting(None, choices=ARCHS)
+    data_root: Path = setting(help="dataset root (env SOPHON_DATA_ROOT, else datasets/ in the repo)", type=Path,
+                              factory=default_data_root)
+    orig_dataset: Optional[str] = setting(None, "original domain (the task the model keeps)")
+    image_size: Optional[int] = setting(None, "resize every domain to N x N (CPU-scale runs use 32)", type=pos_int)
+    subset: Optional[int] = setting(None, "cap training samples per domain", type=pos_int)
+    test_subset: Optional[int] = setting(None, "cap test samples per domain", type=pos_int)
+    bs: int = setting(64, "batch size", type=batch_size)
+    seed: int = setting(0, type=nonneg_int)
+    device: str = setting("auto", choices=DEVICES)
+    num_workers: int = setting(0, "JPEG decoding workers", type=nonneg_int)
+    out_dir: Optional[Path] = setting(None, "run folder (default runs/<project>/<stage>/<time>_<arch>_<dataset>)",
+                                      type=Path)
+    download: bool = setting(False, "let torchvision download missing datasets", action="store_true")
+    resume: Optional[Path] = setting(None, "continue that run in place", type=Path, metavar="RUN_DIR")
+    cache_dir: Optional[Path] = setting(None, "keep decoded, resized datasets here so later runs skip decoding",
+                                        type=Path)
+
+
+@dataclass
+class RestrictedSettings(Settings):
+    dataset: Optional[str] = setting(None, "restricted domain (the task fine-tuning must not learn); --datasets is "
+                                           "the seed's spelling, kept for compatibility", aliases=("datasets",))
+
+
+@dataclass
+class SpeedSettings(Settings):
+    amp: str = setting("auto", "bf16 autocast on CUDA when supported (never on CPU)", choices=("auto", "off"))
+    channels_last: bool = setting(False, "channels_last memory format on CUDA (not applied with --compile: inductor "
+                                         "picks the layout)", action="store_true")
+    compile: bool = setting(False, "torch.compile (inductor) the model's forward and backward on CUDA, one graph per "
+                                   "batch shape, compiled on first use; ignored on CPU (no faster there, and over a "
+                                   "minute to compile on two cores); on an H200 slower than eager --channels_last for "
+                                   "resnet18 (README)", action="store_true")
+
+
+@dataclass
+class PresetSettings(Settings):
+    """--preset NAME: a named set of flag values (common.settings.parse fills in the script's presets). The
+    preset only changes defaults, so every flag given on the command line, before or after it, still wins."""
+    preset: Optional[str] = setting(None, "named configuration")
+
+
+# Argparse parents for the scripts not yet written as one settings class (stage 3).
+
 def common_flags(*, arch, orig_dataset, bs, seed, image_size=None, inherit=False):
-    """Flags every script has. With inherit=True (stages 2-3) arch/orig_dataset/image_size default
-    to None, meaning 'from the parent checkpoint'."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--arch", choices=ARCHS, default=None if inherit else arch)
-    p.add_argument("--data_root", type=Path, default=default_data_root(),
-                   help="dataset root (env SOPHON_DATA_ROOT, else datasets/ in the repo)")
-    p.add_argument("--orig_dataset", default=None if inherit else orig_dataset,
-                   help="original domain (the task the model keeps)")
-    p.add_argument("--image_size", type=pos_int, default=None if inherit else image_size,
-                   help="resize every domain to N x N (CPU-scale runs use 32)")
-    p.add_argument("--subset", type=pos_int, default=None, help="cap training samples per domain")
-    p.add_argument("--test_subset", type=pos_int, default=None, help="cap test samples per domain")
-    p.add_argument("--bs", type=batch_size, default=bs, help="batch size")
-    p.add_argument("--seed", type=nonneg_int, default=seed)
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--num_workers", type=nonneg_int, default=0, help="JPEG decoding workers")
-    p.add_argument("--out_dir", type=Path, default=None, help="run folder (default runs/<project>/<stage>/<time>_<arch>_<dataset>)")
-    p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
-    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue that run in place")
-    p.add_argument("--cache_dir", type=Path, default=None,
-                   help="keep decoded, resized datasets here so later runs skip decoding")
-    return p
+    """With inherit=True (stages 2-3) arch/orig_dataset/image_size default to None: from the parent checkpoint."""
+    given = {} if inherit else dict(arch=arch, orig_dataset=orig_dataset, image_size=image_size)
+    return parent_parser(CommonSettings, defaults_of(CommonSettings, bs=bs, seed=seed, **given))
 
 
 def restricted_flag(default=None):
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--dataset", "--datasets", dest="dataset", default=default,
-                   help="restricted domain (the task fine-tuning must not learn); --datasets is the seed's "
-                        "spelling, kept for compatibility")
-    return p
+    return parent_parser(RestrictedSettings, {"dataset": default})
 
 
 def speed_flags():
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--amp", choices=("auto", "off"), default="auto",
-                   help="bf16 autocast on CUDA when supported (never on CPU)")
-    p.add_argument("--channels_last", action="store_true",
-                   help="channels_last memory format on CUDA (not applied with --compile: inductor picks the layout)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile (inductor) the model's forward and backward on CUDA, one graph per batch shape, "
-                        "compiled on first use; ignored on CPU (no faster there, and over a minute to compile on two "
-                        "cores); on an H200 slower than eager --channels_last for resnet18 (README)")
-    return p
-
-
-def preset_flag(presets):
-    """--preset NAME: a named set of flag values (flag -> value as typed on the command line). The preset
-    only changes defaults, so every flag given on the command line, before or after it, still wins."""
-    p = argparse.ArgumentParser(add_help=False)
-    listing = "; ".join(f"{name}: " + " ".join(f"--{k} {v}" for k, v in values.items()) for name, values in presets.items())
-    p.add_argument("--preset", choices=tuple(presets), default=None, help=f"named configuration ({listing})")
-    return p
-
-
-def parse_with_presets(parser, argv, presets, supersedes=None):
-    """parser.parse_args(argv) with the chosen preset's values as defaults. `supersedes` maps a flag to the
-    flags it takes the place of (--fts_lrs to --fts_lr_range): typed on the command line, it drops the
-    preset's values for those, so the flag typed is the one that runs; typing both is refused."""
-    args = parser.parse_args(argv)  # refuses bad input and answers --help before the probe below re-parses
-    typed = given_flags(parser, argv)
-    replaced = {name: flag for flag in typed for name in (supersedes or {}).get(flag, ())}
-    for name, flag in replaced.items():
-        if name in typed:
-            parser.error(f"--{flag} takes the place of --{name}; give one of them")
-    if args.preset in presets:
-        parser.set_defaults(**{k: v for k, v in presets[args.preset].items() if k not in replaced})
-        args = parser.parse_args(argv)
-    return args
-
-
-def given_flags(parser, argv=None):
-    """Dest names of the flags present in argv: argv re-parsed with every default suppressed, so aliases and
-    --flag=value forms count."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    probe = copy.deepcopy(parser)
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(probe.parse_args(argv)))
-
-
-def build_parser(doc, parents):
-    # no abbreviations: --resume compares the flags given with the run's config, by their full names
-    return Parser(description=(doc or "").strip().splitlines()[0], parents=parents, allow_abbrev=False,
-                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return parent_parser(SpeedSettings, defaults_of(SpeedSettings))

@@ -28,19 +28,21 @@ STEP_WEIGHTS = ("uniform", "exp")
 EXP_STEP_RATE = 3.0  # exp step weights: the last queried step weighs e^3 (about 20) times the first
 
 
-def query_weights(steps, every=1, kind="uniform"):
-    """Weight of the query loss after each of an episode's `steps` inner steps, summing to 1.
+def query_weights(adaptation_steps, every=1, kind="uniform"):
+    """Weight of the query loss after each of an episode's `adaptation_steps` inner steps, summing to 1.
 
     The query is taken after every `every`-th step and after the last (the adapted weights the attacker ends
     with always count); the other steps get weight 0 and skip the query pass. uniform: equal weights.
-    exp: weight proportional to exp(EXP_STEP_RATE * k / steps) at step k (1-based), so that the loss late in
-    the simulated fine-tuning, where a real attacker goes on, dominates (TAR, Tamirisa et al. ICLR'25)."""
+    exp: weight proportional to exp(EXP_STEP_RATE * k / adaptation_steps) at step k (1-based), so that the
+    loss late in the simulated fine-tuning, where a real attacker goes on, dominates (TAR, Tamirisa et al.
+    ICLR'25)."""
     if kind not in STEP_WEIGHTS:
         raise ValueError(f"unknown step weights {kind!r} (choose from {', '.join(STEP_WEIGHTS)})")
-    queried = [k for k in range(1, steps + 1) if k % every == 0 or k == steps]
-    raw = {k: (1.0 if kind == "uniform" else math.exp(EXP_STEP_RATE * k / steps)) for k in queried}
+    inner = range(1, adaptation_steps + 1)
+    queried = [k for k in inner if k % every == 0 or k == adaptation_steps]
+    raw = {k: (1.0 if kind == "uniform" else math.exp(EXP_STEP_RATE * k / adaptation_steps)) for k in queried}
     total = sum(raw.values())
-    return [raw.get(k, 0.0) / total for k in range(1, steps + 1)]
+    return [raw.get(k, 0.0) / total for k in inner]
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,17 @@ class FineTuner:
     lr_learned: bool = False  # lr is the sampler's learned one (FineTunerSampler.adapt steps it after the episode)
 
 
+def check_lr_options(lr_range, lr_adapt, learned_share):
+    """The rules tying the sampler's lr options together, worded as the stage-2 flags that set them (the
+    settings raise these as usage errors)."""
+    if lr_adapt and not lr_range:
+        raise ValueError("--fts_lr_adapt learns the lr inside --fts_lr_range LO,HI; give that range too")
+    if not 0 < learned_share <= 1:
+        raise ValueError(f"--fts_lr_learned_share must be in (0, 1], got {learned_share}")
+    if learned_share != 1 and not lr_adapt:
+        raise ValueError("--fts_lr_learned_share is the share of episodes at the learned lr; give --fts_lr_adapt too")
+
+
 class FineTunerSampler:
     """Draws one simulated fine-tuner per episode, uniformly over every configured combination.
 
@@ -64,15 +77,12 @@ class FineTunerSampler:
     Henderson et al. AIES'23: the simulated attacker tunes its own lr): it starts at the range's geometric
     middle, and after each episode `adapt` moves its log by `lr_adapt` against the sign of d(attacker's
     loss)/d(log lr), within the range. The sign makes the step scale-free, as the optimisers' lrs differ by
-    orders of magnitude. `learned_share` < 1 mixes the two: that share of the episodes uses the learned lr,
-    the others draw theirs from the range, so the attackers who fine-tune at other lrs are still simulated."""
+    orders of magnitude. `learned_share` < 1 mixes the two: that share of the episodes uses the learned lr, the
+    others draw theirs from the range, so the attackers who fine-tune at other lrs are still simulated."""
 
     def __init__(self, optimizers, lrs, heads, scopes, seed, schedules=("constant",), lr_range=None, lr_adapt=0.0,
                  learned_share=1.0):
-        if lr_adapt and not lr_range:
-            raise ValueError("an adapted lr needs lr_range, the interval it moves in")
-        if not 0 < learned_share <= 1:
-            raise ValueError(f"learned_share must be in (0, 1], got {learned_share}")
+        check_lr_options(lr_range, lr_adapt, learned_share)
         lrs = [None] if lr_range else lrs
         self.choices = [FineTuner(o, lr if lr is None else float(lr), h, s, sch) for o, lr, h, s, sch
                         in itertools.product(optimizers, lrs, heads, scopes, schedules)]
@@ -165,7 +175,8 @@ class FTS:
         w_k * dQuery_k/dW to model grads (which must exist) after inner step k. `weights`: one float for every
         step, or one per step (query_weights), where 0 skips that step's query pass. `gen` draws the episode's
         randomness (a new head, then the support/query splits). Returns sum_k w_k Query_k, the loss whose
-        gradient was added, as a 0-d tensor (no host sync)."""
+        gradient was added, as a 0-d tensor (no host sync), and the episode's origin for `lr_slope`: each trained
+        learner parameter with the weights it started from."""
         learner = self.learner
         with torch.no_grad():
             for dst, src in zip(learner.parameters(), model.parameters()):
@@ -176,8 +187,8 @@ class FTS:
             reinit_head(learner, gen)
         trainable, bn_eval = scope_params(learner, finetuner.scope)
         trained = {id(p) for p in trainable}
-        self.origin = [(lp, lp.detach().clone() if finetuner.head == "reinit" and name in self.head_names else mp)
-                       for (name, lp), mp in zip(learner.named_parameters(), model.parameters()) if id(lp) in trained]
+        origin = [(lp, lp.detach().clone() if finetuner.head == "reinit" and name in self.head_names else mp)
+                  for (name, lp), mp in zip(learner.named_parameters(), model.parameters()) if id(lp) in trained]
         device = next(model.parameters()).device
         inner = make_optimizer(finetuner.optimizer, trainable, finetuner.lr, device=device,
                                compiled=self.precision.compile)
@@ -190,11 +201,11 @@ class FTS:
         model_grads = [mp.grad for _, mp in pairs]
         total = torch.zeros((), device=device)
         steps = batches.split(gen) if isinstance(batches, IndexedBatches) else _split_pairs(batches, gen)
-        n_steps = len(batches.indices) if isinstance(batches, IndexedBatches) else len(batches)
-        per_step = [float(weights)] * n_steps if isinstance(weights, (int, float)) else list(weights)
-        if len(per_step) != n_steps:
-            raise ValueError(f"{len(per_step)} step weights for {n_steps} inner steps")
-        lr_factor = schedule_factor(finetuner.schedule, n_steps)
+        adaptation_steps = len(batches.indices) if isinstance(batches, IndexedBatches) else len(batches)
+        per_step = [float(weights)] * adaptation_steps if isinstance(weights, (int, float)) else list(weights)
+        if len(per_step) != adaptation_steps:
+            raise ValueError(f"{len(per_step)} step weights for {adaptation_steps} inner steps")
+        lr_factor = schedule_factor(finetuner.schedule, adaptation_steps)
         for k, (x_support, y_support, x_query, y_query) in enumerate(steps):
             xs = self.to_input(x_support)
             ys = y_support.to(device, non_blocking=True)
@@ -215,15 +226,15 @@ class FTS:
             total += q_loss.detach() * per_step[k]
         for p in trainable:
             p.grad = None
-        return total
+        return total, origin
 
-    def lr_slope(self, x, y):
-        """d CE(adapted weights on (x, y)) / d log(lr) for the episode just run, to first order: the episode
-        moved the trained weights by D = W_K - W_0, which scales with the lr (exactly so for one SGD step), so
-        dW_K/d log(lr) ~ D and the slope is grad CE(W_K) . D. Negative: a larger lr would have served the
-        attacker better. The model's weights must still be those the episode started from."""
-        params = [p for p, _ in self.origin]
+    def lr_slope(self, origin, x, y):
+        """d CE(adapted weights on (x, y)) / d log(lr) for the episode just run, from its `origin`, to first
+        order: the episode moved the trained weights by D = W_K - W_0, which scales with the lr (exactly so for
+        one SGD step), so dW_K/d log(lr) ~ D and the slope is grad CE(W_K) . D. Negative: a larger lr would have
+        served the attacker better. The model's weights must still be those the episode started from."""
+        params = [p for p, _ in origin]
         with self.precision.autocast():
             loss = F.cross_entropy(self.learner_fwd(self.to_input(x)).float(), y.to(params[0].device))
         grads = torch.autograd.grad(loss, params)
-        return sum((g * (p.detach() - start)).sum() for g, (p, start) in zip(grads, self.origin))
+        return sum((g * (p.detach() - start)).sum() for g, (p, start) in zip(grads, origin))

@@ -1,4 +1,4 @@
-"""SOPHON's stage 2 as an algorithm: one outer loop of FTS and NTR per `step()`, and nothing else.
+"""SOPHON's stage 2 as a method (common.methods): one outer loop of FTS and NTR per `step()`.
 
 Deng et al., IEEE S&P 2024, Algorithm 1 (classification), first-order. One outer loop:
 
@@ -11,160 +11,99 @@ Deng et al., IEEE S&P 2024, Algorithm 1 (classification), first-order. One outer
       `fts_lr_learned_share` of the episodes, the others' drawn from `fts_lr_range`.
   NTR (`ntr_loop` times): cross-entropy on an original-domain batch, a separate Adam at beta * lr.
 
-Two optional parts, written for the irreversible backdoor (both off by default):
-  clean (`clean_loop` times): cross-entropy on a clean restricted-domain batch through the model's own head,
-      a third Adam at beta * lr: SBL's second task (Pham et al., ECCV'24), continual learning on clean data,
-      NTR's poisoned original-domain batches being the replay that keeps task one. The model moves into the
-      region clean fine-tuning would take it to, with the backdoor kept, so a defender's fine-tuning has
-      little left to change. With `sam_rho` > 0 the NTR and clean steps are sharpness-aware (SAM).
-  mask (`mask_share` > 0): Neurotoxin (Zhang et al., ICML'22). Every `mask_every` loops, the share of
-      coordinates with the largest clean restricted-domain gradient (summed over MASK_BATCHES batches) is
-      frozen for the FTS and NTR updates, so the backdoor is written where clean fine-tuning moves the weights
-      least.
-
-The irreversible backdoor is this loop with another query loss and poisoned NTR data. The object touches
-no file: evaluation, the accuracy floor, checkpoints and metrics belong to the runner (common/stage2.py).
+The irreversible backdoor is this loop with another query loss and poisoned NTR data, and its persistence
+parts (common.persistence, inert at their defaults): Neurotoxin's mask around the FTS and NTR updates
+(`mask_share`), SBL's clean steps after NTR (`clean_loop`, NTR their replay), SAM in both (`sam_rho`). The
+object touches no file: evaluation, the accuracy floor, checkpoints and metrics belong to the runner
+(common/stage2.py).
 """
-import contextlib
 import copy
-from dataclasses import dataclass, fields
-from typing import Optional
+import logging
 
 import torch
-import torch.nn.functional as F
 
 from common import dist
 from common.data import BatchStream, Gather, resolve_data_on_device
 from common.fts import FTS, FineTunerSampler, IndexedBatches, query_weights
-from common.train import bn_stats_kept, launch_options, sam_step
+from common.models import batchnorm_fed_layers
+from common.persistence import NeurotoxinMask, SupervisedSteps
+from common.train import launch_options
 
-MASK_BATCHES = 8  # clean restricted-domain batches whose summed gradient ranks the coordinates for the mask
-
-
-def outer_param_groups(model, lr, lr_scale):
-    """An outer optimiser's parameter groups: every parameter at `lr`, but those named in `lr_scale`
-    ({name: factor}) at lr * factor, one group per factor."""
-    unknown = set(lr_scale) - {name for name, _ in model.named_parameters()}
-    if unknown:
-        raise ValueError(f"lr_scale names no parameter of the model: {', '.join(sorted(unknown))}")
-    groups = {}
-    for name, p in model.named_parameters():
-        groups.setdefault(lr_scale.get(name, 1.0), []).append(p)
-    return [{"params": params, "lr": lr * factor} for factor, params in groups.items()]
-
-
-@dataclass(frozen=True)
-class SophonConfig:
-    alpha: float = 3.0  # FTS step = alpha * lr
-    beta: float = 5.0  # NTR step = beta * lr
-    lr: float = 1e-4
-    bs: int = 150  # restricted batch (support + query) and NTR batch
-    fts_loop: int = 1
-    ntr_loop: int = 1
-    adaptation_steps: int = 50  # inner steps per simulated fine-tuning
-    fts_envs: int = 1  # simulated fine-tuners per FTS step, gradients averaged
-    fts_clip: float = 0.5  # max norm of the FTS gradient (the official code's value)
-    fts_optimizers: tuple = ("sgd",)
-    fts_lrs: tuple = (1e-4,)
-    fts_head: tuple = ("reinit",)
-    fts_scope: tuple = ("all",)
-    fts_schedules: tuple = ("constant",)  # lr schedule inside an episode, sampled per episode
-    fts_lr_range: Optional[tuple] = None  # (lo, hi): lr drawn log-uniformly per episode instead of fts_lrs
-    fts_lr_adapt: float = 0.0  # > 0: the lr is learned by the simulated attacker instead (MLAC), this step in log lr
-    fts_lr_learned_share: float = 1.0  # share of the episodes at the learned lr; the others draw it from the range
-    fts_query_every: int = 1  # query loss after every N-th inner step (and the last)
-    fts_step_weights: str = "uniform"  # uniform | exp (later steps weigh more)
-    clean_loop: int = 0  # SBL: clean restricted-domain steps per outer loop (head kept)
-    sam_rho: float = 0.0  # > 0: NTR and clean steps are sharpness-aware, of this radius
-    mask_share: float = 0.0  # Neurotoxin: share of coordinates frozen for FTS and NTR (largest clean gradient)
-    mask_every: int = 25  # outer loops between recomputations of the mask
-    seed: int = 0
-
-    @classmethod
-    def from_args(cls, args):
-        """From a stage-2 command line; `--fts_lrs` left out means the seed's single `--fast_lr`."""
-        values = {f.name: getattr(args, f.name) for f in fields(cls)}
-        values["fts_lrs"] = args.fts_lrs or [args.fast_lr]
-        return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()})
-
-
-@dataclass
-class StepResult:
-    fts_loss: Optional[float]  # mean query loss over the FTS steps of the loop; None when fts_loop is 0
-    ntr_loss: Optional[float]  # None when ntr_loop is 0
-    finetuners: list  # the simulated fine-tuners sampled in this loop, in order
-    clean_loss: Optional[float] = None  # None when clean_loop is 0
+log = logging.getLogger("sophon")
 
 
 class Sophon:
-    """The model, its two optimisers, the FTS inner loop, the fine-tuner sampler and the batch streams.
+    """The model, its optimisers, the FTS inner loop, the fine-tuner sampler and the batch streams.
 
     Under torchrun (`world`) the `fts_envs` environments of an FTS step are dealt to the ranks. Every rank
     draws every environment's fine-tuner, batches and random seed, in the same order, and runs its own:
     environment e is the same episode whichever rank runs it, so the result does not depend on the world
     size. The FTS gradient is summed over the ranks before the clip; NTR is one step on the same batch on
-    every rank, its gradient averaged and the BatchNorm statistics taken from rank 0, so the ranks stay
-    identical.
+    every rank (common.persistence.SupervisedSteps), so the ranks stay identical.
 
-    `data_on_device` ('auto', 'on', 'off'; common.data.resolve_data_on_device): the restricted and NTR images
-    live on the device and batches are gathered there. The indices are drawn on the host either way (the
-    streams' generators are what a resume restores and what makes environment e the same on every rank),
-    so both placements see exactly the same batches.
-
-    `lr_scale` ({parameter name: factor}): the outer optimisers step those parameters at factor x their lr
-    (stage 2's `--rescale_outer_lr`: a layer rescaled by F then moves as much, relatively, as at scale 1).
+    `config`: the stage-2 settings (common.stage2.Stage2Settings). `data_on_device` ('auto', 'on', 'off';
+    common.data.resolve_data_on_device): the training images live on the device and batches are gathered
+    there; the indices are drawn on the host either way, so both placements see exactly the same batches.
+    `lr_scale` ({parameter name: factor}): the outer optimisers step those parameters at factor x their lr.
     """
 
-    OPTIMIZERS = ("fts_opt", "ntr_opt", "clean_opt")
-    STREAMS = ("restricted_stream", "ntr_stream", "clean_stream", "mask_stream")
+    losses = ("fts_loss", "ntr_loss", "clean_loss")  # step()'s floats, in metrics.csv's order
+    labels = ("fts_optimizer", "fts_lr", "fts_head", "fts_scope", "fts_schedule")  # its strings: what it drew
+
+    @classmethod
+    def build(cls, settings, model, task, precision):
+        algo = cls(model, task.query_loss, task.restricted_train, task.ntr_train, settings, precision,
+                   data_on_device=settings.data_on_device, lr_scale=outer_lr_scale(model, settings))
+        log.info("training data on the %s", "device" if algo.data_on_device else "host")
+        return algo
 
     def __init__(self, model, query_loss, restricted, ntr_data, config, precision, world=None, data_on_device="auto",
                  lr_scale=None):
-        self.model, self.config, self.precision = model, config, precision
-        self.restricted, self.ntr_data = restricted, ntr_data
+        self.model, self.config, self.precision, self.restricted = model, config, precision, restricted
+        self.finetuners = []  # the simulated fine-tuners of the last step, in order
         self.world = world or dist.world()
         self.data_on_device = resolve_data_on_device(data_on_device, [restricted, ntr_data], precision.device)
         self.restricted_gather = Gather(restricted, precision.device, self.data_on_device)
-        self.ntr_gather = (self.restricted_gather if ntr_data is restricted
-                           else Gather(ntr_data, precision.device, self.data_on_device))
-        cuda = precision.device.type == "cuda"
-        fast = launch_options(torch.optim.Adam, precision.device, precision.compile) if cuda else {}
-        groups = lambda lr: outer_param_groups(model, lr, lr_scale or {})
-        self.fts_opt = torch.optim.Adam(groups(config.alpha * config.lr), **fast)
-        self.ntr_opt = torch.optim.Adam(groups(config.beta * config.lr), **fast)
-        self.clean_opt = torch.optim.Adam(groups(config.beta * config.lr), **fast)
+        ntr_gather = (self.restricted_gather if ntr_data is restricted
+                      else Gather(ntr_data, precision.device, self.data_on_device))
+        adam = outer_adam(model, precision, lr_scale or {})
+        self.fts_opt = adam(config.alpha * config.lr)
         to_input = lambda x: restricted.to_input(x, precision.device, None, precision.channels_last)
         self.fts = FTS(model, query_loss, to_input, precision)
         self.episode_gen = torch.Generator().manual_seed(config.seed + 1)  # one seed per episode
-        self.sampler = FineTunerSampler(config.fts_optimizers, config.fts_lrs, config.fts_head, config.fts_scope,
-                                        seed=config.seed + 2, schedules=config.fts_schedules,
+        self.sampler = FineTunerSampler(config.fts_optimizers, config.simulated_lrs, config.fts_head,
+                                        config.fts_scope, seed=config.seed + 2, schedules=config.fts_schedules,
                                         lr_range=config.fts_lr_range, lr_adapt=config.fts_lr_adapt,
                                         learned_share=config.fts_lr_learned_share)
         # the FTS loss is the weighted mean over the queried inner steps and the environments
         self.step_weights = [w / config.fts_envs for w in query_weights(
             config.adaptation_steps, config.fts_query_every, config.fts_step_weights)]
-        self.restricted_stream = BatchStream(len(restricted), config.bs, seed=config.seed + 3)
-        self.ntr_stream = BatchStream(len(ntr_data), config.bs, seed=config.seed + 4)
-        self.clean_stream = BatchStream(len(restricted), config.bs, seed=config.seed + 5)
-        self.mask_stream = BatchStream(len(restricted), config.bs, seed=config.seed + 6)
-        self.mask, self.steps = None, 0  # mask: per parameter, True where the coordinate is frozen
-        self.model_fwd = precision.maybe_compile(model)
+        stream = lambda domain, offset: BatchStream(len(domain), config.bs, seed=config.seed + offset)
+        self.restricted_stream = stream(restricted, 3)
+        # NTR, and the irreversible backdoor's persistence parts (common.persistence; inert at their defaults):
+        # Neurotoxin's mask around the FTS and NTR updates, SBL's clean steps after NTR, SAM in both
+        fwd, part = precision.maybe_compile(model), dict(precision=precision, world=self.world)
+        self.neurotoxin = NeurotoxinMask(model, fwd, restricted, self.restricted_gather, stream(restricted, 6),
+                                         share=config.mask_share, every=config.mask_every, **part)
+        self.ntr = SupervisedSteps(model, fwd, ntr_data, ntr_gather, stream(ntr_data, 4), adam(config.beta * config.lr),
+                                   sam_rho=config.sam_rho, frozen=self.neurotoxin.frozen, **part)
+        self.clean = SupervisedSteps(model, fwd, restricted, self.restricted_gather, stream(restricted, 5),
+                                     adam(config.beta * config.lr), sam_rho=config.sam_rho, **part)
 
     def step(self):
         """One outer loop; one host sync, for the losses (and one per FTS step for the learned lr's slopes)."""
         c = self.config
         self.model.train()
-        if c.mask_share and self.steps % c.mask_every == 0:
-            self.mask = self.clean_gradient_mask()
-        self.steps += 1
+        self.neurotoxin.update()
         fts = [self.fts_step() for _ in range(c.fts_loop)]
-        ntr_losses = [self.supervised_step(self.ntr_data, self.ntr_gather, self.ntr_stream, self.ntr_opt, masked=True)
-                      for _ in range(c.ntr_loop)]
-        clean_losses = [self.supervised_step(self.restricted, self.restricted_gather, self.clean_stream,
-                                             self.clean_opt, masked=False) for _ in range(c.clean_loop)]
+        ntr = [self.ntr.step() for _ in range(c.ntr_loop)]
+        clean = [self.clean.step() for _ in range(c.clean_loop)]
         mean = lambda losses: torch.stack(losses).mean().item() if losses else None
-        return StepResult(mean([loss for loss, _ in fts]), mean(ntr_losses),
-                          [t for _, finetuners in fts for t in finetuners], mean(clean_losses))
+        self.finetuners = tuners = [t for _, finetuners in fts for t in finetuners]
+        return {"fts_loss": mean([loss for loss, _ in fts]), "ntr_loss": mean(ntr), "clean_loss": mean(clean),
+                "fts_optimizer": ";".join(t.optimizer for t in tuners), "fts_lr": ";".join(f"{t.lr:g}" for t in tuners),
+                "fts_head": ";".join(t.head for t in tuners), "fts_scope": ";".join(t.scope for t in tuners),
+                "fts_schedule": ";".join(t.schedule for t in tuners)}
 
     def fts_step(self):
         """Returns (the FTS loss as a 0-d tensor, the fine-tuners sampled)."""
@@ -182,105 +121,87 @@ class Sophon:
             if env % self.world.size == self.world.rank:
                 batches = IndexedBatches(indices, self.restricted_gather)
                 gen = torch.Generator().manual_seed(seed)
-                loss += self.fts.episode(self.model, batches, finetuner, self.step_weights, gen)
+                episode_loss, origin = self.fts.episode(self.model, batches, finetuner, self.step_weights, gen)
+                loss += episode_loss
                 if finetuner.lr_learned:  # probe: a batch the episode did not train on, the attacker's held-out loss
-                    slopes[env] = self.fts.lr_slope(*self.restricted_gather(self.restricted_gather.indices(probe)))
+                    probe_batch = self.restricted_gather(self.restricted_gather.indices(probe))
+                    slopes[env] = self.fts.lr_slope(origin, *probe_batch)
         self.world.sum_([p.grad for p in params] + [loss.view(1)] + ([slopes] if c.fts_lr_adapt else []))
         torch.nn.utils.clip_grad_norm_(params, c.fts_clip)
-        with self.masked():
+        with self.neurotoxin.frozen():
             self.fts_opt.step()
         if c.fts_lr_adapt:
             for (finetuner, *_), slope in zip(plan, slopes.tolist()):
                 self.sampler.adapt(finetuner, slope)
         return loss, [finetuner for finetuner, *_ in plan]
 
-    def supervised_step(self, domain, gather, stream, optimizer, masked):
-        """Cross-entropy on one batch of `domain` (NTR, or SBL's clean step), plain or sharpness-aware. The
-        same step on every rank: gradients averaged, BatchNorm statistics from rank 0, so the ranks stay
-        identical where kernels are not bit-exact."""
-        x, y = gather(gather.indices(stream.next()))
-        x = domain.to_input(x, self.precision.device, None, self.precision.channels_last)
-        y = y.to(self.precision.device, non_blocking=True)
-        sync = self.average_ if self.world.distributed else None
-        with self.masked() if masked else contextlib.nullcontext():
-            if self.config.sam_rho:
-                loss, _ = sam_step(self.model_fwd, x, y, optimizer, self.precision, self.config.sam_rho, sync=sync)
-            else:
-                with self.precision.autocast():
-                    loss = F.cross_entropy(self.model_fwd(x).float(), y)
-                optimizer.zero_grad(set_to_none=False)
-                loss.backward()
-                if sync:
-                    sync([p.grad for p in self.model.parameters()])
-                optimizer.step()
-        self.world.broadcast_(list(self.model.buffers()))
-        return loss.detach()
+    # ---- state (last.pt's keys as before the parts: a run saved then resumes) ------------------------
 
-    def average_(self, grads):
-        self.world.sum_(grads)
-        torch._foreach_div_(grads, self.world.size)
+    def _optimizers(self):
+        return {"fts_opt": self.fts_opt, "ntr_opt": self.ntr.optimizer, "clean_opt": self.clean.optimizer}
 
-    @contextlib.contextmanager
-    def masked(self):
-        """Neurotoxin: the optimiser step inside leaves the frozen coordinates (self.mask) where they were."""
-        if self.mask is None:
-            yield
-            return
-        params = list(self.model.parameters())
-        before = [p.detach().clone() for p in params]
-        yield
-        with torch.no_grad():
-            for p, old, frozen in zip(params, before, self.mask):
-                p.copy_(torch.where(frozen, old, p))
-
-    def clean_gradient_mask(self):
-        """True at the `mask_share` of all coordinates with the largest |summed clean gradient| (CE on
-        MASK_BATCHES restricted-domain batches through the model's head: the direction a defender's clean
-        fine-tuning starts in). Rank 0's gradient decides, so every rank freezes the same coordinates."""
-        params = list(self.model.parameters())
-        grads = [torch.zeros_like(p) for p in params]
-        gather = self.restricted_gather
-        with bn_stats_kept(self.model):
-            for _ in range(MASK_BATCHES):
-                x, y = gather(gather.indices(self.mask_stream.next()))
-                x = self.restricted.to_input(x, self.precision.device, None, self.precision.channels_last)
-                with self.precision.autocast():
-                    loss = F.cross_entropy(self.model_fwd(x).float(), y.to(self.precision.device))
-                torch._foreach_add_(grads, torch.autograd.grad(loss, params))
-        self.world.broadcast_(grads)
-        magnitude = torch.cat([g.abs().flatten() for g in grads])
-        k = max(1, round(self.config.mask_share * magnitude.numel()))
-        threshold = torch.topk(magnitude, k, sorted=False).values.min()
-        return [g.abs() >= threshold for g in grads]
-
-    # ---- state -----------------------------------------------------------------------------------
+    def _streams(self):
+        return {"restricted_stream": self.restricted_stream, "ntr_stream": self.ntr.stream,
+                "clean_stream": self.clean.stream}
 
     def snapshot(self):
-        """A copy of the trained state (weights, both optimisers). Not the data streams: a rollback to it
-        goes on with fresh batches rather than repeating the ones that led astray."""
+        """A copy of the trained state (weights, optimisers). Not the data streams: a rollback to it goes on
+        with fresh batches rather than repeating the ones that led astray."""
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                **{name: copy.deepcopy(getattr(self, name).state_dict()) for name in self.OPTIMIZERS}}
+                **{name: copy.deepcopy(opt.state_dict()) for name, opt in self._optimizers().items()}}
 
     def restore(self, snapshot):
         self.model.load_state_dict(snapshot["model"])
-        for name in self.OPTIMIZERS:
+        for name, opt in self._optimizers().items():
             if name in snapshot:  # clean_opt: not in checkpoints written before it existed
-                getattr(self, name).load_state_dict(snapshot[name])
+                opt.load_state_dict(snapshot[name])
 
     def state_dict(self):
         """Everything the next `step()` depends on (not copied: save it before stepping again)."""
         return {"model": self.model.state_dict(),
-                **{name: getattr(self, name).state_dict() for name in self.OPTIMIZERS + self.STREAMS},
+                **{name: part.state_dict() for name, part in {**self._optimizers(), **self._streams()}.items()},
                 "episode_gen": self.episode_gen.get_state(), "sampler": self.sampler.state_dict(),
-                "mask": self.mask, "steps": self.steps}
+                **self.neurotoxin.state_dict()}
 
     def load_state_dict(self, state):
         self.restore(state)
         self.episode_gen.set_state(state["episode_gen"])
         self.sampler.load_state_dict(state["sampler"])
-        for name in self.STREAMS:
+        for name, stream in self._streams().items():
             if name in state:
-                getattr(self, name).load_state_dict(state[name])
-        self.steps = int(state.get("steps", 0))
-        mask = state.get("mask")
-        self.mask = None if mask is None else [m.to(self.precision.device) for m in mask]
+                stream.load_state_dict(state[name])
+        self.neurotoxin.load_state_dict(state)
+
+
+def outer_adam(model, precision, lr_scale):
+    """lr -> an outer Adam over the model (fused on CUDA); parameters named in `lr_scale` ({name: factor})
+    step at lr * factor, one group per factor."""
+    cuda = precision.device.type == "cuda"
+    fast = launch_options(torch.optim.Adam, precision.device, precision.compile) if cuda else {}
+
+    def make(lr):
+        return torch.optim.Adam(outer_param_groups(model, lr, lr_scale), **fast)
+    return make
+
+
+def outer_param_groups(model, lr, lr_scale):
+    """An outer optimiser's parameter groups: every parameter at `lr`, but those named in `lr_scale`
+    ({name: factor}) at lr * factor, one group per factor."""
+    unknown = set(lr_scale) - {name for name, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"lr_scale names no parameter of the model: {', '.join(sorted(unknown))}")
+    groups = {}
+    for name, p in model.named_parameters():
+        groups.setdefault(lr_scale.get(name, 1.0), []).append(p)
+    return [{"params": params, "lr": lr * factor} for factor, params in groups.items()]
+
+
+def outer_lr_scale(model, settings):
+    """{parameter name: F} for the layers `--rescale F` rescaled, when `--rescale_outer_lr`; else None: stage
+    2's own optimisers then step those layers at F times their lr (a layer rescaled by F then moves as much,
+    relatively, as at scale 1)."""
+    if not settings.rescale_outer_lr:
+        return None
+    rescaled = {id(p) for layer, _ in batchnorm_fed_layers(model, settings.image_size or 224)
+                for p in layer.parameters(recurse=False)}
+    return {name: settings.rescale for name, p in model.named_parameters() if id(p) in rescaled}

@@ -2,16 +2,18 @@
 import argparse
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from common.checkpoints import init_model, make_checkpoint
-from common.cli import nonneg_float, pos_float, pos_int
+from common.cli import CommonSettings, SpeedSettings, nonneg_float, pos_float, pos_int
 from common.data import check_name, check_subset_caps, load_domain
 from common.files import atomic_save
 from common.runs import Interrupted, close_run, config_of, guarded, open_run, read_last
+from common.settings import Settings, compose, setting
 from common.train import (AccuracyEval, Precision, ce_step, progress, resolve_device, sam_step, seed_everything,
                           train_epoch)
 
@@ -103,16 +105,21 @@ def init_choice(text):
     return str(path.resolve())
 
 
-def stage1_flags(*, epochs, lr, init, save_every, sam_rho=0.0):
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--epochs", type=pos_int, default=epochs)
-    p.add_argument("--lr", type=pos_float, default=lr, help="Adam learning rate")
-    p.add_argument("--sam_rho", type=nonneg_float, default=sam_rho,
-                   help="0: plain steps; > 0: sharpness-aware steps of this radius (SAM, Foret et al. 2021; SBL, "
-                        "ECCV'24, trains its backdoor so, for a flatter, longer-lived backdoor)")
-    p.add_argument("--init", type=init_choice, default=init, metavar="imagenet|scratch|PATH",
-                   help="imagenet: torchvision/timm pretrained weights; scratch: random; PATH: a local weights file "
-                        "(torchvision/timm state_dict .pt/.pth or .safetensors): its body, and its head if the "
-                        "head's size fits the dataset")
-    p.add_argument("--save_every", type=pos_int, default=save_every, help="write last.pt every N epochs")
-    return p
+@dataclass
+class Stage1Flags(Settings):
+    epochs: int = setting(2, type=pos_int)
+    lr: float = setting(1e-3, "Adam learning rate", type=pos_float)
+    sam_rho: float = setting(0.0, "0: plain steps; > 0: sharpness-aware steps of this radius (SAM, Foret et al. "
+                                  "2021; SBL, ECCV'24, trains its backdoor so, for a flatter, longer-lived backdoor)",
+                             type=nonneg_float)
+    init: str = setting("imagenet", "imagenet: torchvision/timm pretrained weights; scratch: random; PATH: a local "
+                                    "weights file (torchvision/timm state_dict .pt/.pth or .safetensors): its body, "
+                                    "and its head if the head's size fits the dataset",
+                        type=init_choice, metavar="imagenet|scratch|PATH")
+    save_every: int = setting(1, "write last.pt every N epochs", type=pos_int)
+
+
+def stage1_settings(*groups):
+    """A stage-1 script's settings: the common flags, `groups` (e.g. the trigger), stage 1's, the speed flags."""
+    return compose("Settings", CommonSettings, *groups, Stage1Flags, SpeedSettings, arch="resnet18",
+                   orig_dataset="ImageNette", bs=64)

@@ -1,38 +1,39 @@
 """The stage-2 runner shared by SOPHON and the irreversible backdoor: everything around the algorithm.
 
-The maths is `common.sophon.Sophon` (one outer loop per `step()`). This module owns the run: flags, the
-run folder, metrics.csv, the evaluation schedule, the accuracy floor and its rollback, the periodic
-fine-tune probes, checkpoints, interrupts and summary.json. What differs between the projects (query
-loss, NTR data, evaluations, extra columns and summary keys) comes from their `Stage2Task`.
+The maths is the method's (`--method`, common.methods; SOPHON's is common.sophon.Sophon), one outer loop per
+`step()`. This module owns the run: the settings (`Stage2Settings`), the run folder, metrics.csv, the
+evaluation schedule, the accuracy floor and its rollback, the periodic fine-tune probes, checkpoints,
+interrupts and summary.json. What differs between the projects (query loss, NTR data, evaluations, extra
+columns and summary keys) comes from their `Stage2Task`.
 """
 import argparse
 import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from common.checkpoints import (foreign_record, inherit, is_foreign, load_parent, make_checkpoint,
                                 model_from_checkpoint, require_given, resolve_checkpoint)
 from common import dist
-from common.cli import UsageError, comma_list, fraction, nonneg_float, nonneg_int, pos_float, pos_int, value_range
+from common.cli import (CommonSettings, PresetSettings, RestrictedSettings, SpeedSettings, UsageError, comma_list,
+                        fraction, nonneg_float, nonneg_int, pos_float, pos_int, value_range)
 from common.data import DATA_ON_DEVICE, DEVICE_DATA_SHARE, check_name, check_subset_caps, load_domain
 from common.finetune import SCHEDULES, SCOPES, Attack, holdout, run_attack
-from common.fts import EXP_STEP_RATE, FTS_OPTIMIZERS, HEAD_POLICIES, STEP_WEIGHTS
-from common.models import batchnorm_fed_layers, rescale_batchnorm_fed
+from common.fts import EXP_STEP_RATE, FTS_OPTIMIZERS, HEAD_POLICIES, STEP_WEIGHTS, check_lr_options
+from common.methods import METHODS
+from common.models import rescale_batchnorm_fed
 from common.runs import Interrupted, close_run, config_of, guarded, open_run, read_last
-from common.sophon import Sophon, SophonConfig
+from common.settings import Settings, compose, setting
 from common.train import Precision, progress, seed_everything
 
 log = logging.getLogger("sophon")
 
-HEADER = ["loop", "fts_loss", "ntr_loss", "clean_loss", "orig_test_acc", "rolled_back",
-          "fts_optimizer", "fts_lr", "fts_head", "fts_scope", "fts_schedule", "seconds"]
 COMPAT = "the seed's spelling, kept for compatibility"
 
 
@@ -43,105 +44,124 @@ def mask_share_value(text):
     return value
 
 
-def learned_share_value(text):
-    value = pos_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], a share of the episodes, got {text}")
-    return value
-
-
 # A flag typed on the command line drops a preset's value for the flags it takes the place of
-# (common.cli.parse_with_presets): --preset robust --fts_lrs 1e-2 simulates lr 1e-2, not the preset's range.
+# (common.settings.parse_with_presets): --preset robust --fts_lrs 1e-2 simulates lr 1e-2, not the preset's range.
 SUPERSEDES = {"fts_lrs": ("fts_lr_range",), "fast_lr": ("fts_lr_range",)}
 
 
-def stage2_flags(*, model_path, alpha, beta, lr, fast_lr, fts_loop, ntr_loop, total_loop, adaptation_steps,
-                 test_interval, finetune_epochs, final_finetune_epochs, finetune_lr, min_orig_acc, max_strikes,
-                 eval_interval, save_every, fts_optimizers, fts_lrs, fts_head, fts_scope, fts_envs, fts_clip,
-                 fts_schedules="constant", fts_lr_range=None, fts_lr_adapt=0.0, fts_lr_learned_share=1.0,
-                 fts_query_every=1, fts_step_weights="uniform",
-                 clean_loop=0, sam_rho=0.0, mask_share=0.0, mask_every=25, restricted_holdout=None,
-                 data_on_device="auto", rescale=None, rescale_outer_lr=False):
-    """Stage-2 flags; each default is the script's constant of the same (upper-case) name. Comma-list
-    constants are written as on the command line ("sgd,adam"): argparse parses a string default too."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--model_path", type=Path, default=model_path, help="stage-1 checkpoint or run folder (None: newest)")
-    p.add_argument("--alpha", type=pos_float, default=alpha, help="FTS step = alpha * lr")
-    p.add_argument("--beta", type=pos_float, default=beta, help="NTR step = beta * lr")
-    p.add_argument("--lr", type=pos_float, default=lr)
-    p.add_argument("--fast_lr", type=pos_float, default=fast_lr, help="simulated fine-tuner's lr when --fts_lrs is not given")
-    p.add_argument("--fts_loop", type=nonneg_int, default=fts_loop, help="FTS steps per outer loop (0: none)")
-    p.add_argument("--ntr_loop", type=nonneg_int, default=ntr_loop)
-    p.add_argument("--total_loop", type=pos_int, default=total_loop,
-                   help="outer loops; with --resume it may be raised, to train a run (finished or not) on")
-    p.add_argument("--adaptation_steps", type=pos_int, default=adaptation_steps, help="inner steps per episode")
-    p.add_argument("--test_interval", "--test_iterval", dest="test_interval", type=nonneg_int, default=test_interval,
-                   help=f"fine-tune test every N loops (0: off); --test_iterval is {COMPAT}")
-    p.add_argument("--finetune_epochs", type=pos_int, default=finetune_epochs)
-    p.add_argument("--final_finetune_epochs", "--truly_finetune_epochs", dest="final_finetune_epochs",
-                   type=nonneg_int, default=final_finetune_epochs,
-                   help=f"final fine-tune test (0: skip); --truly_finetune_epochs is {COMPAT}")
-    p.add_argument("--finetune_lr", type=pos_float, default=finetune_lr)
-    p.add_argument("--min_orig_acc", type=float, default=min_orig_acc, help="original-accuracy floor (%%)")
-    p.add_argument("--max_strikes", type=pos_int, default=max_strikes, help="floor breaches in a row before stopping")
-    p.add_argument("--eval_interval", type=nonneg_int, default=eval_interval,
-                   help="original-domain evaluation every N loops (0: only before and after)")
-    p.add_argument("--save_every", type=pos_int, default=save_every, help="write last.pt every N loops")
-    p.add_argument("--fts_optimizers", default=fts_optimizers, type=comma_list(str, FTS_OPTIMIZERS),
-                   help=f"simulated fine-tuners' optimisers, sampled per episode ({', '.join(FTS_OPTIMIZERS)})")
-    p.add_argument("--fts_lrs", default=fts_lrs, type=comma_list(pos_float),
-                   help="simulated fine-tuners' learning rates, sampled per episode (None: [--fast_lr])")
-    p.add_argument("--fts_head", default=fts_head, type=comma_list(str, HEAD_POLICIES),
-                   help="reinit: the simulated fine-tuner starts from a new head; keep: from the model's")
-    p.add_argument("--fts_scope", default=fts_scope, type=comma_list(str, SCOPES),
-                   help="all layers, or the head only (body frozen)")
-    p.add_argument("--fts_schedules", default=fts_schedules, type=comma_list(str, SCHEDULES),
-                   help="lr schedules inside an episode, over its inner steps, sampled per episode "
-                        f"({', '.join(SCHEDULES)}; as the stage-3 attacker's)")
-    p.add_argument("--fts_lr_range", default=fts_lr_range, type=value_range, metavar="LO,HI",
-                   help="draw each episode's lr log-uniformly from [LO, HI] instead of from --fts_lrs")
-    p.add_argument("--fts_lr_adapt", default=fts_lr_adapt, type=nonneg_float, metavar="ETA",
-                   help="> 0: the simulated attacker learns its lr, one per optimiser, inside --fts_lr_range "
-                        "(MLAC): after each episode log(lr) moves by ETA the way that lowers its cross-entropy on "
-                        "a held-out restricted batch; 0: drawn per episode")
-    p.add_argument("--fts_lr_learned_share", default=fts_lr_learned_share, type=learned_share_value, metavar="P",
-                   help="with --fts_lr_adapt: the share of episodes at the learned lr; the others draw theirs from "
-                        "--fts_lr_range, so attackers at other lrs stay simulated")
-    p.add_argument("--fts_query_every", default=fts_query_every, type=pos_int, metavar="N",
-                   help="query loss after every N-th inner step and the last; the others skip the query pass, so "
-                        "longer horizons cost less (TAR queries every 4th of 64 steps)")
-    p.add_argument("--fts_step_weights", default=fts_step_weights, choices=STEP_WEIGHTS,
-                   help="weights of the queried steps: uniform, or exp (proportional to exp(%g k/K) at step k: "
-                        "late steps dominate, as in TAR)" % EXP_STEP_RATE)
-    p.add_argument("--fts_envs", default=fts_envs, type=pos_int, help="fine-tuners per FTS step, gradients averaged")
-    p.add_argument("--fts_clip", default=fts_clip, type=pos_float, help="max norm of the FTS gradient")
-    p.add_argument("--clean_loop", type=nonneg_int, default=clean_loop,
-                   help="clean restricted-domain steps per outer loop, through the model's head (SBL's continual "
-                        "learning on clean data, ECCV'24; NTR is its replay); 0: none")
-    p.add_argument("--sam_rho", type=nonneg_float, default=sam_rho,
-                   help="> 0: NTR and clean steps are sharpness-aware (SAM) with this radius")
-    p.add_argument("--mask_share", type=mask_share_value, default=mask_share,
-                   help="Neurotoxin: freeze this share of the coordinates, those with the largest clean "
-                        "restricted-domain gradient, for the FTS and NTR updates (0: off)")
-    p.add_argument("--mask_every", type=pos_int, default=mask_every, help="outer loops between mask recomputations")
-    p.add_argument("--restricted_holdout", type=fraction, default=restricted_holdout, metavar="F",
-                   help="leave out of stage 2 the fixed share F of the restricted training split that stage 3's "
-                        "--train_fractions F gives its attacker or defender (same --subset), so that data is unseen")
-    p.add_argument("--rescale", type=pos_float, default=rescale, metavar="F",
-                   help="before stage 2, multiply every layer that feeds a BatchNorm by F (its running statistics to "
-                        "match: the model computes the same function); an optimiser's step then moves those weights F "
-                        "times less, relatively, in the simulated fine-tuners and in a real attacker alike. None: as "
-                        "the parent")
-    p.add_argument("--rescale_outer_lr", action=argparse.BooleanOptionalAction, default=rescale_outer_lr,
-                   help="with --rescale F: stage 2's own optimisers (FTS, NTR, clean; Adam, whose step does not grow "
-                        "with the weights) step the rescaled layers at F times their lr, so those layers move as much, "
-                        "relatively, as at scale 1 while the simulated fine-tuners see the rescaled model; without it "
-                        "stage 2 moves them F times less, relatively")
-    p.add_argument("--data_on_device", choices=DATA_ON_DEVICE, default=data_on_device,
-                   help="keep the training domains' uint8 images on the GPU and gather each batch there (the same "
-                        f"batches either way); auto: on CUDA when they take at most {DEVICE_DATA_SHARE * 100:.0f}%% of the "
-                        "free GPU memory. On CPU the data is where the model is already: auto means off")
-    return p
+@dataclass
+class Stage2Flags(Settings):
+    """Stage 2's own settings: the run (schedule, floor, probes) and the method's (SOPHON's FTS and NTR, and
+    the irreversible backdoor's persistence parts)."""
+    model_path: Optional[Path] = setting(None, "stage-1 checkpoint or run folder (None: newest)", type=Path)
+    alpha: float = setting(3.0, "FTS step = alpha * lr", type=pos_float)
+    beta: float = setting(5.0, "NTR step = beta * lr", type=pos_float)
+    lr: float = setting(1e-4, type=pos_float)
+    fast_lr: Optional[float] = setting(1e-4, "simulated fine-tuner's lr when --fts_lrs is not given", type=pos_float)
+    fts_loop: int = setting(1, "FTS steps per outer loop (0: none)", type=nonneg_int)
+    ntr_loop: int = setting(1, type=nonneg_int)
+    total_loop: int = setting(1000, "outer loops; with --resume it may be raised, to train a run (finished or not) on",
+                              type=pos_int)
+    adaptation_steps: int = setting(50, "inner steps per episode", type=pos_int)
+    test_interval: int = setting(25, f"fine-tune test every N loops (0: off); --test_iterval is {COMPAT}",
+                                 type=nonneg_int, aliases=("test_iterval",))
+    finetune_epochs: int = setting(5, type=pos_int)
+    final_finetune_epochs: int = setting(20, f"final fine-tune test (0: skip); --truly_finetune_epochs is {COMPAT}",
+                                         type=nonneg_int, aliases=("truly_finetune_epochs",))
+    finetune_lr: float = setting(1e-4, type=pos_float)
+    min_orig_acc: float = setting(80.0, "original-accuracy floor (%%)", type=float)
+    max_strikes: int = setting(5, "floor breaches in a row before stopping", type=pos_int)
+    eval_interval: int = setting(25, "original-domain evaluation every N loops (0: only before and after)",
+                                 type=nonneg_int)
+    save_every: int = setting(50, "write last.pt every N loops", type=pos_int)
+    fts_optimizers: list = setting("sgd", "simulated fine-tuners' optimisers, sampled per episode",
+                                   type=comma_list(str, FTS_OPTIMIZERS))
+    fts_lrs: Optional[list] = setting(None, "simulated fine-tuners' learning rates, sampled per episode (None: "
+                                            "[--fast_lr])", type=comma_list(pos_float))
+    fts_head: list = setting("reinit", "reinit: the simulated fine-tuner starts from a new head; keep: from the "
+                                       "model's", type=comma_list(str, HEAD_POLICIES))
+    fts_scope: list = setting("all", "all layers, or the head only (body frozen)", type=comma_list(str, SCOPES))
+    fts_schedules: list = setting("constant", "lr schedules inside an episode, over its inner steps, sampled per "
+                                              "episode, as the stage-3 attacker's", type=comma_list(str, SCHEDULES))
+    fts_lr_range: Optional[list] = setting(None, "draw each episode's lr log-uniformly from [LO, HI] instead of "
+                                                 "from --fts_lrs", type=value_range, metavar="LO,HI")
+    fts_lr_adapt: float = setting(0.0, "> 0: the simulated attacker learns its lr, one per optimiser, inside "
+                                       "--fts_lr_range (MLAC): after each episode log(lr) moves by ETA the way that "
+                                       "lowers its cross-entropy on a held-out restricted batch; 0: drawn per episode",
+                                  type=nonneg_float, metavar="ETA")
+    fts_lr_learned_share: float = setting(1.0, "with --fts_lr_adapt: the share of episodes at the learned lr; the "
+                                               "others draw theirs from --fts_lr_range, so attackers at other lrs "
+                                               "stay simulated", type=pos_float, metavar="P")
+    fts_query_every: int = setting(1, "query loss after every N-th inner step and the last; the others skip the "
+                                      "query pass, so longer horizons cost less (TAR queries every 4th of 64 steps)",
+                                   type=pos_int, metavar="N")
+    fts_step_weights: str = setting("uniform", "weights of the queried steps: uniform, or exp (proportional to "
+                                               "exp(%g k/K) at step k: late steps dominate, as in TAR)"
+                                    % EXP_STEP_RATE, choices=STEP_WEIGHTS)
+    fts_envs: int = setting(1, "fine-tuners per FTS step, gradients averaged", type=pos_int)
+    fts_clip: float = setting(0.5, "max norm of the FTS gradient (the official code's value)", type=pos_float)
+    clean_loop: int = setting(0, "clean restricted-domain steps per outer loop, through the model's head (SBL's "
+                                 "continual learning on clean data, ECCV'24; NTR is its replay); 0: none",
+                              type=nonneg_int)
+    sam_rho: float = setting(0.0, "> 0: NTR and clean steps are sharpness-aware (SAM) with this radius",
+                             type=nonneg_float)
+    mask_share: float = setting(0.0, "Neurotoxin: freeze this share of the coordinates, those with the largest clean "
+                                     "restricted-domain gradient, for the FTS and NTR updates (0: off)",
+                                type=mask_share_value)
+    mask_every: int = setting(25, "outer loops between mask recomputations", type=pos_int)
+    restricted_holdout: Optional[float] = setting(
+        None, "leave out of stage 2 the fixed share F of the restricted training split that stage 3's "
+              "--train_fractions F gives its attacker or defender (same --subset), so that data is unseen",
+        type=fraction, metavar="F")
+    rescale: Optional[float] = setting(
+        None, "before stage 2, multiply every layer that feeds a BatchNorm by F (its running statistics to match: "
+              "the model computes the same function); an optimiser's step then moves those weights F times less, "
+              "relatively, in the simulated fine-tuners and in a real attacker alike. None: as the parent",
+        type=pos_float, metavar="F")
+    rescale_outer_lr: bool = setting(
+        False, "with --rescale F: stage 2's own optimisers (FTS, NTR, clean; Adam, whose step does not grow with the "
+               "weights) step the rescaled layers at F times their lr, so those layers move as much, relatively, as "
+               "at scale 1 while the simulated fine-tuners see the rescaled model; without it stage 2 moves them F "
+               "times less, relatively", action=argparse.BooleanOptionalAction)
+    data_on_device: str = setting(
+        "auto", "keep the training domains' uint8 images on the GPU and gather each batch there (the same batches "
+                f"either way); auto: on CUDA when they take at most {DEVICE_DATA_SHARE * 100:.0f}%% of the free GPU "
+                "memory. On CPU the data is where the model is already: auto means off", choices=DATA_ON_DEVICE)
+    method: str = setting("sophon", "the stage-2 method (common/methods.py)", choices=METHODS)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bs < 4:
+            raise UsageError(f"--bs {self.bs} is too small for stage 2: each batch is split into support and query, "
+                             f"two samples each at least (BatchNorm); use --bs 4 or more")
+        if self.fts_lrs and self.fts_lr_range:
+            raise UsageError("--fts_lrs and --fts_lr_range both choose the simulated fine-tuners' lr; give one")
+        if self.fts_lr_range:
+            self.fast_lr = None  # unused, so config.json does not show an lr that was never simulated
+        try:
+            check_lr_options(self.fts_lr_range, self.fts_lr_adapt, self.fts_lr_learned_share)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        if self.rescale_outer_lr and not self.rescale:
+            raise UsageError("--rescale_outer_lr scales the outer lr of the layers --rescale F rescales; give --rescale "
+                             "too")
+        if self.fts_loop + self.ntr_loop + self.clean_loop == 0:
+            raise UsageError("--fts_loop, --ntr_loop and --clean_loop are all 0: an outer loop would do nothing")
+
+    @property
+    def simulated_lrs(self):
+        """The simulated fine-tuners' lrs to sample from: --fts_lrs, or the seed's single --fast_lr."""
+        return tuple(self.fts_lrs or [self.fast_lr])
+
+
+def stage2_settings(*groups):
+    """A stage-2 script's settings: the preset, the common flags, the restricted domain, stage 2's, `groups`
+    (e.g. the trigger), the speed flags."""
+    return compose("Settings", PresetSettings, CommonSettings, RestrictedSettings, Stage2Flags, *groups,
+                   SpeedSettings, bs=150, dataset="CIFAR10")
+
+
+Stage2Settings = stage2_settings()
 
 
 @dataclass
@@ -158,33 +178,20 @@ class Stage2Task:
     summary_keys: Callable = lambda final_orig, final_finetune: {}  # project-specific summary.json keys
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """When the runner evaluates, probes, saves and gives up."""
-    total_loop: int
-    eval_interval: int = 25
-    test_interval: int = 25
-    save_every: int = 50
-    finetune_epochs: int = 5
-    final_finetune_epochs: int = 20
-    finetune_lr: float = 1e-4
-    bs: int = 150  # the probes' fine-tuning batch size
-    min_orig_acc: float = 80.0
-    max_strikes: int = 5
-    seed: int = 0
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
-
-
 class Stage2Runner:
-    """Drives a `Sophon` through a run folder: evaluation, floor and rollback, probes, checkpoints."""
+    """Drives a stage-2 method (common.methods) through a run folder: evaluation, floor and rollback, probes,
+    checkpoints. `settings`: the run's (total_loop, eval_interval, test_interval, save_every, min_orig_acc,
+    max_strikes, and the probes' finetune_epochs, final_finetune_epochs, finetune_lr, bs, seed).
 
-    def __init__(self, algo, task, schedule, run, checkpoint_meta):
-        self.algo, self.task, self.schedule, self.run, self.meta = algo, task, schedule, run, checkpoint_meta
-        self.metrics = run.csv("metrics.csv", HEADER[:5] + list(task.metric_columns) + HEADER[5:])
-        self.tests = run.csv("finetune_tests.csv", ["loop", "kind", "epoch", "test_acc", *task.probe_columns])
+    metrics.csv: loop, the method's losses, the original-domain figures, rolled_back, the method's labels
+    (what its step drew), seconds. A loop with a non-finite loss is rolled back like a floor breach."""
+
+    def __init__(self, algo, task, settings, run, checkpoint_meta):
+        self.algo, self.task, self.settings, self.run, self.meta = algo, task, settings, run, checkpoint_meta
+        self.metrics = run.csv("metrics.csv", ["loop", *algo.losses, "orig_test_acc", *task.metric_columns,
+                                               "rolled_back", *algo.labels, "seconds"])
+        self.probes = Probes(algo, task, settings, run)
+        self.tests = self.probes.tests
         self.loop, self.strikes, self.snapshot = 0, 0, None
         self.orig_before, self.floor_active, self.last_eval = None, True, None
 
@@ -203,8 +210,8 @@ class Stage2Runner:
         """Continue from last.pt; rows written after it (a run killed between saves) are dropped first."""
         if not (self.run.ckpt_dir / "last.pt").exists():  # killed before its first save
             log.info("no checkpoints/last.pt yet: the run starts over")
-            self.metrics.keep(lambda r: False)
-            self.tests.keep(lambda r: False)
+            for log_file in (self.metrics, self.tests):
+                log_file.keep(lambda r: False)
             return
         state = read_last(self.run)
         self.algo.load_state_dict(state)
@@ -212,15 +219,15 @@ class Stage2Runner:
         self.snapshot = _to_device(state["snapshot"], self.algo.precision.device)
         self.orig_before, self.floor_active, self.last_eval = state["orig_before"], state["floor_active"], state["last_eval"]
         torch.set_rng_state(state["torch_rng"])
-        self.metrics.keep(lambda r: int(r["loop"]) <= self.loop)
-        self.tests.keep(lambda r: int(r["loop"]) <= self.loop)
-        log.info("resumed at loop %d of %d", self.loop, self.schedule.total_loop)
+        for log_file in (self.metrics, self.tests):
+            log_file.keep(lambda r: int(r["loop"]) <= self.loop)
+        log.info("resumed at loop %d of %d", self.loop, self.settings.total_loop)
 
     # ---- the run ---------------------------------------------------------------------------------
 
     def train(self, interrupts):
         """Run the remaining loops; returns the summary, or raises Interrupted after writing last.pt."""
-        s = self.schedule
+        s = self.settings
         if self.orig_before is None:
             self.orig_before = self._evaluate_orig()
             log.info("before stage 2: %s", _fmt(self.orig_before))
@@ -235,30 +242,7 @@ class Stage2Runner:
             if interrupts.due():
                 self.save_last()
                 raise Interrupted(f"loop {self.loop}")
-            start = time.perf_counter()
-            self.loop += 1
-            result = self.algo.step()
-            tuners = result.finetuners
-            losses = {"fts_loss": result.fts_loss, "ntr_loss": result.ntr_loss, "clean_loss": result.clean_loss}
-            row = {"loop": self.loop, **losses, "rolled_back": 0,
-                   "fts_optimizer": ";".join(t.optimizer for t in tuners), "fts_lr": ";".join(f"{t.lr:g}" for t in tuners),
-                   "fts_head": ";".join(t.head for t in tuners), "fts_scope": ";".join(t.scope for t in tuners),
-                   "fts_schedule": ";".join(t.schedule for t in tuners)}
-            finite = all(v is None or math.isfinite(v) for v in losses.values())
-            due = (s.eval_interval and self.loop % s.eval_interval == 0) or self.loop == s.total_loop
-            if finite and due:
-                figures = self._evaluate_orig()
-                row.update({k: v for k, v in figures.items() if k in self.metrics.header})
-            row["seconds"] = time.perf_counter() - start
-            self.metrics.append(row)
-            if not finite:
-                self._rollback("non-finite loss (%s)" % ", ".join(f"{k} {v}" for k, v in losses.items() if v is not None))
-            elif due:
-                if self.floor_active and figures["orig_test_acc"] <= s.min_orig_acc:
-                    self._rollback(f"original accuracy {figures['orig_test_acc']:.2f} <= floor {s.min_orig_acc}")
-                else:
-                    self.strikes = 0
-                    self.snapshot = self._snapshot()
+            losses = self._loop()
             if self.strikes >= s.max_strikes:
                 log.warning("%d strikes in a row: stopping early at loop %d", self.strikes, self.loop)
                 stopped_early = True
@@ -266,15 +250,39 @@ class Stage2Runner:
                 self.last_eval = self.snapshot["eval"]
                 break
             bar.update(1)
-            bar.set_postfix({k.split("_")[0]: f"{v:.3f}" for k, v in losses.items() if v is not None})
+            bar.set_postfix({k.split("_")[0]: f"{v:.3f}" for k, v in losses.items()})
             if s.test_interval and self.loop % s.test_interval == 0 and self.algo.world.main:
-                curve = self.finetune_test(s.finetune_epochs, self.loop)
+                curve = self.probes.finetune_test(s.finetune_epochs, self.loop)
                 log.info("loop %d fine-tune test: restricted acc %s", self.loop, [round(c["test_acc"], 2) for c in curve])
                 self.run.save(self.checkpoint(), f"loop{self.loop:06d}.pt")
             if self.loop % s.save_every == 0:
                 self.save_last()
         bar.close()
         return self.finish(stopped_early)
+
+    def _loop(self):
+        """One outer loop of the method, its metrics row, and the floor (or NaN) rule; returns its losses."""
+        s, start = self.settings, time.perf_counter()
+        self.loop += 1
+        values = self.algo.step()
+        losses = {k: v for k, v in values.items() if isinstance(v, float)}
+        row = {"loop": self.loop, **values, "rolled_back": 0}
+        finite = all(math.isfinite(v) for v in losses.values())
+        due = (s.eval_interval and self.loop % s.eval_interval == 0) or self.loop == s.total_loop
+        if finite and due:
+            figures = self._evaluate_orig()
+            row.update({k: v for k, v in figures.items() if k in self.metrics.header})
+        row["seconds"] = time.perf_counter() - start
+        self.metrics.append(row)
+        if not finite:
+            self._rollback("non-finite loss (%s)" % ", ".join(f"{k} {v}" for k, v in losses.items()))
+        elif due:
+            if self.floor_active and figures["orig_test_acc"] <= s.min_orig_acc:
+                self._rollback(f"original accuracy {figures['orig_test_acc']:.2f} <= floor {s.min_orig_acc}")
+            else:
+                self.strikes = 0
+                self.snapshot = self._snapshot()
+        return losses
 
     def _evaluate_orig(self):
         """On rank 0 alone; every rank gets its figures, so that all take the same floor decision."""
@@ -294,32 +302,17 @@ class Stage2Runner:
         self.metrics.rewrite(rows)
         self.strikes += 1
         log.warning("%s at loop %d: rolled back to loop %d (strike %d of %d)", reason, self.loop, since,
-                    self.strikes, self.schedule.max_strikes)
-
-    def finetune_test(self, epochs, loop, kind="periodic"):
-        """The default attack (SPEC §9) on a copy of the model, on rank 0 alone (the others get None); rows
-        go to finetune_tests.csv."""
-        if not self.algo.world.main:
-            return None
-        s, precision = self.schedule, self.algo.precision
-        probe = copy.deepcopy(self.algo.model)
-        attack = Attack("direct_all", "momentum", s.finetune_lr, s.bs, epochs, s.seed)
-
-        def record(epoch, figures):
-            self.tests.append({"loop": loop, "kind": kind, "epoch": epoch, **figures})
-
-        return run_attack(probe, self.task.restricted_train, attack, precision.device, precision,
-                          self.task.eval_restricted, on_epoch=record)
+                    self.strikes, self.settings.max_strikes)
 
     def checkpoint(self, metrics=None):
         return make_checkpoint(self.algo.model, metrics=metrics or {"loop": self.loop, **(self.last_eval or {})},
                                **self.meta)
 
     def finish(self, stopped_early):
-        s = self.schedule
+        s = self.settings
         final_orig, final_test = self.last_eval, None
         if s.final_finetune_epochs and self.algo.world.main:
-            curve = self.finetune_test(s.final_finetune_epochs, self.loop, "final")
+            curve = self.probes.finetune_test(s.final_finetune_epochs, self.loop, "final")
             final_test = curve[-1]
             log.info("final fine-tune test (%d epochs): %s", s.final_finetune_epochs,
                      [round(c["test_acc"], 2) for c in curve])
@@ -333,6 +326,28 @@ class Stage2Runner:
         self.run.save(self.checkpoint(summary), "final.pt")
         self.save_last()
         return summary
+
+
+class Probes:
+    """The fine-tune probes: the default attack (SPEC §9) on a copy of the model, rows to finetune_tests.csv."""
+
+    def __init__(self, algo, task, settings, run):
+        self.algo, self.task, self.settings = algo, task, settings
+        self.tests = run.csv("finetune_tests.csv", ["loop", "kind", "epoch", "test_acc", *task.probe_columns])
+
+    def finetune_test(self, epochs, loop, kind="periodic"):
+        """On rank 0 alone (the others get None); returns the figures after each epoch."""
+        if not self.algo.world.main:
+            return None
+        s, precision = self.settings, self.algo.precision
+        probe = copy.deepcopy(self.algo.model)
+        attack = Attack("direct_all", "momentum", s.finetune_lr, s.bs, epochs, s.seed)
+
+        def record(epoch, figures):
+            self.tests.append({"loop": loop, "kind": kind, "epoch": epoch, **figures})
+
+        return run_attack(probe, self.task.restricted_train, attack, precision.device, precision,
+                          self.task.eval_restricted, on_epoch=record)
 
 
 def _fmt(figures):
@@ -379,19 +394,7 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
     """Every check of a stage-2 run, before its folder exists: parent checkpoint, inherited flags, data.
     The parent may be a foreign state_dict / .safetensors file; then every inherited flag but --image_size
     must be given."""
-    if args.bs < 4:
-        raise UsageError(f"--bs {args.bs} is too small for stage 2: each batch is split into support and query, "
-                         f"two samples each at least (BatchNorm); use --bs 4 or more")
-    if args.fts_lrs and args.fts_lr_range:
-        raise UsageError("--fts_lrs and --fts_lr_range both choose the simulated fine-tuners' lr; give one")
-    if args.fts_lr_range:
-        args.fast_lr = None  # unused, so config.json does not show an lr that was never simulated
-    if args.fts_lr_adapt and args.fts_lr_range is None:
-        raise UsageError("--fts_lr_adapt learns the lr inside --fts_lr_range LO,HI; give that range too")
-    if args.rescale_outer_lr and not args.rescale:
-        raise UsageError("--rescale_outer_lr scales the outer lr of the layers --rescale F rescales; give --rescale too")
-    if args.fts_lr_learned_share != 1 and not args.fts_lr_adapt:
-        raise UsageError("--fts_lr_learned_share is the share of episodes at the learned lr; give --fts_lr_adapt too")
+    args.check()  # again: --resume has filled values in since parsing
     parent = resolve_checkpoint(args.model_path, project, "stage1_pretrain")
     ckpt = load_parent(parent, args)
     if is_foreign(ckpt):
@@ -405,8 +408,6 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
     domains = [load(name, train=train, cap=args.subset if train else args.test_subset)
                for name in (args.orig_dataset, args.dataset) for train in (True, False)]
     check_subset_caps(args, domains)
-    if args.fts_loop + args.ntr_loop + args.clean_loop == 0:
-        raise UsageError("--fts_loop, --ntr_loop and --clean_loop are all 0: an outer loop would do nothing")
     if args.restricted_holdout:
         domains[2] = holdout(domains[2], args.restricted_holdout)
     device = dist.world().device(args.device)
@@ -422,26 +423,15 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
     return Stage2Setup(parent, ckpt, *domains, device, precision, model, config)
 
 
-def outer_lr_scale(model, args):
-    """{parameter name: F} for the layers `--rescale F` rescaled, when `--rescale_outer_lr`; else None."""
-    if not args.rescale_outer_lr:
-        return None
-    rescaled = {id(p) for layer, _ in batchnorm_fed_layers(model, args.image_size or 224)
-                for p in layer.parameters(recurse=False)}
-    return {name: args.rescale for name, p in model.named_parameters() if id(p) in rescaled}
-
-
 def run_stage2_script(args, interrupts, project, stage, s, task):
     """Open the run folder, train, close; returns the exit code."""
     run = open_run(args, project, "stage2_train", args.dataset, s.config)
     for note in {d.note for d in (s.orig_train, s.restr_train) if d.note}:
         run.log_note(note)
-    algo = Sophon(s.model, task.query_loss, task.restricted_train, task.ntr_train, SophonConfig.from_args(args),
-                  s.precision, data_on_device=args.data_on_device, lr_scale=outer_lr_scale(s.model, args))
-    log.info("stage 2 on %s: %s, training data on the %s", s.device, s.precision.describe(),
-             "device" if algo.data_on_device else "host")
+    log.info("stage 2 on %s: %s, method %s", s.device, s.precision.describe(), args.method)
+    algo = METHODS[args.method].build(args, s.model, task, s.precision)
     meta = dict(arch=args.arch, dataset=args.dataset, stage=stage, parent=s.parent, config=s.config)
-    runner = Stage2Runner(algo, task, Schedule.from_args(args), run, meta)
+    runner = Stage2Runner(algo, task, args, run, meta)
 
     def body():
         if args.resume is not None:

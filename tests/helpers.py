@@ -176,7 +176,8 @@ def tiny_domain(name, seed, n=40, size=8):
 def tiny_sophon(**config):
     """A Sophon on a TinyNet, MNIST-shaped restricted and Fashion-shaped NTR tiny domains, CE query loss."""
     import torch.nn.functional as F
-    from common.sophon import Sophon, SophonConfig
+    from common.sophon import Sophon
+    from common.stage2 import Stage2Settings
     from common.train import Precision
     cpu = Precision(torch.device("cpu"))
     torch.manual_seed(0)
@@ -185,8 +186,14 @@ def tiny_sophon(**config):
     def ce(net, x, y):
         return F.cross_entropy(net(restricted.to_input(x, cpu.device)), y)
 
-    defaults = dict(lr=1e-3, bs=20, adaptation_steps=2, fts_lrs=(1e-3,))
-    return Sophon(TinyNet(), ce, restricted, orig, SophonConfig(**{**defaults, **config}), cpu)
+    defaults = dict(lr=1e-3, bs=20, adaptation_steps=2, fts_lrs=None if config.get("fts_lr_range") else (1e-3,))
+    return Sophon(TinyNet(), ce, restricted, orig, Stage2Settings(**{**defaults, **config}), cpu)
+
+
+def outer_loop(algo):
+    """One `step()` of a Sophon: its values as attributes, and the fine-tuners it simulated."""
+    from types import SimpleNamespace
+    return SimpleNamespace(**algo.step(), finetuners=algo.finetuners)
 
 
 def step_resumed(reference, state, make, steps):
@@ -195,11 +202,11 @@ def step_resumed(reference, state, make, steps):
     import io
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    expected = [reference.step() for _ in range(steps)]
+    expected = [outer_loop(reference) for _ in range(steps)]
     resumed = make()
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    got = [resumed.step() for _ in range(steps)]
+    got = [outer_loop(resumed) for _ in range(steps)]
     for k, v in resumed.model.state_dict().items():
         assert torch.allclose(v.float(), reference.model.state_dict()[k].float(), atol=1e-6), k
     return expected, got

@@ -10,16 +10,17 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from common import dist
-from common.sophon import Sophon, SophonConfig
+from common.sophon import Sophon
+from common.stage2 import Stage2Settings
 from common.train import Precision
-from helpers import TinyNet, interrupted_run, popen_script, read_rows, run_script, tiny_domain
+from helpers import TinyNet, interrupted_run, outer_loop, popen_script, read_rows, run_script, tiny_domain
 
 CPU = Precision(torch.device("cpu"))
 CONFIG = dict(lr=1e-3, bs=20, adaptation_steps=2, fts_envs=4, fts_optimizers=("sgd", "adam"),
               fts_lrs=(1e-3, 1e-2), fts_head=("reinit", "keep"), clean_loop=1, sam_rho=0.05, mask_share=0.2,
               mask_every=2)
 LOOPS = 3
-LEARNED_LR = dict(CONFIG, fts_lrs=(1e-4,), fts_lr_range=(1e-3, 1e-2), fts_lr_adapt=0.3)
+LEARNED_LR = dict(CONFIG, fts_lrs=None, fts_lr_range=(1e-3, 1e-2), fts_lr_adapt=0.3)
 
 
 def _free_port():
@@ -36,7 +37,7 @@ def _run(world_size, rank=0, config=CONFIG):
     def ce(net, x, y):
         return F.cross_entropy(net(restricted.to_input(x, CPU.device)), y)
 
-    algo = Sophon(TinyNet(), ce, restricted, orig, SophonConfig(**config), CPU, world=dist.world())
+    algo = Sophon(TinyNet(), ce, restricted, orig, Stage2Settings(**config), CPU, world=dist.world())
     fts_grads, adam_step = [], algo.fts_opt.step
 
     def recording_step(*args, **kwargs):  # the (summed, clipped) FTS gradient the Adam step receives
@@ -46,7 +47,7 @@ def _run(world_size, rank=0, config=CONFIG):
     algo.fts_opt.step = recording_step
     trace = []
     for _ in range(LOOPS):
-        result = algo.step()
+        result = outer_loop(algo)
         state = torch.cat([v.detach().float().reshape(-1) for v in algo.model.state_dict().values()])
         trace.append((state, fts_grads[-1], result.fts_loss, result.finetuners))
     return trace
@@ -85,8 +86,8 @@ def test_ranks_hold_identical_weights_after_every_step(two_ranks):
 def _adam_reach(config, loops):
     """How far one coordinate's weight can move in `loops` outer loops: each loop takes one Adam step per FTS,
     NTR and clean step, and an Adam step moves a coordinate by about its lr whatever the gradient's size."""
-    c = dict(SophonConfig().__dict__, **config)
-    per_loop = c["lr"] * (c["alpha"] * c["fts_loop"] + c["beta"] * (c["ntr_loop"] + c["clean_loop"]))
+    c = Stage2Settings(**config)
+    per_loop = c.lr * (c.alpha * c.fts_loop + c.beta * (c.ntr_loop + c.clean_loop))
     return 2 * loops * per_loop  # the step may go the other way in the other layout
 
 

@@ -61,7 +61,8 @@ def test_first_order_meta_gradient_matches_numpy_reference():
     batches = _float_batches(steps, n, d, classes, seed=3)
     fts = FTS(model, lambda net, x, y: kl_uniform(net(x), y), lambda x: x, CPU)
     _zero_grads(model, fill=1.0)  # grads accumulate: whatever was there stays
-    total = fts.episode(model, batches, FineTuner(optimizer="sgd", lr=lr, head="keep", scope="all"), weight, _gen(seed))
+    total, _ = fts.episode(model, batches, FineTuner(optimizer="sgd", lr=lr, head="keep", scope="all"), weight,
+                           _gen(seed))
 
     W, b = W0.copy(), b0.copy()
     gW, gb, losses = np.zeros_like(W), np.zeros_like(b), []

@@ -10,10 +10,9 @@ from common.cli import UsageError
 from common.finetune import schedule_factor
 from common.fts import EXP_STEP_RATE, FTS, FineTuner, FineTunerSampler, query_weights, support_query_split
 from common.losses import kl_uniform
-from common.sophon import SophonConfig
 from common.stage2 import setup_stage2
 from common.train import Precision
-from helpers import TinyNet, linear_model, load_script, step_resumed, tiny_sophon
+from helpers import TinyNet, linear_model, load_script, outer_loop, step_resumed, tiny_sophon
 
 CPU = Precision(torch.device("cpu"))
 
@@ -69,8 +68,8 @@ def test_weighted_queries_and_schedule_match_numpy_reference(every, kind, schedu
     fts = FTS(model, query, lambda x: x, CPU)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    total = fts.episode(model, batches, FineTuner("sgd", lr, "keep", "all", schedule), weights,
-                        torch.Generator().manual_seed(seed))
+    total, _ = fts.episode(model, batches, FineTuner("sgd", lr, "keep", "all", schedule), weights,
+                           torch.Generator().manual_seed(seed))
 
     split_gen = torch.Generator().manual_seed(seed)
     factor = schedule_factor(schedule, steps)
@@ -155,12 +154,12 @@ def _one_episode(model, finetuner, batch, head_seed=0):
     fts = FTS(model, lambda net, x, y: kl_uniform(net(x.float() / 255), y), lambda x: x.float() / 255, CPU)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    fts.episode(model, [batch], finetuner, 0.0, torch.Generator().manual_seed(head_seed))
-    return fts
+    _, origin = fts.episode(model, [batch], finetuner, 0.0, torch.Generator().manual_seed(head_seed))
+    return fts, origin
 
 
 def _probe_ce(fts, x, y):
-    return torch.nn.functional.cross_entropy(fts.learner(x.float() / 255), y).item()
+    return torch.nn.functional.cross_entropy(fts[0].learner(x.float() / 255), y).item()
 
 
 @pytest.mark.parametrize("head", ["keep", "reinit"])
@@ -174,7 +173,8 @@ def test_lr_slope_is_the_derivative_in_log_lr_for_one_sgd_step(head):
     batch = (images(40), torch.randint(0, 10, (40,), generator=g))
     x, y = images(30), torch.randint(0, 10, (30,), generator=g)
     lr, eps = 0.3, 1e-2
-    slope = _one_episode(model, FineTuner("sgd", lr, head), batch).lr_slope(x, y).item()
+    fts, origin = _one_episode(model, FineTuner("sgd", lr, head), batch)
+    slope = fts.lr_slope(origin, x, y).item()
     ce = [_probe_ce(_one_episode(model, FineTuner("sgd", lr * math.exp(s), head), batch), x, y) for s in (eps, -eps)]
     assert abs(slope) > 1e-3
     assert slope == pytest.approx((ce[0] - ce[1]) / (2 * eps), rel=2e-2)
@@ -221,7 +221,7 @@ def test_learned_share_mixes_learned_and_drawn_lrs_and_only_learned_episodes_ste
 def test_stage2_moves_each_episodes_lr_by_the_step_and_resumes_it():
     config = dict(fts_optimizers=("sgd",), fts_lr_range=(1e-3, 1.0), fts_lr_adapt=0.25, fts_envs=2, fts_head=("keep",))
     algo = tiny_sophon(**config)
-    lrs = [t.lr for _ in range(4) for t in algo.step().finetuners]
+    lrs = [t.lr for _ in range(4) for t in outer_loop(algo).finetuners]
     assert lrs[0] == lrs[1] == pytest.approx(math.sqrt(1e-3)), "both environments of a step share the lr"
     moves = [math.log(b / a) for a, b in zip(lrs[1::2], lrs[2::2])]
     assert all(abs(m) == pytest.approx(0.5) or abs(m) == pytest.approx(0.0, abs=1e-9) for m in moves), moves
@@ -234,7 +234,7 @@ def test_stage2_mixes_learned_and_drawn_lrs_and_resumes_the_mix():
     config = dict(fts_optimizers=("sgd",), fts_lr_range=(1e-3, 1.0), fts_lr_adapt=0.25, fts_lr_learned_share=0.5,
                   fts_envs=2, fts_head=("keep",))
     algo = tiny_sophon(**config)
-    tuners = [t for _ in range(4) for t in algo.step().finetuners]
+    tuners = [t for _ in range(4) for t in outer_loop(algo).finetuners]
     learned = [t.lr for t in tuners if t.lr_learned]
     assert learned and len(learned) < len(tuners)
     assert learned[0] == pytest.approx(math.sqrt(1e-3))
@@ -275,7 +275,7 @@ def test_a_typed_lr_replaces_the_presets_lr_range(typed):
     for argv in (["--preset", "robust", *typed], [*typed, "--preset", "robust"]):
         _, args = module.parse_args(argv)
         assert args.fts_lr_range is None
-        assert SophonConfig.from_args(args).fts_lrs == (1e-2,)
+        assert args.simulated_lrs == (1e-2,)
         assert args.adaptation_steps == 20  # the rest of the preset stays
 
 

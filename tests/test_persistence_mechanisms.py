@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from common.data import BatchStream
 from common.finetune import attack_subset, holdout, subset_indices
-from common.sophon import MASK_BATCHES
+from common.persistence import MASK_BATCHES
 from common.train import Precision, sam_step
-from helpers import step_resumed, tiny_domain, tiny_sophon
+from helpers import outer_loop, step_resumed, tiny_domain, tiny_sophon
 
 CPU = Precision(torch.device("cpu"))
 
@@ -36,7 +36,7 @@ def test_clean_step_is_one_adam_step_on_a_clean_restricted_batch(sam_rho):
     else:
         F.cross_entropy(reference(x), y).backward()
         optimizer.step()
-    result = algo.step()
+    result = outer_loop(algo)
     assert result.fts_loss is None and result.ntr_loss is None and result.clean_loss > 0
     for (name, got), want in zip(algo.model.state_dict().items(), reference.state_dict().values()):
         assert torch.allclose(got.float(), want.float(), atol=1e-6), name
@@ -67,7 +67,7 @@ def test_mask_freezes_the_coordinates_with_the_largest_clean_gradient_for_fts_an
     before = torch.cat([p.detach().flatten() for p in algo.model.parameters()])
     algo.step()
     after = torch.cat([p.detach().flatten() for p in algo.model.parameters()])
-    frozen = torch.cat([m.flatten() for m in algo.mask])
+    frozen = torch.cat([m.flatten() for m in algo.neurotoxin.mask])
     assert int(frozen.sum()) == round(0.25 * len(frozen))
     assert magnitude[frozen].min() >= magnitude[~frozen].max(), "not the largest clean-gradient coordinates"
     assert torch.equal(after[frozen], before[frozen])
@@ -78,7 +78,7 @@ def test_computing_the_mask_leaves_weights_and_batchnorm_statistics_alone():
     algo = _algo(mask_share=0.1)
     state = {k: v.clone() for k, v in algo.model.state_dict().items()}
     algo.model.train()
-    algo.clean_gradient_mask()
+    algo.neurotoxin.clean_gradient_mask()
     for k, v in algo.model.state_dict().items():
         assert torch.equal(v, state[k]), k
 
@@ -86,14 +86,15 @@ def test_computing_the_mask_leaves_weights_and_batchnorm_statistics_alone():
 def test_clean_steps_are_not_masked_and_the_mask_is_recomputed_every_mask_every_loops(monkeypatch):
     algo = _algo(fts_loop=0, ntr_loop=0, clean_loop=1, mask_share=0.5, mask_every=2)
     calls = []
-    real = algo.clean_gradient_mask
-    monkeypatch.setattr(algo, "clean_gradient_mask", lambda: calls.append(algo.steps) or real())
+    mask = algo.neurotoxin
+    real = mask.clean_gradient_mask
+    monkeypatch.setattr(mask, "clean_gradient_mask", lambda: calls.append(mask.steps) or real())
     before = torch.cat([p.detach().flatten() for p in algo.model.parameters()])
     for _ in range(5):
         algo.step()
     assert calls == [0, 2, 4]
     after = torch.cat([p.detach().flatten() for p in algo.model.parameters()])
-    frozen = torch.cat([m.flatten() for m in algo.mask])
+    frozen = torch.cat([m.flatten() for m in mask.mask])
     assert (after[frozen] != before[frozen]).any(), "clean steps are SBL's: they move every coordinate"
 
 

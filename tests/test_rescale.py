@@ -6,8 +6,8 @@ from torch import nn
 from common.checkpoints import load_parent, resolve_checkpoint
 from common.cli import UsageError
 from common.models import batchnorm_fed_layers, build_model, renormalized, rescale_batchnorm_fed
-from common.sophon import Sophon, SophonConfig, outer_param_groups
-from common.stage2 import outer_lr_scale, setup_stage2
+from common.sophon import Sophon, outer_lr_scale, outer_param_groups
+from common.stage2 import Stage2Settings, setup_stage2
 from common.train import Precision
 from helpers import TinyNet, load_script, tiny_domain
 
@@ -113,7 +113,7 @@ def ntr_trained(factor, lr_scale, steps=4):
     cpu = Precision(torch.device("cpu"))
     restricted, orig = tiny_domain("MNIST", 1), tiny_domain("FashionMNIST", 2)
     ce = lambda net, x, y: torch.nn.functional.cross_entropy(net(restricted.to_input(x, cpu.device)), y)
-    algo = Sophon(model, ce, restricted, orig, SophonConfig(lr=1e-2, bs=20, fts_loop=0), cpu, lr_scale=lr_scale)
+    algo = Sophon(model, ce, restricted, orig, Stage2Settings(lr=1e-2, bs=20, fts_loop=0), cpu, lr_scale=lr_scale)
     for _ in range(steps):
         algo.step()
     return dict(model.named_parameters())

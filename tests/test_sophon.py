@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import step_resumed, tiny_sophon
+from helpers import outer_loop, step_resumed, tiny_sophon
 
 _algo = tiny_sophon
 
@@ -15,7 +15,7 @@ def _weights(algo):
 def test_step_samples_one_finetuner_per_environment_and_fts_step():
     algo = _algo(fts_loop=2, fts_envs=3, fts_optimizers=("sgd", "adam"), fts_head=("reinit", "keep"))
     before = _weights(algo)
-    result = algo.step()
+    result = outer_loop(algo)
     assert len(result.finetuners) == 6
     assert {t.optimizer for t in result.finetuners} <= {"sgd", "adam"}
     assert result.fts_loss > 0 and result.ntr_loss > 0
@@ -23,7 +23,7 @@ def test_step_samples_one_finetuner_per_environment_and_fts_step():
 
 
 def test_no_ntr_loss_without_ntr_steps():
-    assert _algo(ntr_loop=0).step().ntr_loss is None
+    assert outer_loop(_algo(ntr_loop=0)).ntr_loss is None
 
 
 def _fts_gradient_norm(algo):
@@ -62,7 +62,7 @@ def test_restore_brings_back_weights_and_optimisers_but_not_the_batches():
     position = algo.restricted_stream.pos
     algo.restore(snap)
     assert all(torch.equal(v, weights[k]) for k, v in algo.model.state_dict().items())
-    assert algo.fts_opt.state_dict()["state"] == {} and algo.ntr_opt.state_dict()["state"] == {}
+    assert algo.fts_opt.state_dict()["state"] == {} and algo.ntr.optimizer.state_dict()["state"] == {}
     assert algo.restricted_stream.pos == position, "a rollback goes on with fresh batches"
 
 

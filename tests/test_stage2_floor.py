@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from common.runs import Interrupts, Run
-from common.sophon import Sophon, SophonConfig
-from common.stage2 import Schedule, Stage2Runner, Stage2Task
+from common.sophon import Sophon
+from common.stage2 import Stage2Runner, Stage2Settings, Stage2Task
 from common.train import Precision
 
 from helpers import TinyNet, read_rows, tiny_domain
@@ -16,7 +16,7 @@ CPU = torch.device("cpu")
 
 
 def _schedule(**over):
-    return Schedule(**{**dict(total_loop=6, eval_interval=2, test_interval=0, final_finetune_epochs=0,
+    return Stage2Settings(**{**dict(total_loop=6, eval_interval=2, test_interval=0, final_finetune_epochs=0,
                               min_orig_acc=20.0, max_strikes=2, save_every=100), **over})
 
 
@@ -35,7 +35,7 @@ def _stage2(tmp_path, accuracies, schedule, query_loss=None):
         return F.cross_entropy(net(restricted.to_input(x, CPU)), y)
 
     query_loss = query_loss or ce
-    config = SophonConfig(lr=1e-3, bs=20, adaptation_steps=2, fts_lrs=(1e-3,))
+    config = Stage2Settings(lr=1e-3, bs=20, adaptation_steps=2, fts_lrs=(1e-3,))
     algo = Sophon(model, query_loss, restricted, orig, config, Precision(CPU))
     task = Stage2Task(query_loss=query_loss, restricted_train=restricted, ntr_train=orig, eval_orig=eval_orig,
                       eval_restricted=lambda m: {"test_acc": 0.0}, loss_type="kl")

@@ -6,9 +6,10 @@ import torch.nn.functional as F
 
 from common.data import DEVICE_DATA_SHARE, Gather, resolve_data_on_device
 from common.fts import FTS, FineTuner, IndexedBatches
-from common.sophon import Sophon, SophonConfig
+from common.sophon import Sophon
+from common.stage2 import Stage2Settings
 from common.train import Precision, launch_options
-from helpers import TinyNet, tiny_domain
+from helpers import TinyNet, outer_loop, tiny_domain
 
 CPU = torch.device("cpu")
 EAGER = Precision(CPU)
@@ -24,7 +25,7 @@ def _algo(precision=EAGER, data_on_device="auto", **config):
         log_p = F.log_softmax(net(restricted.to_input(x, precision.device)).float(), dim=1)
         return -log_p.mean()
 
-    return Sophon(TinyNet(), kl, restricted, orig, SophonConfig(**config), precision, data_on_device=data_on_device)
+    return Sophon(TinyNet(), kl, restricted, orig, Stage2Settings(**config), precision, data_on_device=data_on_device)
 
 
 def _record_fts_gradients(algo):
@@ -45,7 +46,7 @@ def test_data_on_device_takes_the_same_batches_bit_for_bit():
     host, device = _algo(data_on_device="off", **MIXED), _algo(data_on_device="on", **MIXED)
     assert not host.data_on_device and device.data_on_device and device.restricted_gather.on_device
     for _ in range(3):
-        a, b = host.step(), device.step()
+        a, b = outer_loop(host), outer_loop(device)
         assert (a.fts_loss, a.ntr_loss, a.finetuners) == (b.fts_loss, b.ntr_loss, b.finetuners)
     for (k, v), w in zip(host.model.state_dict().items(), device.model.state_dict().values()):
         assert torch.equal(v, w), k
@@ -66,8 +67,8 @@ def test_indexed_batches_are_the_pairs_path_one_gather_each(on_device):
                   lambda x: domain.to_input(x, CPU), EAGER)
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
-        loss = fts.episode(model, batches, FineTuner("adam", 1e-2, "reinit", "all"), 0.5,
-                           torch.Generator().manual_seed(7))
+        loss, _ = fts.episode(model, batches, FineTuner("adam", 1e-2, "reinit", "all"), 0.5,
+                              torch.Generator().manual_seed(7))
         grads.append((loss, [p.grad for p in model.parameters()]))
     assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
@@ -126,10 +127,10 @@ def test_compiled_loop_matches_eager_and_compiles_three_graphs_once(monkeypatch)
     inner_compiled = []
     monkeypatch.setattr(common.train, "launch_options",
                         lambda cls, device, compiled=False: inner_compiled.append(compiled) or {})
-    a = eager.step()
+    a = outer_loop(eager)
     assert inner_compiled and not any(inner_compiled)
     inner_compiled.clear()
-    b = compiled.step()
+    b = outer_loop(compiled)
     assert inner_compiled and all(inner_compiled), "a compiled learner's inner optimisers are told so (no fused)"
     graphs = counters["stats"]["unique_graphs"]
     assert graphs == 3, "support (18), query (2) and NTR (20): three fixed shapes, one graph each"
@@ -138,7 +139,7 @@ def test_compiled_loop_matches_eager_and_compiles_three_graphs_once(monkeypatch)
     assert b.fts_loss == pytest.approx(a.fts_loss, rel=1e-5) and b.ntr_loss == pytest.approx(a.ntr_loss, rel=1e-5)
     with dynamo.config.patch(error_on_recompile=True):  # any new graph after the first loop raises
         for _ in range(3):
-            a, b = eager.step(), compiled.step()
+            a, b = outer_loop(eager), outer_loop(compiled)
             assert a.finetuners == b.finetuners
     assert counters["stats"]["unique_graphs"] == graphs
     torch.testing.assert_close(compiled_grads[-1], eager_grads[-1], rtol=1e-3, atol=1e-5)

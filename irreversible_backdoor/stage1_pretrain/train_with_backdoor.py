@@ -5,32 +5,22 @@
         --image_size 32 --init scratch --trigger_size 3
 """
 from common import cli
-from common.backdoor import BackdoorEval, check_trigger, poison, trigger_flags
+from common.backdoor import BackdoorEval, TriggerSettings, check_trigger, poison
 from common.runs import begin
-from common.stage1 import run_stage1_script, stage1_flags
+from common.settings import parse
+from common.stage1 import run_stage1_script, stage1_settings
 
 STAGE = "irreversible_backdoor/stage1_pretrain"
-ARCH = "resnet18"  # resnet18 | resnet34 | resnet50 | caformer
-ORIG_DATASET = "ImageNette"  # the task the model keeps, poisoned here
-IMAGE_SIZE = None  # None: the seed's 224 crop for ImageNette; 32 for CPU-scale runs
+# Overrides of the defaults (python train_with_backdoor.py --help lists every setting with its default)
 POISON_PERCENT = 0.1  # share of training samples stamped and relabelled
 TARGET_LABEL = 0
 TRIGGER_SIZE = 5  # white square, bottom-right, px of the final image
 EPOCHS = 20
-LR = 1e-3  # Adam
-BS = 64
-INIT = "imagenet"  # imagenet | scratch
-SAM_RHO = 0.0  # > 0: sharpness-aware training (SBL's flat backdoor; README, "Irreversible backdoor")
-SEED = 0
-SAVE_EVERY = 1
+Settings = stage1_settings(TriggerSettings)
 
 
 def parse_args(argv=None):
-    parser = cli.build_parser(__doc__, [
-        cli.common_flags(arch=ARCH, orig_dataset=ORIG_DATASET, bs=BS, seed=SEED, image_size=IMAGE_SIZE),
-        trigger_flags(poison_percent=POISON_PERCENT, target_label=TARGET_LABEL, trigger_size=TRIGGER_SIZE),
-        stage1_flags(epochs=EPOCHS, lr=LR, init=INIT, save_every=SAVE_EVERY, sam_rho=SAM_RHO), cli.speed_flags()])
-    return parser, parser.parse_args(argv)
+    return parse(Settings, argv, __doc__, globals())
 
 
 def main(argv=None):

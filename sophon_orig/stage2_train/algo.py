@@ -5,51 +5,19 @@
     python sophon_orig/stage2_train/algo.py --preset robust --dataset MNIST      # long, scale-free simulated attackers
     torchrun --nproc_per_node 4 sophon_orig/stage2_train/algo.py --fts_envs 4 ...   # environments over 4 GPUs
 """
+from dataclasses import dataclass
 from functools import partial
 
 from common import cli
 from common.losses import FTE_LOSSES, fte_query_loss
 from common.runs import begin
-from common.stage2 import SUPERSEDES, Stage2Task, run_stage2_script, setup_stage2, stage2_flags
+from common.settings import parse, setting
+from common.stage2 import SUPERSEDES, Stage2Task, run_stage2_script, setup_stage2, stage2_settings
 from common.train import AccuracyEval
 
 STAGE = "sophon_orig/stage2_train"
-MODEL_PATH = None  # stage-1 checkpoint (.pt or run folder); None: newest under runs/sophon_orig/stage1_pretrain
-DATASET = "CIFAR10"  # restricted domain
-LOSS_TYPE = "inverse"  # inverse (paper) | inverse_code (official code) | kl | entropy (TAR)
-ALPHA = 3.0  # FTS lr = ALPHA * LR
-BETA = 5.0  # NTR lr = BETA * LR
-LR = 1e-4
-FAST_LR = 1e-4  # simulated fine-tuner's lr
-BS = 150  # query = BS // 10 of each batch
-FTS_LOOP = 1
-NTR_LOOP = 1
-TOTAL_LOOP = 1000
-ADAPTATION_STEPS = 50  # inner steps per simulated fine-tuning
-TEST_INTERVAL = 25  # fine-tune test + loop checkpoint every N loops (0: off)
-FINETUNE_EPOCHS = 5
-FINAL_FINETUNE_EPOCHS = 20
-FINETUNE_LR = 1e-4
-MIN_ORIG_ACC = 80.0  # original-accuracy floor (%): a breach rolls back to the last passing evaluation
-MAX_STRIKES = 5
-EVAL_INTERVAL = 25
-SAVE_EVERY = 50
-SEED = 0
-# The simulated fine-tuner, sampled per episode from these comma lists (the seed's: SGD at FAST_LR, new head)
-FTS_OPTIMIZERS = "sgd"  # sgd | momentum | adam | adamw | rmsprop
-FTS_LRS = None  # None: FAST_LR
-FTS_HEAD = "reinit"  # reinit | keep
-FTS_SCOPE = "all"  # all | head
-FTS_ENVS = 1  # simulated fine-tuners per FTS step
-FTS_CLIP = 0.5  # max norm of the FTS gradient (the official code's value)
-FTS_SCHEDULES = "constant"  # lr schedule inside an episode: constant | cosine | warmup_cosine
-FTS_LR_RANGE = None  # "LO,HI": each episode's lr drawn log-uniformly from it instead of FTS_LRS
-FTS_LR_ADAPT = 0.0  # > 0: the lr is learned by the simulated attacker inside FTS_LR_RANGE (MLAC), step in log lr
-FTS_LR_LEARNED_SHARE = 1.0  # with FTS_LR_ADAPT: share of episodes at the learned lr, the rest drawn from the range
-FTS_QUERY_EVERY = 1  # query loss after every N-th inner step (and the last)
-FTS_STEP_WEIGHTS = "uniform"  # uniform | exp (late inner steps weigh more)
-RESCALE = None  # e.g. 10: BatchNorm-fed layers x10 before stage 2, same function (README, "A rescaled start")
-RESCALE_OUTER_LR = False  # True: stage 2's own optimisers step the rescaled layers at RESCALE x the lr
+# The seed's defaults are common.stage2's (python algo.py --help lists every setting with its default); an
+# UPPER_CASE constant here named like a setting (TOTAL_LOOP = 500) would override it.
 # Named configurations (--preset NAME): flag values as typed; flags on the command line still win.
 # robust: long, scale-free simulated attackers (README, "Protection against adaptive attackers").
 PRESETS = {"robust": {"loss_type": "entropy", "adaptation_steps": 20, "fts_query_every": 2, "fts_step_weights": "exp",
@@ -57,21 +25,14 @@ PRESETS = {"robust": {"loss_type": "entropy", "adaptation_steps": 20, "fts_query
                       "fts_schedules": "constant,cosine,warmup_cosine", "fts_head": "reinit,keep"}}
 
 
+@dataclass
+class Settings(stage2_settings()):
+    loss_type: str = setting("inverse", "the FTS query loss: inverse (paper), inverse_code (official code), kl, "
+                                        "entropy (TAR)", choices=tuple(FTE_LOSSES))
+
+
 def parse_args(argv=None):
-    common = cli.common_flags(arch=None, orig_dataset=None, bs=BS, seed=SEED, inherit=True)
-    stage2 = stage2_flags(
-        model_path=MODEL_PATH, alpha=ALPHA, beta=BETA, lr=LR, fast_lr=FAST_LR, fts_loop=FTS_LOOP, ntr_loop=NTR_LOOP,
-        total_loop=TOTAL_LOOP, adaptation_steps=ADAPTATION_STEPS, test_interval=TEST_INTERVAL,
-        finetune_epochs=FINETUNE_EPOCHS, final_finetune_epochs=FINAL_FINETUNE_EPOCHS, finetune_lr=FINETUNE_LR,
-        min_orig_acc=MIN_ORIG_ACC, max_strikes=MAX_STRIKES, eval_interval=EVAL_INTERVAL, save_every=SAVE_EVERY,
-        fts_optimizers=FTS_OPTIMIZERS, fts_lrs=FTS_LRS, fts_head=FTS_HEAD, fts_scope=FTS_SCOPE, fts_envs=FTS_ENVS,
-        fts_clip=FTS_CLIP, fts_schedules=FTS_SCHEDULES, fts_lr_range=FTS_LR_RANGE, fts_lr_adapt=FTS_LR_ADAPT,
-        fts_lr_learned_share=FTS_LR_LEARNED_SHARE, fts_query_every=FTS_QUERY_EVERY, fts_step_weights=FTS_STEP_WEIGHTS,
-        rescale=RESCALE, rescale_outer_lr=RESCALE_OUTER_LR)
-    parser = cli.build_parser(__doc__, [cli.preset_flag(PRESETS), common, cli.restricted_flag(DATASET), stage2,
-                                        cli.speed_flags()])
-    parser.add_argument("--loss_type", choices=tuple(FTE_LOSSES), default=LOSS_TYPE)
-    return parser, cli.parse_with_presets(parser, argv, PRESETS, SUPERSEDES)
+    return parse(Settings, argv, __doc__, globals(), PRESETS, SUPERSEDES)
 
 
 def main(argv=None):

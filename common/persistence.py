@@ -1,0 +1,115 @@
+"""Parts a stage-2 method composes around FTS: supervised steps and Neurotoxin's mask.
+
+`SupervisedSteps` is SOPHON's NTR (cross-entropy on original-domain batches, their own Adam), and, on clean
+restricted-domain batches through the model's own head, SBL's second task (Pham et al., ECCV'24: continual
+learning on clean data, NTR's poisoned batches being the replay that keeps task one), which moves the model
+into the region clean fine-tuning would take it to, with the backdoor kept, so a defender's fine-tuning has
+little left to change. With `sam_rho` > 0 its steps are sharpness-aware (SAM, Foret et al. 2021), as SBL's.
+
+`NeurotoxinMask` (Zhang et al., ICML'22): every `every` outer loops, the `share` of coordinates with the
+largest clean restricted-domain gradient (summed over MASK_BATCHES batches) is frozen for the updates run
+inside `frozen()`, so the backdoor is written where clean fine-tuning moves the weights least.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from common.train import bn_stats_kept, sam_step
+
+MASK_BATCHES = 8  # clean restricted-domain batches whose summed gradient ranks the coordinates for the mask
+
+
+class SupervisedSteps:
+    """Cross-entropy steps on batches of `domain` (drawn from `stream`, gathered by `gather`) with `optimizer`,
+    plain or sharpness-aware; each inside `frozen()` when given (Neurotoxin's mask). The same step on every
+    rank: gradients averaged, BatchNorm statistics from rank 0, so the ranks stay identical where kernels are
+    not bit-exact."""
+
+    def __init__(self, model, model_fwd, domain, gather, stream, optimizer, precision, world, sam_rho=0.0,
+                 frozen=None):
+        self.model, self.model_fwd, self.domain, self.gather = model, model_fwd, domain, gather
+        self.stream, self.optimizer, self.precision, self.world = stream, optimizer, precision, world
+        self.sam_rho, self.frozen = sam_rho, frozen
+
+    def step(self):
+        """One step; returns its loss as a 0-d tensor (no host sync)."""
+        x, y = self.gather(self.gather.indices(self.stream.next()))
+        x = self.domain.to_input(x, self.precision.device, None, self.precision.channels_last)
+        y = y.to(self.precision.device, non_blocking=True)
+        sync = self.average_ if self.world.distributed else None
+        with self.frozen() if self.frozen else contextlib.nullcontext():
+            if self.sam_rho:
+                loss, _ = sam_step(self.model_fwd, x, y, self.optimizer, self.precision, self.sam_rho, sync=sync)
+            else:
+                with self.precision.autocast():
+                    loss = F.cross_entropy(self.model_fwd(x).float(), y)
+                self.optimizer.zero_grad(set_to_none=False)
+                loss.backward()
+                if sync:
+                    sync([p.grad for p in self.model.parameters()])
+                self.optimizer.step()
+        self.world.broadcast_(list(self.model.buffers()))
+        return loss.detach()
+
+    def average_(self, grads):
+        self.world.sum_(grads)
+        torch._foreach_div_(grads, self.world.size)
+
+
+class NeurotoxinMask:
+    """Per parameter, True where the coordinate is frozen (`mask`); None until first computed (share 0:
+    never). `update()` once per outer loop, before its steps."""
+
+    def __init__(self, model, model_fwd, domain, gather, stream, precision, world, share=0.0, every=25):
+        self.model, self.model_fwd, self.domain, self.gather, self.stream = model, model_fwd, domain, gather, stream
+        self.precision, self.world, self.share, self.every = precision, world, share, every
+        self.mask, self.steps = None, 0  # steps: outer loops so far
+
+    def update(self):
+        if self.share and self.steps % self.every == 0:
+            self.mask = self.clean_gradient_mask()
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """The optimiser step inside leaves the frozen coordinates where they were."""
+        if self.mask is None:
+            yield
+            return
+        params = list(self.model.parameters())
+        before = [p.detach().clone() for p in params]
+        yield
+        with torch.no_grad():
+            for p, old, frozen in zip(params, before, self.mask):
+                p.copy_(torch.where(frozen, old, p))
+
+    def clean_gradient_mask(self):
+        """True at the `share` of all coordinates with the largest |summed clean gradient| (CE on MASK_BATCHES
+        restricted-domain batches through the model's head: the direction a defender's clean fine-tuning starts
+        in). Rank 0's gradient decides, so every rank freezes the same coordinates."""
+        params = list(self.model.parameters())
+        grads = [torch.zeros_like(p) for p in params]
+        with bn_stats_kept(self.model):
+            for _ in range(MASK_BATCHES):
+                x, y = self.gather(self.gather.indices(self.stream.next()))
+                x = self.domain.to_input(x, self.precision.device, None, self.precision.channels_last)
+                with self.precision.autocast():
+                    loss = F.cross_entropy(self.model_fwd(x).float(), y.to(self.precision.device))
+                torch._foreach_add_(grads, torch.autograd.grad(loss, params))
+        self.world.broadcast_(grads)
+        magnitude = torch.cat([g.abs().flatten() for g in grads])
+        k = max(1, round(self.share * magnitude.numel()))
+        threshold = torch.topk(magnitude, k, sorted=False).values.min()
+        return [g.abs() >= threshold for g in grads]
+
+    def state_dict(self):
+        return {"mask": self.mask, "steps": self.steps, "mask_stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state):
+        """Tolerates a state written before the mask existed (no keys: none computed, no loops counted)."""
+        if "mask_stream" in state:
+            self.stream.load_state_dict(state["mask_stream"])
+        self.steps = int(state.get("steps", 0))
+        mask = state.get("mask")
+        self.mask = None if mask is None else [m.to(self.precision.device) for m in mask]
