@@ -8,6 +8,8 @@ cells (results with a `defence`) are grouped by `defence_verdicts` alone, never 
 """
 import math
 
+from common.procedures import axes, family
+
 LEGEND = (
     "epochs to scratch final: first epoch (0 = before fine-tuning) at which the protected curve reaches the "
     "scratch model's final accuracy, fastest seed; never = not within the epochs run. auc ratio: area under "
@@ -66,8 +68,8 @@ DEFENCE_LEGEND = (
     "over the reference's (> 1: the protected backdoor survives the defence better). pruned channels (fine_pruning): "
     "per seed.")
 
-FAMILY = ("strategy", "optimizer", "lr", "batch_size", "train_fraction", "schedule")  # a cell's axes, seeds pooled
-FAMILY_DEFAULTS = {"train_fraction": 1.0, "schedule": "constant"}  # results written before those axes
+FAMILY = family("attack")  # an attack cell's axes, seeds pooled, as the registry declares them at import
+FAMILY_DEFAULTS = {a.name: a.blank for a in axes()}  # results written before an axis existed
 HEAD_START_MIN = 1.0  # a cell shows protection only where normal's AUC over scratch's exceeds this
 # ... and only where scratch learned: its final accuracy at least this share of the best cell's (same data share)
 REFERENCE_LEARNED_MIN = 0.5
@@ -152,7 +154,7 @@ def persistence_verdicts(results, protected="irreversible", reference="backdoore
     return verdicts
 
 
-DEFENCE_AXES = ("defence", "lr", "batch_size", "train_fraction", "schedule")  # a defence row, seeds pooled
+DEFENCE_AXES = family("defence")  # a defence row, seeds pooled
 
 
 def defence_verdicts(results, protected="irreversible", reference="backdoored"):
