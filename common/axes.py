@@ -73,8 +73,8 @@ class Procedure:
 
     A subclass sets `name`, `role` ("attack", chosen by --attacks; "defence", by --defences) and `axes` (in the
     order of the cell key), and defines
-      make(epochs, **values): the settings of one cell from its axis values, an object with an attribute per
-        axis, `epochs`, and `procedure` (this procedure);
+      make(epochs, **values): the settings of one cell from its values of the axes it spans (all but `fixed`),
+        an object with an attribute per axis, `epochs`, and `procedure` (this procedure);
       run(model, domain, cell, device, precision, evaluate, on_epoch): the cell on `model`, in place, on the
         restricted training split `domain`; returns a common.finetune.AttackCurve of cell.epochs + 1
         evaluations (epoch 0 before the procedure touches the model), each reported to on_epoch as it comes.
@@ -84,15 +84,19 @@ class Procedure:
     name = role = None
     axes = fixed = ()
 
+    def spanned(self):
+        """The axes its grid spans (all but the fixed ones), the seed last."""
+        return seed_last([a for a in self.axes if a.name not in self.fixed])
+
     def cells(self, args):
         """The settings of this procedure's cells over the grid's flags, the seed varying fastest."""
-        axes = seed_last(self.axes)
+        axes = self.spanned()
         return [self.make(args.epochs, **{a.name: v for a, v in zip(axes, combo)})
                 for combo in itertools.product(*(a.values(args) for a in axes))]
 
     @property
     def reads(self):
-        return ("epochs",) + tuple(f for a in self.axes for f in (a.dest, a.fallback) if f)
+        return ("epochs",) + tuple(f for a in self.spanned() for f in (a.dest, a.fallback) if f)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from common import procedures  # noqa: E402
-from common.verdicts import FAMILY, robustness_summary  # noqa: E402
+from common.verdicts import attack_family, robustness_summary  # noqa: E402
 
 START_STYLE = {"sophon": ("tab:red", "-"), "normal": ("tab:blue", "--"), "scratch": ("tab:gray", ":"),
                "null": ("0.6", "-."), "irreversible": ("tab:red", "-"), "backdoored": ("tab:blue", "--")}
@@ -201,10 +201,11 @@ def plot_robustness(run_dir, baselines=("normal", "scratch")):
     summaries = {label: s for label, s in summaries.items() if s}
     if not summaries:
         return []
-    at = FAMILY.index  # the data share first (largest first), then the schedule, then the rest
-    families = sorted({tuple(c[k] for k in FAMILY) for s in summaries.values() for c in s["per_cell"]},
+    names = attack_family()
+    at = names.index  # the data share first (largest first), then the schedule, then the rest
+    families = sorted({tuple(c[k] for k in names) for s in summaries.values() for c in s["per_cell"]},
                       key=lambda f: (-f[at("train_fraction")], f[at("schedule")], *map(str, f)))
-    ratio = {(label, tuple(c[k] for k in FAMILY)): c for label, s in summaries.items() for c in s["per_cell"]}
+    ratio = {(label, tuple(c[k] for k in names)): c for label, s in summaries.items() for c in s["per_cell"]}
     grid = np.full((len(families), len(summaries)), np.nan)
     for j, label in enumerate(summaries):
         for i, family in enumerate(families):

@@ -1,9 +1,9 @@
 """report.md of a stage-3 run: the verdict tables and the final figures, readable without opening the CSVs.
 
 Its columns come from the axes the procedures declare (common.procedures): a family is described by the
-verdicts' FAMILY, a defence row by their DEFENCE_AXES, a per-metric row by every axis."""
+verdicts' attack_family(), a defence row by their defence_family(), a per-metric row by every axis."""
 from common.procedures import axes
-from common.verdicts import DEFENCE_AXES, DEFENCE_LEGEND, FAMILY, LEGEND, ROBUSTNESS_LEGEND
+from common.verdicts import DEFENCE_LEGEND, LEGEND, ROBUSTNESS_LEGEND, attack_family, defence_family
 
 
 def _fmt(value, none="n/a"):
@@ -31,7 +31,7 @@ def _described(cell):
     """An attack family in words: its axis values, the numeric ones after their column's name."""
     by_name = {a.name: a for a in axes("attack")}
     return " ".join(f"{by_name[k].title} {_value(cell[k])}" if isinstance(cell[k], (int, float)) else _value(cell[k])
-                    for k in FAMILY)
+                    for k in attack_family())
 
 
 def _header(titles):
@@ -56,7 +56,7 @@ def _robustness_lines(robustness):
     lines += ["", "Per attack family: scratch's final accuracy (mean over seeds), the head start of normal over "
               "scratch (auc(normal) / auc(scratch), mean over seeds) and each protected model's auc ratio vs "
               "scratch:", ""]
-    labels, names = list(robustness), FAMILY
+    labels, names = list(robustness), attack_family()
     titles = {a.name: a.title for a in axes("attack")}
     lines += _header([titles[k] for k in names] + ["scratch final", "head start", "shows protection"] + labels)
     rows = {}
@@ -88,11 +88,11 @@ def _pooled_lines(pooled):
 
 
 def _defence_lines(rows):
-    """report.md's defence section: a row per defence family (DEFENCE_AXES), protected vs reference."""
+    """report.md's defence section: a row per defence family (defence_family()), protected vs reference."""
     p, r = rows[0]["protected"], rows[0]["reference"]
     pruned = any(f"pruned_channels_{p}" in row for row in rows)
     titles = {a.name: a.title for a in axes("defence")}
-    names = DEFENCE_AXES
+    names = defence_family()
     lines = ["## Defences", "", DEFENCE_LEGEND, ""] + _header(
         [titles[k] for k in names] + ["seeds", f"clean acc {p}", f"clean acc {r}", f"ASR {p}", f"ASR {r}",
                                       "ASR auc ratio"] + ([f"pruned channels {p}", f"pruned channels {r}"] * pruned))

@@ -8,7 +8,7 @@ cells (results with a `defence`) are grouped by `defence_verdicts` alone, never 
 """
 import math
 
-from common.procedures import axes, family
+from common import procedures
 
 LEGEND = (
     "epochs to scratch final: first epoch (0 = before fine-tuning) at which the protected curve reaches the "
@@ -68,8 +68,21 @@ DEFENCE_LEGEND = (
     "over the reference's (> 1: the protected backdoor survives the defence better). pruned channels (fine_pruning): "
     "per seed.")
 
-FAMILY = family("attack")  # an attack cell's axes, seeds pooled, as the registry declares them at import
-FAMILY_DEFAULTS = {a.name: a.blank for a in axes()}  # results written before an axis existed
+
+
+def attack_family():
+    """The fields of an attack family, seeds pooled: the attack axes the registered procedures declare."""
+    return procedures.family("attack")
+
+
+def defence_family():
+    """The fields of a defence row, seeds pooled: the defences' naming axis, then their other axes."""
+    return procedures.family("defence")
+
+
+def _value(r, name):
+    """A result's value of an axis; the axis' default where the result was written before the axis existed."""
+    return r.get(name, next((a.blank for a in procedures.axes() if a.name == name), None))
 HEAD_START_MIN = 1.0  # a cell shows protection only where normal's AUC over scratch's exceeds this
 # ... and only where scratch learned: its final accuracy at least this share of the best cell's (same data share)
 REFERENCE_LEARNED_MIN = 0.5
@@ -77,7 +90,7 @@ RUN_SEPARATOR = "#"  # protected models labelled NAME#K are runs (stage-2 seeds,
 
 
 def _family(r):
-    return tuple(r.get(k, FAMILY_DEFAULTS.get(k)) for k in FAMILY)
+    return tuple(_value(r, k) for k in attack_family())
 
 
 def _by_attack(results, metric):
@@ -123,7 +136,7 @@ def scratch_verdicts(results, protected="sophon", reference="scratch", metric="t
             continue
         reached = [e for e in reach if e is not None]
         mean, std = mean_std(ratios)
-        verdicts.append({**dict(zip(FAMILY, family)), "protected": protected, "reference": reference,
+        verdicts.append({**dict(zip(attack_family(), family)), "protected": protected, "reference": reference,
                          "epochs_to_scratch_final": min(reached) if reached else None,
                          "epochs_to_scratch_final_per_seed": reach,
                          "auc_ratio_mean": mean, "auc_ratio_std": std, "seeds": len(reach)})
@@ -145,7 +158,7 @@ def persistence_verdicts(results, protected="irreversible", reference="backdoore
         ratios = [auc(c[protected]) / auc(c[reference]) if auc(c[reference]) > 0 else None for c in pairs]
         mean, std = mean_std(ratios)
         verdicts.append({
-            **dict(zip(FAMILY, family)), "protected": protected, "reference": reference, "seeds": len(pairs),
+            **dict(zip(attack_family(), family)), "protected": protected, "reference": reference, "seeds": len(pairs),
             f"final_asr_{protected}": mean_std([c[protected][-1] for c in pairs])[0],
             f"final_asr_{reference}": mean_std([c[reference][-1] for c in pairs])[0],
             "auc_ratio_mean": mean, "auc_ratio_std": std,
@@ -153,8 +166,6 @@ def persistence_verdicts(results, protected="irreversible", reference="backdoore
             f"first_epoch_asr_below_50_{reference}": [first_epoch_below(c[reference]) for c in pairs]})
     return verdicts
 
-
-DEFENCE_AXES = family("defence")  # a defence row, seeds pooled
 
 
 def defence_verdicts(results, protected="irreversible", reference="backdoored"):
@@ -166,14 +177,14 @@ def defence_verdicts(results, protected="irreversible", reference="backdoored"):
     grouped = {}
     for r in results:
         if r.get("defence"):
-            key = tuple(r.get(k, FAMILY_DEFAULTS.get(k)) for k in DEFENCE_AXES)
+            key = tuple(_value(r, k) for k in defence_family())
             grouped.setdefault(key, {}).setdefault(r["seed"], {})[r["start"]] = r
     rows = []
     for key, seeds in grouped.items():
         pairs = [c for c in seeds.values() if protected in c and reference in c]
         if not pairs:
             continue
-        row = {**dict(zip(DEFENCE_AXES, key)), "protected": protected, "reference": reference, "seeds": len(pairs)}
+        row = {**dict(zip(defence_family(), key)), "protected": protected, "reference": reference, "seeds": len(pairs)}
         for metric in ("test_acc", "asr"):
             for start in (protected, reference):
                 mean, std = mean_std([c[start][f"{metric}_curve"][-1] for c in pairs])
@@ -231,7 +242,7 @@ def robustness_summary(results, protected="sophon", reference="scratch", baselin
             continue
         mean, std = mean_std(list(ratios.values()))
         head = mean_std(heads)[0]
-        cells.append({**dict(zip(FAMILY, family)), "auc_ratio_mean": mean, "auc_ratio_std": std,
+        cells.append({**dict(zip(attack_family(), family)), "auc_ratio_mean": mean, "auc_ratio_std": std,
                       "seeds": len(ratios), "head_start": head, "null_ratio": mean_std(nulls)[0],
                       "reference_final": mean_std([seeds[s][reference][-1] for s in ratios])[0]})
         for seed, ratio in ratios.items():
@@ -296,11 +307,11 @@ def pooled_robustness(robustness):
         cells = {}
         for _, r in runs:
             for c in r["per_cell"]:
-                cells.setdefault(tuple(c[k] for k in FAMILY), []).append(c)
+                cells.setdefault(tuple(c[k] for k in attack_family()), []).append(c)
         per_cell = []
         for axes, same in cells.items():
             mean, std = mean_std([c["auc_ratio_mean"] for c in same])
-            per_cell.append({**dict(zip(FAMILY, axes)), "auc_ratio_mean": mean, "auc_ratio_std": std,
+            per_cell.append({**dict(zip(attack_family(), axes)), "auc_ratio_mean": mean, "auc_ratio_std": std,
                              "runs": len(same), "runs_below_1": sum(c["auc_ratio_mean"] < 1 for c in same),
                              "shows_protection": same[0]["shows_protection"]})
         over_runs = {}
