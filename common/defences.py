@@ -3,9 +3,10 @@
 A defence gets what a fine-tuning attack gets (common.finetune.run_attack): a model, the defender's clean
 training data (the restricted training split, or its fixed `train_fraction` share: common.finetune.
 attack_subset) and the evaluate callback; it changes the model in place and returns an AttackCurve, epoch 0
-measured before the defence touches the model, then one evaluation after each of its `epochs` epochs. A
-defence cell is an Attack whose `defence` names one of DEFENCES; its lr, schedule, batch size, epochs, seed
-and train fraction come from the Attack, the rest of the recipe from a DefenceConfig (the flags below).
+measured before the defence touches the model, then one evaluation after each of its `epochs` epochs. Each
+defence is a stage-3 procedure (a Defence in DEFENCES, chosen by --defences); a cell of it is a DefenceCell
+(its lr, schedule, batch size, epochs, seed and train fraction), the rest of the recipe a DefenceConfig (the
+flags below). To add a defence: its function below and its line in DEFENCES.
 
 Every defence trains all layers and keeps the head, with SGD (DEFENCE_MOMENTUM, DEFENCE_WEIGHT_DECAY).
 Defaults follow BackdoorBench (https://github.com/SCLBD/BackdoorBench, commit f02e353,
@@ -16,15 +17,17 @@ import argparse
 import copy
 import itertools
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.axes import Axis, Procedure
 from common.cli import UsageError, comma_list, fraction, nonneg_float, nonneg_int, pos_float, pos_int
-from common.finetune import (Attack, _ScheduledSteps, attack_subset, scope_params, start_curve, steps_per_epoch,
-                             train_epochs, training_only)
+from common.finetune import (BATCH_SIZE, LR, OPTIMIZER, SCHEDULE, SEED, STRATEGY, TRAIN_FRACTION, _ScheduledSteps,
+                             attack_subset, scope_params, start_curve, steps_per_epoch, train_epochs, training_only)
 from common.models import classifier_head
 from common.train import ce_step, sam_step, train_epoch
 
@@ -32,12 +35,6 @@ from common.train import ce_step, sam_step, train_epoch
 DEFENCE_LR = 0.01  # `lr: 0.01` (ft, ft_sam, fine_pruning's fine-tuning, both NAD runs)
 DEFENCE_MOMENTUM = 0.9  # `sgd_momentum: 0.9`
 DEFENCE_WEIGHT_DECAY = 5e-4  # `wd: 5.0e-4`
-# lr schedule of each defence over its optimisation steps (a name of common.finetune.SCHEDULES, or super_ft's own):
-# BackdoorBench's CosineAnnealingLR (T_max 100 = its 100 epochs) for ft, ft-sam and fp; NAD's student holds lr
-# at 0.01 (defense/nad.py adjust_learning_rate: 0.01 before epoch 20) and its teacher's cosine (T_max 100 over
-# te_epochs 10) stays within 2.5% of 0.01, so NAD runs at a constant lr here
-DEFENCE_SCHEDULES = {"ft": "cosine", "ft_sam": "cosine", "super_ft": "cyclic", "fine_pruning": "cosine",
-                     "nad": "constant"}
 # ---- ft_sam ----------------------------------------------------------------------------------------------------
 SAM_RHO = 0.05  # Foret et al.'s SAM radius for CIFAR; BackdoorBench's ft-sam uses rho 2.0 with *adaptive* SAM
 SAM_ADAPTIVE = False  # True: ASAM's perturbation, BackdoorBench's default (its --adaptive is store_false)
@@ -61,7 +58,7 @@ RESNETS = ("resnet18", "resnet34", "resnet50")  # the archs with the layers fine
 
 @dataclass(frozen=True)
 class DefenceConfig:
-    """The defences' hyper-parameters beyond what an Attack carries; field = flag = UPPER_CASE constant."""
+    """The defences' hyper-parameters beyond what a DefenceCell carries; field = flag = UPPER_CASE constant."""
     defence_lr: float = DEFENCE_LR
     defence_momentum: float = DEFENCE_MOMENTUM
     defence_weight_decay: float = DEFENCE_WEIGHT_DECAY
@@ -85,12 +82,33 @@ class DefenceConfig:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class DefenceCell:
+    """A defence's cell: the settings of one run_defence, and the recipe's hyper-parameters `cfg`. Every
+    defence trains all layers and keeps the head with SGD momentum, which its strategy and optimizer say in
+    the fine-tuning attack's terms (and so in its key and rows)."""
+    defence: str
+    lr: float
+    batch_size: int
+    epochs: int
+    seed: int
+    train_fraction: float = 1.0
+    schedule: str = "constant"
+    cfg: DefenceConfig = field(default=DefenceConfig(), compare=False, repr=False)
+    strategy: ClassVar[str] = "direct_all"
+    optimizer: ClassVar[str] = "momentum"
+
+    @property
+    def procedure(self):
+        return DEFENCES[self.defence]
+
+
 @dataclass
 class DefenceRun:
     """One defence cell at work: the defender's data (already the train-fraction subset), the cell, the
-    flags, where it runs, and the cell's batch-order generator (seeded by attack.seed)."""
+    flags, where it runs, and the cell's batch-order generator (seeded by cell.seed)."""
     domain: object
-    attack: Attack
+    cell: DefenceCell
     cfg: DefenceConfig
     device: torch.device
     precision: object
@@ -99,20 +117,20 @@ class DefenceRun:
     gen: torch.Generator
 
     def steps(self, epochs):
-        return steps_per_epoch(len(self.domain), self.attack.batch_size) * epochs
+        return steps_per_epoch(len(self.domain), self.cell.batch_size) * epochs
 
     def optimizer(self, params, schedule, epochs):
         """SGD under `schedule` (a SCHEDULES name or a step -> lr multiplier function) over `epochs` epochs."""
-        return _ScheduledSteps(_sgd(params, self.attack.lr, self.cfg), schedule, self.steps(epochs))
+        return _ScheduledSteps(_sgd(params, self.cell.lr, self.cfg), schedule, self.steps(epochs))
 
     def fine_tune(self, model, curve, schedule=None, step=ce_step):
-        """attack.epochs epochs of the defence recipe on every layer, head kept, appended to `curve`."""
+        """cell.epochs epochs of the defence recipe on every layer, head kept, appended to `curve`."""
         trainable, bn_eval = scope_params(model, "all")
         with training_only(model, trainable):
-            optimizer = self.optimizer(trainable, schedule or self.attack.schedule, self.attack.epochs)
-            return train_epochs(model, self.domain, optimizer, curve, self.attack.epochs, self.attack.batch_size,
+            optimizer = self.optimizer(trainable, schedule or self.cell.schedule, self.cell.epochs)
+            return train_epochs(model, self.domain, optimizer, curve, self.cell.epochs, self.cell.batch_size,
                                 self.gen, self.device, self.precision, self.evaluate, self.on_epoch, bn_eval=bn_eval,
-                                step=step, name=f"defence {self.attack.defence}")
+                                step=step, name=f"defence {self.cell.defence}")
 
 
 def _sgd(params, lr, cfg):
@@ -122,7 +140,7 @@ def _sgd(params, lr, cfg):
 # ---- ft ---------------------------------------------------------------------------------------------------------
 
 def ft(model, run, curve):
-    """Fine-tuning (BackdoorBench defense/ft.py): SGD-momentum at attack.lr with weight decay, cosine-annealed
+    """Fine-tuning (BackdoorBench defense/ft.py): SGD-momentum at cell.lr with weight decay, cosine-annealed
     over the run's optimisation steps (BackdoorBench anneals per epoch over its 100), every layer, head kept."""
     return run.fine_tune(model, curve)
 
@@ -155,7 +173,7 @@ def super_ft_lr(k, steps, cfg, max_lr):
 
 def super_ft(model, run, curve):
     """Super-fine-tuning (Sha et al. 2022, "Fine-tuning is all you need to mitigate backdoor attacks",
-    arXiv 2212.09067): SGD-momentum on every layer under a large two-phase cyclic lr (super_ft_lr), attack.lr
+    arXiv 2212.09067): SGD-momentum on every layer under a large two-phase cyclic lr (super_ft_lr), cell.lr
     being the phase-1 peak.
 
     Not in BackdoorBench, and the paper's code could not be read here; the defaults are chosen: the two
@@ -165,8 +183,8 @@ def super_ft(model, run, curve):
     for SGD with momentum 0.9, and the phase split follow the Landseer port of the paper's recipe
     (github.com/landseer-project/Landseer-BackdoorBench, FT_SFT_DEFENSE.md: base 3e-4, peaks 0.1 and 1e-3,
     3 of 6 epochs in phase 1)."""
-    steps = run.steps(run.attack.epochs)
-    schedule = lambda k: super_ft_lr(k, steps, run.cfg, run.attack.lr) / run.attack.lr
+    steps = run.steps(run.cell.epochs)
+    schedule = lambda k: super_ft_lr(k, steps, run.cfg, run.cell.lr) / run.cell.lr
     return run.fine_tune(model, curve, schedule=schedule)
 
 
@@ -292,8 +310,8 @@ def nad_loss(logits, y, student_maps, teacher_maps, betas=NAD_BETAS, p=NAD_P):
 
 def nad(model, run, curve):
     """Neural Attention Distillation (Li et al., ICLR 2021; BackdoorBench defense/nad.py): the teacher, a copy of
-    the model fine-tuned on the defender's data for --nad_teacher_epochs at attack.lr (DEFENCE_SCHEDULES:
-    constant), then the model (the student) trained for attack.epochs with
+    the model fine-tuned on the defender's data for --nad_teacher_epochs at cell.lr (DEFENCE_SCHEDULES:
+    constant), then the model (the student) trained for cell.epochs with
     CE + sum_i beta_i AT(student_i, teacher_i) over the outputs of layer2, layer3 and layer4, the teacher in
     eval mode. Epoch 0 is before both.
 
@@ -306,9 +324,9 @@ def nad(model, run, curve):
     teacher = copy.deepcopy(model)
     params, bn_eval = scope_params(teacher, "all")
     with training_only(teacher, params):
-        optimizer = run.optimizer(params, run.attack.schedule, cfg.nad_teacher_epochs)
+        optimizer = run.optimizer(params, run.cell.schedule, cfg.nad_teacher_epochs)
         for epoch in range(1, cfg.nad_teacher_epochs + 1):
-            train_epoch(teacher, run.domain, optimizer, run.device, run.precision, run.attack.batch_size, run.gen,
+            train_epoch(teacher, run.domain, optimizer, run.device, run.precision, run.cell.batch_size, run.gen,
                         bn_eval_modules=bn_eval, desc=f"nad teacher epoch {epoch}/{cfg.nad_teacher_epochs}")
     teacher.eval().requires_grad_(False)
     curve.defence_info = {"teacher_epochs": cfg.nad_teacher_epochs, "teacher_skipped_steps": optimizer.skipped}
@@ -328,69 +346,72 @@ def nad(model, run, curve):
         return run.fine_tune(model, curve, step=step)
 
 
-DEFENCES = {"ft": ft, "ft_sam": ft_sam, "super_ft": super_ft, "fine_pruning": fine_pruning, "nad": nad}
-# which defences read each flag (a flag given for none of the chosen defences is refused: every flag is used)
-FLAG_USERS = {"defence_lr": ("ft", "ft_sam", "fine_pruning", "nad"), "defence_momentum": tuple(DEFENCES),
-              "defence_weight_decay": tuple(DEFENCES), "sam_rho": ("ft_sam",), "sam_adaptive": ("ft_sam",),
-              **{f.name: ("super_ft",) for f in fields(DefenceConfig) if f.name.startswith("super_ft_")},
-              "prune_step": ("fine_pruning",), "prune_acc_drop": ("fine_pruning",),
-              **{f.name: ("nad",) for f in fields(DefenceConfig) if f.name.startswith("nad_")}}
-GRID_ONLY = ("strategies", "optimizers", "lrs", "finetune_lr", "schedules")  # unused under --defences_only
-NEEDS_RESNET = ("fine_pruning", "nad")
+DEFENCE = Axis("defence", default=None)  # the defence a cell runs; fine-tuning cells have none, so their keys predate it
+READ_BY_EVERY_DEFENCE = ("train_fractions", "seeds", "seed", "batch_sizes", "bs", "defence_momentum",
+                         "defence_weight_decay")
 
 
-def run_defence(model, train_domain, attack, cfg, device, precision, evaluate, on_epoch=None):
-    """Run attack.defence on `model` in place with the DefenceConfig `cfg` (None: the defaults); returns an
-    AttackCurve of attack.epochs + 1 evaluations, epoch 0 before the defence. The defender's data is
-    attack_subset(train_domain, attack.train_fraction)."""
-    if attack.defence not in DEFENCES:
-        raise ValueError(f"unknown defence {attack.defence!r} (choose from {', '.join(DEFENCES)})")
-    if attack.batch_size < 2:
-        raise UsageError(f"batch size {attack.batch_size}: BatchNorm needs two samples per batch")
-    domain = attack_subset(train_domain, attack.train_fraction)
-    run = DefenceRun(domain, attack, cfg or DefenceConfig(), device, precision, evaluate, on_epoch,
-                     torch.Generator().manual_seed(attack.seed))
+class Defence(Procedure):
+    """A backdoor defence as a stage-3 procedure: `recipe(model, run, curve)` (a function above) under the lr
+    schedule `schedule` (a name of common.finetune.SCHEDULES, or the recipe's own) at the lr of the flag
+    `lr_flag`, reading the flags `own` besides those every defence reads; `resnet`: it needs a torchvision
+    ResNet's stages. One cell per (train fraction, seed); batch size the grid's first (--batch_sizes, else --bs)."""
+    role = "defence"
+    axes = (STRATEGY, OPTIMIZER, LR, BATCH_SIZE, SEED, TRAIN_FRACTION, SCHEDULE, DEFENCE)
+    fixed = ("strategy", "optimizer")  # DefenceCell's
+
+    def __init__(self, name, recipe, schedule, lr_flag="defence_lr", own=(), resnet=False):
+        self.name, self.recipe, self.schedule = name, recipe, schedule
+        self.lr_flag, self.own, self.resnet = lr_flag, tuple(own), resnet
+
+    @property
+    def reads(self):
+        return ("epochs", *READ_BY_EVERY_DEFENCE, self.lr_flag, *self.own)
+
+    def cells(self, args):
+        cfg = DefenceConfig.from_args(args)
+        lr, bs = float(getattr(cfg, self.lr_flag)), int(BATCH_SIZE.values(args)[0])
+        return [DefenceCell(self.name, lr, bs, args.epochs, int(seed), float(f), self.schedule, cfg)
+                for f, seed in itertools.product(TRAIN_FRACTION.values(args), SEED.values(args))]
+
+    def run(self, model, domain, cell, device, precision, evaluate, on_epoch=None):
+        return run_defence(model, domain, cell, cell.cfg, device, precision, evaluate, on_epoch)
+
+
+def _flags(prefix):
+    return tuple(f.name for f in fields(DefenceConfig) if f.name.startswith(prefix))
+
+
+# One line per defence. Schedules: BackdoorBench's CosineAnnealingLR (T_max 100 = its 100 epochs) for ft, ft-sam and
+# fp; NAD's student holds lr at 0.01 (defense/nad.py adjust_learning_rate: 0.01 before epoch 20) and its teacher's
+# cosine (T_max 100 over te_epochs 10) stays within 2.5% of 0.01, so NAD runs at a constant lr here
+DEFENCES = {d.name: d for d in (
+    Defence("ft", ft, "cosine"),
+    Defence("ft_sam", ft_sam, "cosine", own=_flags("sam_")),
+    Defence("super_ft", super_ft, "cyclic", lr_flag="super_ft_max_lr", own=_flags("super_ft_")),
+    Defence("fine_pruning", fine_pruning, "cosine", own=_flags("prune_"), resnet=True),
+    Defence("nad", nad, "constant", own=_flags("nad_"), resnet=True),
+)}
+DEFENCE_SCHEDULES = {name: d.schedule for name, d in DEFENCES.items()}
+
+
+def run_defence(model, train_domain, cell, cfg, device, precision, evaluate, on_epoch=None):
+    """Run the DefenceCell `cell` on `model` in place with the DefenceConfig `cfg` (None: the defaults); returns
+    an AttackCurve of cell.epochs + 1 evaluations, epoch 0 before the defence. The defender's data is
+    attack_subset(train_domain, cell.train_fraction)."""
+    if cell.batch_size < 2:
+        raise UsageError(f"batch size {cell.batch_size}: BatchNorm needs two samples per batch")
+    domain = attack_subset(train_domain, cell.train_fraction)
+    run = DefenceRun(domain, cell, cfg or DefenceConfig(), device, precision, evaluate, on_epoch,
+                     torch.Generator().manual_seed(cell.seed))
     curve = start_curve(model, domain, evaluate, on_epoch)
-    return DEFENCES[attack.defence](model, run, curve)
-
-
-def recipe_lr(name, cfg):
-    """The lr a defence cell carries (and its key shows): super_ft's phase-1 peak, else --defence_lr."""
-    return cfg.super_ft_max_lr if name == "super_ft" else cfg.defence_lr
-
-
-def defence_attacks(args):
-    """One defence cell per (defence, train fraction, seed) of --defences, in that order; batch size the
-    grid's first (--batch_sizes, else --bs), epochs the grid's --epochs. [] without --defences."""
-    names = getattr(args, "defences", None) or []
-    if not names:
-        return []
-    cfg = DefenceConfig.from_args(args)
-    bs = (args.batch_sizes or [args.bs])[0]
-    seeds = args.seeds if args.seeds is not None else [args.seed]
-    return [Attack("direct_all", "momentum", float(recipe_lr(name, cfg)), int(bs), args.epochs, int(seed), float(f),
-                   DEFENCE_SCHEDULES[name], defence=name)
-            for name, f, seed in itertools.product(names, args.train_fractions or [1.0], seeds)]
-
-
-def check_flags(args, given):
-    """Refuse --defences_only without defences or with fine-tuning grid flags, and a defence flag that none
-    of the chosen defences reads (`given`: the dest names typed, common.cli.given_flags)."""
-    chosen = set(args.defences or ())
-    if args.defences_only and not chosen:
-        raise UsageError("--defences_only needs --defences")
-    unused = [f"--{k}" for k in GRID_ONLY if k in given]
-    if args.defences_only and unused:
-        raise UsageError(f"--defences_only runs no fine-tuning attack, so {', '.join(unused)} would be unused")
-    for flag, users in FLAG_USERS.items():
-        if flag in given and not chosen & set(users):
-            raise UsageError(f"--{flag} is read by {', '.join(users)} only, and --defences names none of them")
+    return cell.procedure.recipe(model, run, curve)
 
 
 def check_arch(names, arch):
     """fine_pruning and nad need a torchvision ResNet's layer2-4 and avgpool: refuse any other arch."""
     for name in names or ():
-        if name in NEEDS_RESNET and arch not in RESNETS:
+        if DEFENCES[name].resnet and arch not in RESNETS:
             raise UsageError(f"--defences {name} needs a torchvision ResNet ({', '.join(RESNETS)}: layer2-4, avgpool, "
                              f"fc); {arch} has none")
 

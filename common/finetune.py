@@ -1,16 +1,15 @@
-"""Fine-tuning attacks: strategies, the attack grid, and one attack run on a model."""
-import argparse
+"""The fine-tuning attack, stage 3's first procedure: strategies, its axes, and one attack run on a model."""
 import contextlib
 import itertools
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from common.cli import UsageError, batch_size, comma_list, fraction, nonneg_int, pos_float, pos_int
+from common.axes import Axis, Procedure
+from common.cli import UsageError, batch_size, fraction, nonneg_int, pos_float
 from common.data import epoch_batches
 from common.models import head_param_names, head_path, reinit_head
 from common.train import OPTIMIZERS, ce_step, make_optimizer, train_epoch
@@ -40,8 +39,27 @@ def scope_params(model, scope):
     return trainable, bn_eval
 
 
+# The fine-tuning attack's axes, in the order of a cell key; the defences and later procedures reuse them.
+STRATEGY = Axis("strategy", flag="--strategies", choices=tuple(STRATEGIES), grid=["direct_all"],
+                help="direct_all, initfc_all (new head), direct_fc, initfc_fc (head only)")
+OPTIMIZER = Axis("optimizer", flag="--optimizers", choices=tuple(OPTIMIZERS), grid=["momentum"],
+                 help=", ".join(OPTIMIZERS) + " (sign: sign descent; normalized: steps of length lr)")
+LR = Axis("lr", pos_float, key="{:g}", flag="--lrs", fallback="finetune_lr", help="default: [--finetune_lr]")
+BATCH_SIZE = Axis("batch_size", batch_size, label="bs", flag="--batch_sizes", fallback="bs", help="default: [--bs]")
+SEED = Axis("seed", nonneg_int, flag="--seeds", fallback="seed", help="default: [--seed]")
+TRAIN_FRACTION = Axis(
+    "train_fraction", fraction, 1.0, key="f{:g}", label="train fraction", flag="--train_fractions", grid=[1.0],
+    help="shares in (0, 1] of the restricted training split the attacker fine-tunes on (a fixed subset, stratified "
+         "per class, the same for every start model and seed); evaluation stays on the whole test split")
+SCHEDULE = Axis("schedule", str, "constant", flag="--schedules", choices=SCHEDULES, grid=["constant"],
+                help="attacker lr schedules, per optimisation step over the whole run: constant, cosine (to 0), "
+                     f"warmup_cosine (linear warmup over the first {WARMUP_FRACTION:.0%}% of the steps, then cosine "
+                     "to 0)")
+
+
 @dataclass(frozen=True)
 class Attack:
+    """A fine-tuning attack's cell: the settings of one run_attack."""
     strategy: str
     optimizer: str
     lr: float
@@ -50,10 +68,10 @@ class Attack:
     seed: int
     train_fraction: float = 1.0  # share of the restricted training split the attacker has (a fixed subset)
     schedule: str = "constant"  # lr schedule over the run's optimisation steps: one of SCHEDULES
-    defence: str = None  # a backdoor defence (common.defences.DEFENCES) instead of a fine-tuning attack
 
-    def as_dict(self):
-        return asdict(self)
+    @property
+    def procedure(self):
+        return FINE_TUNING
 
 
 def subset_indices(labels, fraction):
@@ -161,54 +179,6 @@ class _ScheduledSteps:
         self.scheduler.step()
 
 
-def grid_flags(default_epochs, default_lr, default_bs, starts, optional_starts=()):
-    """The attack grid's flags; `starts` names the start models a script fine-tunes by default, `optional_starts`
-    those it fine-tunes only when asked."""
-    p = argparse.ArgumentParser(add_help=False)
-    choices = tuple(starts) + tuple(optional_starts)
-    p.add_argument("--start", "--starts", dest="start", type=comma_list(str, choices), default=list(starts),
-                   help=f"start models to fine-tune (any of {','.join(choices)}; default {','.join(starts)}); "
-                        f"under torchrun write --starts: "
-                        f"torchrun's own parser takes --start for its --start-method")
-    p.add_argument("--epochs", type=pos_int, default=default_epochs, help="fine-tuning epochs per attack")
-    p.add_argument("--finetune_lr", type=pos_float, default=default_lr)
-    p.add_argument("--strategies", type=comma_list(str, tuple(STRATEGIES)), default=["direct_all"],
-                   help="direct_all, initfc_all (new head), direct_fc, initfc_fc (head only)")
-    p.add_argument("--optimizers", type=comma_list(str, tuple(OPTIMIZERS)), default=["momentum"],
-                   help=", ".join(OPTIMIZERS) + " (sign: sign descent; normalized: steps of length lr)")
-    p.add_argument("--lrs", type=comma_list(pos_float), default=None, help="default: [--finetune_lr]")
-    p.add_argument("--batch_sizes", type=comma_list(batch_size), default=None, help="default: [--bs]")
-    p.add_argument("--seeds", type=comma_list(nonneg_int), default=None, help="default: [--seed]")
-    p.add_argument("--train_fractions", type=comma_list(fraction), default=[1.0],
-                   help="shares in (0, 1] of the restricted training split the attacker fine-tunes on (a fixed "
-                        "subset, stratified per class, the same for every start model and seed); evaluation "
-                        "stays on the whole test split")
-    p.add_argument("--schedules", type=comma_list(str, SCHEDULES), default=["constant"],
-                   help="attacker lr schedules, per optimisation step over the whole run: constant, cosine "
-                        f"(to 0), warmup_cosine (linear warmup over the first {WARMUP_FRACTION:.0%}% of the steps, "
-                        "then cosine to 0)")
-    p.add_argument("--reuse_cells", type=Path, default=None, metavar="RUN",
-                   help="another stage-3 run folder of the same settings: its finished cells of the start models "
-                        "both grids fine-tune from the same checkpoint (scratch, say) are copied into this run "
-                        "instead of run again")
-    return p
-
-
-def expand_grid(args):
-    """Every attack of the grid, in a stable order; list flags win over their single-value forms. None with
-    --defences_only (the defence cells come from common.defences.defence_attacks)."""
-    if getattr(args, "defences_only", False):
-        return []
-    lrs = args.lrs or [args.finetune_lr]
-    sizes = args.batch_sizes or [args.bs]
-    seeds = args.seeds if args.seeds is not None else [args.seed]
-    fractions = getattr(args, "train_fractions", None) or [1.0]
-    schedules = getattr(args, "schedules", None) or ["constant"]
-    return [Attack(s, o, float(lr), int(b), args.epochs, int(seed), float(f), sch)
-            for s, o, lr, b, f, sch, seed in itertools.product(args.strategies, args.optimizers, lrs, sizes,
-                                                                fractions, schedules, seeds)]
-
-
 class AttackCurve(list):
     """[evaluate(model)] for epochs 0..epochs, and how the run went: `skipped_steps` (steps skipped for
     non-finite gradients), `diverged_epoch` (the epoch after which weights or BatchNorm statistics were no
@@ -287,10 +257,8 @@ def run_attack(model, train_domain, attack, device, precision, evaluate, on_epoc
 
     Epoch 0 is measured as fine-tuning starts, after any head re-initialisation. The attacker trains on
     attack_subset(train_domain, attack.train_fraction), one pass over it per epoch, under attack.schedule
-    (stepped after every optimisation step). An attack naming a defence is common.defences.run_defence's.
+    (stepped after every optimisation step).
     """
-    if attack.defence is not None:
-        raise ValueError(f"{attack} is a defence: run it with common.defences.run_defence")
     if attack.batch_size < 2:
         raise UsageError(f"batch size {attack.batch_size}: BatchNorm needs two samples per batch")
     train_domain = attack_subset(train_domain, attack.train_fraction)
@@ -306,3 +274,20 @@ def run_attack(model, train_domain, attack, device, precision, evaluate, on_epoc
         curve = start_curve(model, train_domain, evaluate, on_epoch)
         return train_epochs(model, train_domain, optimizer, curve, attack.epochs, attack.batch_size, gen, device,
                             precision, evaluate, on_epoch, bn_eval=bn_eval, name=f"attack {attack}")
+
+
+class FineTuning(Procedure):
+    """The attacker fine-tunes the start model on the restricted domain (run_attack): the seed's attack and
+    its grid. Its keys predate the registry, so they name no procedure."""
+    name, role = "finetune", "attack"
+    axes = (STRATEGY, OPTIMIZER, LR, BATCH_SIZE, SEED, TRAIN_FRACTION, SCHEDULE)
+
+    def make(self, epochs, strategy, optimizer, lr, batch_size, seed, train_fraction, schedule):
+        return Attack(strategy, optimizer, float(lr), int(batch_size), epochs, int(seed), float(train_fraction),
+                      schedule)
+
+    def run(self, model, domain, cell, device, precision, evaluate, on_epoch=None):
+        return run_attack(model, domain, cell, device, precision, evaluate, on_epoch)
+
+
+FINE_TUNING = FineTuning()

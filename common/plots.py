@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from common.verdicts import FAMILY, robustness_summary  # noqa: E402
+from common import procedures  # noqa: E402
+from common.verdicts import attack_family, robustness_summary  # noqa: E402
 
 START_STYLE = {"sophon": ("tab:red", "-"), "normal": ("tab:blue", "--"), "scratch": ("tab:gray", ":"),
                "null": ("0.6", "-."), "irreversible": ("tab:red", "-"), "backdoored": ("tab:blue", "--")}
@@ -112,35 +113,41 @@ def plot_stage2(run_dir):
     return out
 
 
+PANEL = ("optimizer", "lr", "batch_size", "train_fraction", "schedule")
+FIGURE = ("cell", "start", "strategy", "defence", "seed", "epoch")
+
+
 def plot_grid(run_dir, metric_keys=("test_acc",)):
     """One figure per strategy (attack family), and one per defence (`<key>_defence_<name>.png`); a panel per
-    (optimizer, lr, batch size, train fraction, schedule); mean over seeds. Rows written before the fraction,
-    schedule and defence axes read as 1, constant and no defence."""
+    (optimizer, lr, batch size, train fraction, schedule) and the values of any other axis; mean over seeds.
+    Rows written before the fraction, schedule and defence axes read as 1, constant and no defence."""
+    others = [a.name for a in procedures.axes() if a.name not in PANEL + FIGURE]
     run_dir = Path(run_dir)
     rows = read_csv(run_dir / "metrics.csv")
     if not rows:
         return []
     out = []
     for key in metric_keys:
-        # figure (strategy or defence_<name>) -> (opt, lr, bs, fraction, schedule, start, seed) -> points
+        # figure (strategy or defence_<name>) -> (opt, lr, bs, fraction, schedule, others, start, seed) -> points
         curves = defaultdict(lambda: defaultdict(list))
         for r in rows:
             v = _num(r.get(key))
             if v is not None:
                 panel = (r["optimizer"], r["lr"], r["batch_size"], r.get("train_fraction") or "1",
-                         r.get("schedule") or "constant")
+                         r.get("schedule") or "constant", tuple((k, r[k]) for k in others if r.get(k)))
                 group = f"defence_{r['defence']}" if r.get("defence") else r["strategy"]
                 curves[group][(*panel, r["start"], r["seed"])].append((int(r["epoch"]), v))
-        styles = start_styles({k[5] for cells in curves.values() for k in cells})
+        styles = start_styles({k[6] for cells in curves.values() for k in cells})
         for figure, cells in curves.items():
-            panels = sorted({k[:5] for k in cells}, key=lambda p: (p[0], float(p[1]), int(p[2]), -float(p[3]), p[4]))
+            panels = sorted({k[:6] for k in cells},
+                            key=lambda p: (p[0], float(p[1]), int(p[2]), -float(p[3]), p[4], p[5]))
             cols = min(3, len(panels))
             nrows = (len(panels) + cols - 1) // cols
             fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
             for ax, panel in zip(axes.flat, panels):
-                starts = sorted({k[5] for k in cells if k[:5] == panel})
+                starts = sorted({k[6] for k in cells if k[:6] == panel})
                 for start in starts:
-                    series = [dict(pts) for k, pts in cells.items() if k[:5] == panel and k[5] == start]
+                    series = [dict(pts) for k, pts in cells.items() if k[:6] == panel and k[6] == start]
                     epochs = sorted(set().union(*series))
                     mean = [sum(s[e] for s in series if e in s) / sum(e in s for s in series) for e in epochs]
                     color, style = styles[start]
@@ -150,7 +157,7 @@ def plot_grid(run_dir, metric_keys=("test_acc",)):
                         hi = [max(s[e] for s in series if e in s) for e in epochs]
                         ax.fill_between(epochs, lo, hi, color=color, alpha=0.15)
                 extra = (f" data={float(panel[3]):g}" if float(panel[3]) != 1 else "") + \
-                    (f" {panel[4]}" if panel[4] != "constant" else "")
+                    (f" {panel[4]}" if panel[4] != "constant" else "") + "".join(f" {k}={v}" for k, v in panel[5])
                 ax.set(title=f"{panel[0]} lr={float(panel[1]):g} bs={panel[2]}{extra}", xlabel="epoch",
                        ylabel=f"{key} (%)")
                 ax.legend(fontsize=8)
@@ -194,9 +201,11 @@ def plot_robustness(run_dir, baselines=("normal", "scratch")):
     summaries = {label: s for label, s in summaries.items() if s}
     if not summaries:
         return []
-    families = sorted({tuple(c[k] for k in FAMILY) for s in summaries.values() for c in s["per_cell"]},
-                      key=lambda f: (-f[4], f[5], f[0], f[1], f[2], f[3]))
-    ratio = {(label, tuple(c[k] for k in FAMILY)): c for label, s in summaries.items() for c in s["per_cell"]}
+    names = attack_family()
+    at = names.index  # the data share first (largest first), then the schedule, then the rest
+    families = sorted({tuple(c[k] for k in names) for s in summaries.values() for c in s["per_cell"]},
+                      key=lambda f: (-f[at("train_fraction")], f[at("schedule")], *map(str, f)))
+    ratio = {(label, tuple(c[k] for k in names)): c for label, s in summaries.items() for c in s["per_cell"]}
     grid = np.full((len(families), len(summaries)), np.nan)
     for j, label in enumerate(summaries):
         for i, family in enumerate(families):
@@ -212,8 +221,8 @@ def plot_robustness(run_dir, baselines=("normal", "scratch")):
             if cell["shows_protection"] is False:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", color="0.5", lw=0))
     ax.set_xticks(range(len(summaries)), list(summaries), rotation=30, ha="right")
-    ax.set_yticks(range(len(families)), [f"{s} {o} {lr:g} bs{b} f{f:g} {sch}" for s, o, lr, b, f, sch in families],
-                  fontsize=7)
+    ax.set_yticks(range(len(families)), [" ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in f)
+                                         for f in families], fontsize=7)
     fig.colorbar(image, ax=ax, label="auc ratio vs scratch", ticks=[-2, -1, 0, 1, 2],
                  format=FuncFormatter(lambda v, _: f"{2.0 ** v:g}"))
     ax.set_title("hatched: cannot show protection", fontsize=8)

@@ -1,13 +1,13 @@
-"""Stage 3: run the attack grid over the start models, resumably, in one process or under torchrun.
+"""Stage 3: run the grid of cells over the start models, resumably, in one process or under torchrun.
 
-A cell is one (start model, attack), the attack a fine-tuning attack or a backdoor defence
-(common.defences: an Attack whose `defence` is set, run by run_defence). Its per-epoch rows stream to
-metrics.csv; when it completes, its curves are appended to cells.jsonl, which is what `--resume` trusts: a
-killed grid re-runs only the cells missing there (their partial rows are dropped first), whatever the world
-size of either run. Under `torchrun --nproc_per_node N` the cells are dealt to the N ranks, each on its own
-device; rank 0 alone writes the run folder. `--reuse_cells RUN` copies in another grid's finished cells of
-the same start models and settings (say scratch and normal, when a new protected model joins a grid), so
-only the rest run.
+A cell is one (start model, cell of a stage-3 procedure): the fine-tuning attack, a backdoor defence, or any
+procedure of common.procedures.PROCEDURES, whose declared axes name the cell and give its columns. Its
+per-epoch rows stream to metrics.csv; when it completes, its curves are appended to cells.jsonl, which is what
+`--resume` trusts: a killed grid re-runs only the cells missing there (their partial rows are dropped first),
+whatever the world size of either run. Under `torchrun --nproc_per_node N` the cells are dealt to the N ranks,
+each on its own device; rank 0 alone writes the run folder. `--reuse_cells RUN` copies in another grid's
+finished cells of the same start models and settings (say scratch and normal, when a new protected model joins
+a grid), so only the rest run. setup_starts and restricted_data are the stage-3 scripts' shared checks.
 """
 import functools
 import json
@@ -18,13 +18,16 @@ from pathlib import Path
 import torch
 
 from common import dist
+from common.axes import Cell
+from common.checkpoints import inherit, is_foreign, load_parent, resolve_checkpoint
 from common.cli import UsageError
-from common.defences import DefenceConfig, defence_attacks, run_defence
-from common.finetune import Attack, expand_grid, run_attack
+from common.data import check_name, check_subset_caps, load_domain
 from common.models import build_model
+from common.procedures import chosen, columns, grid_keys, plan
+from common.report import write_report
 from common.runs import CSVLog, Interrupted, close_run, guarded, open_run, write_text_atomically
 from common.train import Precision, progress, seed_everything
-from common.verdicts import DEFENCE_LEGEND, FAMILY, LEGEND, ROBUSTNESS_LEGEND, pooled_robustness
+from common.verdicts import pooled_robustness
 
 log = logging.getLogger("sophon")
 
@@ -34,20 +37,19 @@ NULL_START = "null"
 # what a model with no protection and no head start scores, so it calibrates the others.
 NULL_SEED_OFFSET = 1_000_003
 
-# Config keys that do not decide a cell's outcome: the grid's axes (a cell's key names its values), which start
-# models run and how they are prepared (compared model by model, by the script's `sources_of`), where things are
-# written, and how fast. Every other key must agree for another run's cell to stand in for this run's.
-REUSE_FREE = frozenset({
-    "start", "strategies", "optimizers", "lrs", "batch_sizes", "seeds", "train_fractions", "schedules", "bs",
-    "finetune_lr", "defences", "defences_only", "path", "parent", "normal_path", "baseline_path", "parent_format",
-    "parent_sha256", "normal_format", "normal_sha256", "baseline_format", "baseline_sha256", "out_dir", "resume",
-    "reuse_cells", "num_workers", "cache_dir", "download", "device", "renormalize"})
+# Config keys that do not decide a cell's outcome besides the grid's own (common.procedures.grid_keys): how the
+# start models are prepared (compared model by model, by the script's `sources_of`), where things are written, and
+# how fast. Every other key must agree for another run's cell to stand in for this run's.
+RUN_ONLY = frozenset({
+    "path", "parent", "normal_path", "baseline_path", "parent_format", "parent_sha256", "normal_format",
+    "normal_sha256", "baseline_format", "baseline_sha256", "out_dir", "resume", "reuse_cells", "num_workers",
+    "cache_dir", "download", "device", "renormalize"})
 
 
 def shared_starts(source, config, sources_of):
     """The start models whose cells the stage-3 run folder `source` can lend a run of `config`: those both
     runs fine-tune from the same checkpoint (`sources_of(config)`: {start: checkpoint, None for a fresh
-    model}), where the two configs agree on every key outside REUSE_FREE. UsageError otherwise."""
+    model}), where the two configs agree on every key but the grid's and RUN_ONLY. UsageError otherwise."""
     source = Path(source)
     try:
         theirs = json.loads((source / "config.json").read_text())["config"]
@@ -55,7 +57,8 @@ def shared_starts(source, config, sources_of):
         raise UsageError(f"--reuse_cells {source}: no readable config.json, so it is not a run folder") from None
     if theirs.get("stage") != config.get("stage"):
         raise UsageError(f"--reuse_cells {source} is a {theirs.get('stage')} run, not {config.get('stage')}")
-    differ = sorted(k for k in set(theirs) | set(config) if k not in REUSE_FREE and theirs.get(k) != config.get(k))
+    free = RUN_ONLY | grid_keys()
+    differ = sorted(k for k in set(theirs) | set(config) if k not in free and theirs.get(k) != config.get(k))
     if differ:
         raise UsageError(f"--reuse_cells {source} ran other settings, so its cells are not this grid's: "
                          + "; ".join(f"{k} {theirs.get(k)} there, {config.get(k)} here" for k in differ[:4]))
@@ -65,28 +68,6 @@ def shared_starts(source, config, sources_of):
         raise UsageError(f"--reuse_cells {source} fine-tuned none of this grid's start models "
                          f"({', '.join(sorted(mine))}) from the same checkpoint")
     return shared
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One (start model, attack) of the grid; `key` names it in cells.jsonl and in metrics.csv's `cell` column."""
-    start: str
-    attack: Attack
-
-    @property
-    def key(self):
-        """start|strategy|optimizer|lr|bs|seed, then |f<fraction> and |<schedule> where they are not the
-        defaults (1.0, constant), so the keys of a run folder from before those axes still name its cells, and
-        |<defence> for a defence cell."""
-        a = self.attack
-        key = f"{self.start}|{a.strategy}|{a.optimizer}|{a.lr:g}|{a.batch_size}|{a.seed}"
-        if a.train_fraction != 1.0:
-            key += f"|f{a.train_fraction:g}"
-        if a.schedule != "constant":
-            key += f"|{a.schedule}"
-        if a.defence is not None:
-            key += f"|{a.defence}"
-        return key
 
 
 def read_cells(path):
@@ -104,14 +85,12 @@ def read_cells(path):
 
 
 class GridContext:
-    """Everything a cell needs: the start models' weights, the training data, the evaluator, and the
-    defences' DefenceConfig (None: their defaults)."""
+    """Everything a cell needs: the start models' weights, the training data and the evaluator."""
 
-    def __init__(self, arch, num_classes, starts, train_domain, evaluator, amp, channels_last, defence_cfg=None):
+    def __init__(self, arch, num_classes, starts, train_domain, evaluator, amp, channels_last):
         self.arch, self.num_classes, self.starts = arch, num_classes, starts  # starts: name -> state_dict | None
         self.train_domain, self.evaluator = train_domain, evaluator
         self.amp, self.channels_last = amp, channels_last
-        self.defence_cfg = defence_cfg
 
     def start_model(self, start, seed):
         # only the init comes from the global generator (the attack draws from its own), so a null cell differs
@@ -124,25 +103,24 @@ class GridContext:
 
     def run_cell(self, cell, device, on_epoch=None):
         precision = Precision(device, self.amp, self.channels_last)
-        model = precision.prepare(self.start_model(cell.start, cell.attack.seed))
+        settings = cell.settings
+        model = precision.prepare(self.start_model(cell.start, settings.seed))
         evaluate = functools.partial(self.evaluator, device=device, precision=precision)
-        if cell.attack.defence is not None:
-            return run_defence(model, self.train_domain, cell.attack, self.defence_cfg, device, precision, evaluate,
-                               on_epoch)
-        return run_attack(model, self.train_domain, cell.attack, device, precision, evaluate, on_epoch)
+        return settings.procedure.run(model, self.train_domain, settings, device, precision, evaluate, on_epoch)
 
 
 class Grid:
     """The cells of a run and their bookkeeping. Under torchrun the cells are dealt to the ranks a round at
-    a time (cell i of a round on rank i), each rank on its own device; rank 0 writes every row and entry."""
+    a time (cell i of a round on rank i), each rank on its own device; rank 0 writes every row and entry.
+    A cell's row, entry and result hold every registered axis (common.procedures.columns)."""
 
     def __init__(self, run, context, cells, metric_keys, device, world):
         self.run, self.context, self.cells = run, context, cells
         self.metric_keys = metric_keys
         self.device, self.world = device, world
-        self.metrics = run.csv("metrics.csv", ["cell", "start", "strategy", "optimizer", "lr", "batch_size",
-                                               "train_fraction", "schedule", "defence", "seed", "epoch"]
-                               + metric_keys)
+        self.axes = columns()
+        self.metrics = run.csv("metrics.csv", ["cell", "start", *(a.name for a in self.axes), "epoch"] + metric_keys)
+        self.metrics.keep(lambda row: True)  # a folder from before an axis was registered gets its (empty) column
         self.done_path = run.path / "cells.jsonl"
         self.numerics = Precision(device, context.amp, context.channels_last).numerics
 
@@ -151,13 +129,10 @@ class Grid:
         return read_cells(self.done_path)
 
     def _row(self, cell, epoch, figures):
-        a = cell.attack
-        return {"cell": cell.key, "start": cell.start, "strategy": a.strategy, "optimizer": a.optimizer, "lr": a.lr,
-                "batch_size": a.batch_size, "train_fraction": a.train_fraction, "schedule": a.schedule,
-                "defence": a.defence, "seed": a.seed, "epoch": epoch, **figures}
+        return {"cell": cell.key, "start": cell.start, **cell.values(self.axes), "epoch": epoch, **figures}
 
     def _complete(self, cell, curve):
-        entry = {"key": cell.key, "start": cell.start, **cell.attack.as_dict(),
+        entry = {"key": cell.key, "start": cell.start, **cell.values(self.axes), "epochs": cell.settings.epochs,
                  **{f"{k}_curve": [c[k] for c in curve] for k in self.metric_keys},
                  "train_samples": getattr(curve, "train_samples", None),
                  "skipped_steps": getattr(curve, "skipped_steps", 0),
@@ -229,12 +204,10 @@ class Grid:
         done = self.completed()
         out = []
         for cell in self.cells:
-            e = done[cell.key]
-            entry = {"start": e["start"], "strategy": e["strategy"], "optimizer": e["optimizer"], "lr": e["lr"],
-                     "batch_size": e["batch_size"], "train_fraction": e.get("train_fraction", 1.0),
-                     "schedule": e.get("schedule", "constant"), "epochs": e["epochs"], "seed": e["seed"],
+            e = done[cell.key]  # an entry from before an axis existed has the axis' default
+            entry = {"start": e["start"], **{a.name: e.get(a.name, a.blank) for a in self.axes}, "epochs": e["epochs"],
                      "train_samples": e.get("train_samples"), "skipped_steps": e.get("skipped_steps", 0),
-                     "diverged_epoch": e.get("diverged_epoch"), "defence": e.get("defence")}
+                     "diverged_epoch": e.get("diverged_epoch")}
             if "defence_info" in e:
                 entry["defence_info"] = e["defence_info"]
             entry.update({f"{k}_curve": e[f"{k}_curve"] for k in self.metric_keys})
@@ -243,155 +216,118 @@ class Grid:
         return out
 
 
-def _fmt(value, none="n/a"):
-    if value is None:
-        return none
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 10 else f"{value:.2f}"
-    if isinstance(value, list):
-        return ", ".join(_fmt(v, none) for v in value)
-    return str(value)
+@dataclass
+class Start:
+    """A start model's checkpoint: the file, the flag that named it, and what load_parent read."""
+    path: Path
+    flag: str
+    ckpt: dict
 
 
-def _robustness_lines(robustness):
-    """report.md's robustness section: one row per protected model, then the head start of every cell."""
-    lines = ["## Robustness per protected model", "", ROBUSTNESS_LEGEND, "",
-             "| protected | attack families | share auc ratio < 1 | per seed: mean +- std | 95% CI over seeds | "
-             "families unable to show protection (scratch did not learn) | share < 1 where shown | "
-             "geo-mean auc ratio (where shown) | worst (auc ratio) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for label, r in robustness.items():
-        w = r["worst_cell"]
-        worst = (f"{w['strategy']} {w['optimizer']} lr {w['lr']:g} bs {w['batch_size']} f {w['train_fraction']:g} "
-                 f"{w['schedule']} ({_fmt(w['auc_ratio_mean'])})")
-        ci = r["share_below_1_ci95"]
-        lines.append(f"| {label} | {r['cells']} | {_fmt(r['share_below_1'])} | "
-                     f"{_fmt(r['share_below_1_per_seed_mean'])} +- {_fmt(r['share_below_1_per_seed_std'])} | "
-                     f"{'n/a' if ci is None else f'{ci[0]:.2f} - {ci[1]:.2f}'} ({r['ci_note']}) | "
-                     f"{r['cells_unable_to_show_protection']} ({r['cells_reference_did_not_learn']}) | "
-                     f"{_fmt(r['share_below_1_where_shown'])} | {_fmt(r['auc_ratio_geomean'])} "
-                     f"({_fmt(r['auc_ratio_geomean_where_shown'])}) | {worst} |")
-    lines += ["", "Per attack family: scratch's final accuracy (mean over seeds), the head start of normal over "
-              "scratch (auc(normal) / auc(scratch), mean over seeds) and each protected model's auc ratio vs "
-              "scratch:", ""]
-    labels = list(robustness)
-    lines += ["| strategy | optimizer | lr | bs | train fraction | schedule | scratch final | head start | "
-              "shows protection | " + " | ".join(labels) + " |",
-              "| " + " | ".join("---" for _ in range(9 + len(labels))) + " |"]
-    rows = {}
-    for label, r in robustness.items():
-        for c in r["per_cell"]:
-            axes = tuple(c[k] for k in FAMILY)
-            rows.setdefault(axes, {"final": c["reference_final"], "head": c["head_start"],
-                                   "shows": c["shows_protection"]})[label] = c["auc_ratio_mean"]
-    for (s, o, lr, bs, f, sch), row in rows.items():
-        lines.append(f"| {s} | {o} | {lr:g} | {bs} | {f:g} | {sch} | {_fmt(row['final'])} | {_fmt(row['head'])} | "
-                     f"{_fmt(row['shows'], 'n/a').lower()} | " + " | ".join(_fmt(row.get(l)) for l in labels) + " |")
-    return lines + [""]
+def _field(ckpt, key):
+    """What a checkpoint records of `key`: its arch and class count, else its config's (a foreign file: none)."""
+    if key in ("arch", "num_classes"):
+        return ckpt[key]
+    if key == "dataset":
+        return None if is_foreign(ckpt) else ckpt.get("dataset")
+    return ckpt.get("config", {}).get(key)
 
 
-def _pooled_lines(pooled):
-    """report.md's section on the configurations run several times (labels NAME#K), runs pooled."""
-    lines = ["## Robustness per configuration, runs pooled", "",
-             "Protected models labelled NAME#K are runs of one configuration NAME (stage-2 seeds, say); mean +- "
-             "std over the runs.", "",
-             "| configuration | runs | share auc ratio < 1 | share < 1 where shown | geo-mean auc ratio | "
-             "geo-mean where shown | worst (auc ratio) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, p in pooled.items():
-        w = p["worst_cell"]
-        lines.append(f"| {name} | {', '.join(p['runs'])} | {_pm(p, 'share_below_1')} | "
-                     f"{_pm(p, 'share_below_1_where_shown')} | {_pm(p, 'auc_ratio_geomean')} | "
-                     f"{_pm(p, 'auc_ratio_geomean_where_shown')} | {w['strategy']} {w['optimizer']} lr {w['lr']:g} "
-                     f"bs {w['batch_size']} f {w['train_fraction']:g} {w['schedule']} ({_pm(w, 'auc_ratio')}, "
-                     f"below 1 in {w['runs_below_1']} of {w['runs']} runs) |")
-    return lines + [""]
+def load_starts(args, project, stage_dir, items, flag, inherited=(), shared=(), like=None):
+    """{label: Start} of `items`, [(label, checkpoint or run folder; None: the newest `project`/`stage_dir` run)]
+    given by `flag`. The first fills the flags `inherited` left unset (a given one must agree with it); every one
+    must agree with `like` (a Start; default the first) on the fields `shared` that both record."""
+    starts = {}
+    for label, path in items:
+        path = resolve_checkpoint(path, project, stage_dir, flag)
+        starts[label] = Start(path, flag, load_parent(path, args, flag))
+        if len(starts) == 1:
+            inherit(args, starts[label].ckpt, path, inherited)
+    like = like or next(iter(starts.values()))
+    for label, start in starts.items():
+        for key in shared:
+            mine, theirs = _field(start.ckpt, key), _field(like.ckpt, key)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise UsageError(f"{flag}: {label} ({start.path}) has {key} {mine}, {like.path} has {theirs}; the "
+                                 f"start models of one grid must share {', '.join(shared)}")
+    return starts
 
 
-def _pm(row, key):
-    return f"{_fmt(row.get(key + '_mean'))} +- {_fmt(row.get(key + '_std'))}"
+def _label_of(path):
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return path.resolve().name
+    return path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
 
 
-def _defence_lines(rows):
-    """report.md's defence section: a row per defence (and train fraction), protected vs reference."""
-    p, r = rows[0]["protected"], rows[0]["reference"]
-    pruned = any(f"pruned_channels_{p}" in row for row in rows)
-    lines = ["## Defences", "", DEFENCE_LEGEND, "",
-             f"| defence | lr | bs | train fraction | seeds | clean acc {p} | clean acc {r} | ASR {p} | ASR {r} | "
-             f"ASR auc ratio |" + (f" pruned channels {p} | pruned channels {r} |" if pruned else ""),
-             "| " + " | ".join("---" for _ in range(10 + 2 * pruned)) + " |"]
-    for row in rows:
-        lines.append(f"| {row['defence']} | {row['lr']:g} | {row['batch_size']} | {row['train_fraction']:g} | "
-                     f"{row['seeds']} | {_pm(row, f'final_test_acc_{p}')} | {_pm(row, f'final_test_acc_{r}')} | "
-                     f"{_pm(row, f'final_asr_{p}')} | {_pm(row, f'final_asr_{r}')} | {_pm(row, 'asr_auc_ratio')} |"
-                     + (f" {_fmt(row.get(f'pruned_channels_{p}'))} | {_fmt(row.get(f'pruned_channels_{r}'))} |"
-                        if pruned else ""))
-    return lines + [""]
+def labelled_paths(path, single, reserved):
+    """A comma list of start checkpoints -> [(label, path)]: items `label=path` or `path` (labelled by its run
+    folder's name); one unlabelled path (or none: the newest run) is `single`. Labels are unique and none of
+    `reserved`."""
+    if path is None:
+        return [(single, None)]
+    items = []
+    for raw in str(path).split(","):
+        raw = raw.strip()
+        if not raw:
+            raise UsageError(f"--path {path}: empty item")
+        head, sep, tail = raw.partition("=")
+        items.append((head, Path(tail)) if sep and head and "/" not in head else (None, Path(raw)))
+    if len(items) == 1 and items[0][0] is None:
+        return [(single, items[0][1])]
+    items = [(label or _label_of(p), p) for label, p in items]
+    seen = {}
+    for label, p in items:
+        if label in reserved or any(c in label for c in "|,="):
+            raise UsageError(f"--path: label {label!r} is reserved or holds one of | , = ; give label=path")
+        if label in seen:
+            raise UsageError(f"--path: label {label!r} names two models ({seen[label]} and {p}); give "
+                             f"unique labels as label=path")
+        seen[label] = p
+    return items
 
 
-def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",), notes=(), robustness=None,
-                 robustness_pooled=None, defence_verdicts=None):
-    """report.md: the verdict tables and the final figures, readable without opening the CSVs."""
-    lines = [f"# {title}", ""]
-    lines += list(notes) + ([""] if notes else [])
-    if robustness:
-        lines += _robustness_lines(robustness)
-    if robustness_pooled:
-        lines += _pooled_lines(robustness_pooled)
-    if defence_verdicts:
-        lines += _defence_lines(defence_verdicts)
-    if verdicts:
-        columns = list(verdicts[0])
-        lines += ["## Verdict per attack", "", LEGEND, "",
-                  "| " + " | ".join(c.replace("_", " ") for c in columns) + " |",
-                  "| " + " | ".join("---" for _ in columns) + " |"]
-        lines += ["| " + " | ".join(_fmt(v.get(c), "never" if "epoch" in c else "n/a") for c in columns) + " |"
-                  for v in verdicts]
-        lines.append("")
-    defences = any(r.get("defence") for r in results)  # a defence column only where there are defence cells
-    for key in metric_keys:
-        lines += [f"## {key}: epoch 0 -> final, mean over seeds", "",
-                  "| " + ("defence | " if defences else "") + "strategy | optimizer | lr | bs | train fraction | "
-                  "schedule | start | epoch 0 | final | seeds | diverged seeds |",
-                  "| " + " | ".join("---" for _ in range(11 + defences)) + " |"]
-        groups = {}
-        for r in results:
-            groups.setdefault((r.get("defence"), r["strategy"], r["optimizer"], r["lr"], r["batch_size"],
-                               r.get("train_fraction", 1.0), r.get("schedule", "constant"), r["start"]), []).append(r)
-        for (d, s, o, lr, bs, f, sch, start), rows in groups.items():
-            curves = [r[f"{key}_curve"] for r in rows]
-            first = sum(c[0] for c in curves) / len(curves)
-            last = sum(c[-1] for c in curves) / len(curves)
-            diverged = sum(r.get("diverged_epoch") is not None for r in rows)
-            lines.append("| " + (f"{d or '-'} | " if defences else "") + f"{s} | {o} | {lr:g} | {bs} | {f:g} | {sch} | "
-                         f"{start} | {first:.2f} | {last:.2f} | {len(curves)} | {diverged} |")
-        lines.append("")
-    if plots:
-        lines += ["## Figures", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
-    (run.path / "report.md").write_text("\n".join(lines))
-    return run.path / "report.md"
+def choose_dataset(args, protected):
+    """--dataset, else the restricted domain the first protected checkpoint of ours records ({label: Start})."""
+    recorded = next((_field(s.ckpt, "dataset") for s in protected.values() if _field(s.ckpt, "dataset")), None)
+    args.dataset = args.dataset or recorded
+    if args.dataset is None:
+        raise UsageError("--dataset is needed: no protected checkpoint given names the restricted domain (a plain "
+                         "weights file or a stage-1 checkpoint does not)")
+    check_name(args.dataset)
+
+
+def restricted_data(args, *others):
+    """The restricted domain's training and test splits, then the test splits of the datasets `others`, each
+    within --subset / --test_subset, which they must not undercut (common.data.check_subset_caps)."""
+    load = functools.partial(load_domain, root=args.data_root, image_size=args.image_size, download=args.download,
+                             cache_dir=args.cache_dir, num_workers=args.num_workers)
+    domains = [load(args.dataset, train=True, cap=args.subset)] + [
+        load(name, train=False, cap=args.test_subset) for name in (args.dataset, *others)]
+    check_subset_caps(args, domains)
+    return domains
 
 
 def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, train, evaluator, config,
                       metric_keys, verdict_fn, title, sources_of, notes=(), extra_summary=None,
                       robustness_fn=None, defence_fn=None):
-    """Open the run folder, run every (start, attack) cell, write summary.json, plots and report.md.
+    """Open the run folder, run every (start, procedure cell) cell, write summary.json, plots and report.md.
 
-    The cells: the fine-tuning grid (common.finetune.expand_grid) and, where args has --defences, the
-    defence cells (common.defences.defence_attacks), each for every start. `defence_fn(results)` gives the
-    defence rows of summary.json ("defence_verdicts") and of the report. `sources_of(config)`: {start:
-    checkpoint it loads, None for a fresh model} of a run's config, which --reuse_cells compares."""
+    The cells: those of the chosen procedures (common.procedures.plan: --attacks, then --defences), each for
+    every start. `defence_fn(results)` gives the defence rows of summary.json ("defence_verdicts") and of the
+    report where defences ran. `sources_of(config)`: {start: checkpoint it loads, None for a fresh model} of a
+    run's config, which --reuse_cells compares."""
     lend = shared_starts(args.reuse_cells, config, sources_of) if args.reuse_cells else []
     world = dist.world()
     device = world.device(args.device)
     train.pin_for(device)
     seed_everything(args.seed)
-    cells = [Cell(start, attack) for attack in expand_grid(args) + defence_attacks(args) for start in starts]
-    defence_cfg = DefenceConfig.from_args(args) if getattr(args, "defences", None) else None
+    cells = [Cell(start, settings) for settings in plan(args) for start in starts]
+    defended = any(p.role == "defence" for p in chosen(args))
     run = open_run(args, project, "stage3_eval", args.dataset, config)
     if train.note:
         run.log_note(train.note)
-    context = GridContext(args.arch, num_classes, starts, train, evaluator, args.amp, args.channels_last, defence_cfg)
+    context = GridContext(args.arch, num_classes, starts, train, evaluator, args.amp, args.channels_last)
     grid = Grid(run, context, cells, list(metric_keys), device, world)
 
     def body():
@@ -410,7 +346,7 @@ def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, 
             summary["robustness"] = robustness
         if pooled:
             summary["robustness_pooled"] = pooled
-        defence_rows = defence_fn(results) if defence_fn and defence_cfg is not None else None
+        defence_rows = defence_fn(results) if defence_fn and defended else None
         if defence_rows is not None:
             summary["defence_verdicts"] = defence_rows
         close_run(run, stage, summary, len(evaluator.domain))

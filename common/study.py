@@ -34,7 +34,7 @@ import numpy as np
 from common.files import REPO_ROOT
 from common.cli import Parser, UsageError, run as run_cli
 from common.runs import git_commit, is_finished
-from common.verdicts import FAMILY, mean_std
+from common.verdicts import attack_family, mean_std
 
 STUDIES_ROOT = REPO_ROOT / "runs" / "studies"  # ROOT of a study: STUDIES_ROOT/<study>, smoke: .../smoke/<study>
 PAGES = REPO_ROOT / "docs" / "results"  # where `table` writes <study>.md
@@ -340,15 +340,15 @@ def families_table(study, spec):
     summary = _summary(study.run_of(spec["grid"]))
     columns = spec["columns"]
     first = summary["robustness"][_labels(summary, study, columns[0])[0]]["per_cell"]
-    varying = [k for k in FAMILY if len({c[k] for c in first}) > 1]
+    varying = [k for k in attack_family() if len({c[k] for c in first}) > 1]
     header = ["attacker (" + ", ".join(varying) + ")", "scratch final acc", "head start (normal / scratch)", *columns]
     per_model = {}
     for name in columns:
         figures, pooled = _robustness(summary, study, name)
-        per_model[name] = ({tuple(c[k] for k in FAMILY): c for c in figures["per_cell"]}, pooled)
+        per_model[name] = ({tuple(c[k] for k in attack_family()): c for c in figures["per_cell"]}, pooled)
     rows = []
     for cell in first:
-        family = tuple(cell[k] for k in FAMILY)
+        family = tuple(cell[k] for k in attack_family())
         row = [" ".join(str(cell[k]) for k in varying), _fmt(cell["reference_final"], digits=1),
                _fmt(cell["head_start"])]
         for name in columns:

@@ -8,6 +8,7 @@ cells (results with a `defence`) are grouped by `defence_verdicts` alone, never 
 """
 import math
 
+from common import procedures
 from common.stats import (LEVEL, MIN_ELIGIBILITY_SEEDS, compare_families, head_start_shown, headline, log_ratio,
                           paired_log_ratio, split_seeds)
 
@@ -78,8 +79,20 @@ DEFENCE_LEGEND = (
     "over the reference's (> 1: the protected backdoor survives the defence better). pruned channels (fine_pruning): "
     "per seed.")
 
-FAMILY = ("strategy", "optimizer", "lr", "batch_size", "train_fraction", "schedule")  # a cell's axes, seeds pooled
-FAMILY_DEFAULTS = {"train_fraction": 1.0, "schedule": "constant"}  # results written before those axes
+
+def attack_family():
+    """The fields of an attack family, seeds pooled: the attack axes the registered procedures declare."""
+    return procedures.family("attack")
+
+
+def defence_family():
+    """The fields of a defence row, seeds pooled: the defences' naming axis, then their other axes."""
+    return procedures.family("defence")
+
+
+def _value(r, name):
+    """A result's value of an axis; the axis' default where the result was written before the axis existed."""
+    return r.get(name, next((a.blank for a in procedures.axes() if a.name == name), None))
 HEAD_START_MIN = 1.0  # a cell shows protection only where normal's AUC over scratch's exceeds this
 # ... and only where scratch learned: its final accuracy at least this share of the best cell's (same data share)
 REFERENCE_LEARNED_MIN = 0.5
@@ -87,7 +100,7 @@ RUN_SEPARATOR = "#"  # protected models labelled NAME#K are runs (stage-2 seeds,
 
 
 def _family(r):
-    return tuple(r.get(k, FAMILY_DEFAULTS.get(k)) for k in FAMILY)
+    return tuple(_value(r, k) for k in attack_family())
 
 
 def _by_attack(results, metric):
@@ -133,7 +146,7 @@ def scratch_verdicts(results, protected="sophon", reference="scratch", metric="t
             continue
         reached = [e for e in reach if e is not None]
         mean, std = mean_std(ratios)
-        verdicts.append({**dict(zip(FAMILY, family)), "protected": protected, "reference": reference,
+        verdicts.append({**dict(zip(attack_family(), family)), "protected": protected, "reference": reference,
                          "epochs_to_scratch_final": min(reached) if reached else None,
                          "epochs_to_scratch_final_per_seed": reach,
                          "auc_ratio_mean": mean, "auc_ratio_std": std, "seeds": len(reach)})
@@ -155,7 +168,7 @@ def persistence_verdicts(results, protected="irreversible", reference="backdoore
         ratios = [auc(c[protected]) / auc(c[reference]) if auc(c[reference]) > 0 else None for c in pairs]
         mean, std = mean_std(ratios)
         verdicts.append({
-            **dict(zip(FAMILY, family)), "protected": protected, "reference": reference, "seeds": len(pairs),
+            **dict(zip(attack_family(), family)), "protected": protected, "reference": reference, "seeds": len(pairs),
             f"final_asr_{protected}": mean_std([c[protected][-1] for c in pairs])[0],
             f"final_asr_{reference}": mean_std([c[reference][-1] for c in pairs])[0],
             "auc_ratio_mean": mean, "auc_ratio_std": std,
@@ -163,8 +176,6 @@ def persistence_verdicts(results, protected="irreversible", reference="backdoore
             f"first_epoch_asr_below_50_{reference}": [first_epoch_below(c[reference]) for c in pairs]})
     return verdicts
 
-
-DEFENCE_AXES = ("defence", "lr", "batch_size", "train_fraction", "schedule")  # a defence row, seeds pooled
 
 
 def defence_verdicts(results, protected="irreversible", reference="backdoored"):
@@ -176,14 +187,14 @@ def defence_verdicts(results, protected="irreversible", reference="backdoored"):
     grouped = {}
     for r in results:
         if r.get("defence"):
-            key = tuple(r.get(k, FAMILY_DEFAULTS.get(k)) for k in DEFENCE_AXES)
+            key = tuple(_value(r, k) for k in defence_family())
             grouped.setdefault(key, {}).setdefault(r["seed"], {})[r["start"]] = r
     rows = []
     for key, seeds in grouped.items():
         pairs = [c for c in seeds.values() if protected in c and reference in c]
         if not pairs:
             continue
-        row = {**dict(zip(DEFENCE_AXES, key)), "protected": protected, "reference": reference, "seeds": len(pairs)}
+        row = {**dict(zip(defence_family(), key)), "protected": protected, "reference": reference, "seeds": len(pairs)}
         for metric in ("test_acc", "asr"):
             for start in (protected, reference):
                 mean, std = mean_std([c[start][f"{metric}_curve"][-1] for c in pairs])
@@ -272,7 +283,7 @@ def robustness_summary(results, protected="sophon", reference="scratch", baselin
             continue
         mean, std = mean_std(list(ratios.values()))
         head = mean_std(heads)[0]
-        cells.append({**dict(zip(FAMILY, family)), "auc_ratio_mean": mean, "auc_ratio_std": std,
+        cells.append({**dict(zip(attack_family(), family)), "auc_ratio_mean": mean, "auc_ratio_std": std,
                       "seeds": len(ratios), "head_start": head, "null_ratio": mean_std(nulls)[0],
                       "reference_final": mean_std([seeds[s][reference][-1] for s in ratios])[0]})
         for seed, ratio in ratios.items():
@@ -341,16 +352,17 @@ def _seed_log_ratios(runs, model, reference, metric, seeds):
 
 
 def describe_family(family):
-    """An attack family (FAMILY's values) in words, as a headline names it."""
-    strategy, optimizer, lr, bs, fraction, schedule = family
-    return f"{strategy} {optimizer} lr {lr:g} bs {bs} data {fraction:g} {schedule}"
+    """An attack family (attack_family()'s values) in words, as a headline names it."""
+    titles = {a.name: a.title for a in procedures.axes("attack")}
+    return " ".join(str(value) if isinstance(value, str) else f"{titles[name]} {value:g}"
+                    for name, value in zip(attack_family(), family))
 
 
 def _named(verdicts, summary):
     """common.stats.compare_families' summary with each family it names given by its axes, ratio and intervals."""
     def entry(family):
         v = verdicts[family]
-        return {**dict(zip(FAMILY, family)), **{k: v[k] for k in (
+        return {**dict(zip(attack_family(), family)), **{k: v[k] for k in (
             "ratio", "ci", "ci_simultaneous", "p_faster", "p_faster_holm", "p_faster_bh")}}
     named = {**summary, "worst_family": entry(summary["worst_family"]) if summary["worst_family"] else None}
     for key in ("faster_holm", "faster_bh", "slower_simultaneous"):
@@ -373,7 +385,7 @@ def _eligibility(records, ran, ratios, reference, baseline, metric, level):
                       "head_start_ci": head and head["ci"], "head_start_shown": head_start_shown(heads, level),
                       "reference_final": sum(finals) / len(finals) if finals else None,
                       "ratio": math.exp(sum(mine) / len(mine)) if mine else None}
-    fraction = FAMILY.index("train_fraction")
+    fraction = attack_family().index("train_fraction")
     best = {}
     for key, e in found.items():
         if e["reference_final"] is not None:
@@ -401,7 +413,7 @@ def _paired_fields(results, cells, protected, reference, baseline, null, metric,
     """robustness_summary's paired fields (its docstring says what they hold): vs_reference, vs_null, eligibility,
     diverged_seeds and seeds_excluded added to each of `cells`; the summary's returned."""
     records = _records_by_family(results)
-    keys = [tuple(c[k] for k in FAMILY) for c in cells]
+    keys = [tuple(c[k] for k in attack_family()) for c in cells]
     ran = {key: sorted(s for s, r in records[key].items() if protected in r and reference in r) for key in keys}
     ratios = {key: _seed_log_ratios(records[key], protected, reference, metric, ran[key]) for key in keys}
     nulls = {key: _seed_log_ratios(records[key], protected, null, metric, sorted(records[key])) for key in keys}
@@ -458,11 +470,11 @@ def pooled_robustness(robustness):
         cells = {}
         for _, r in runs:
             for c in r["per_cell"]:
-                cells.setdefault(tuple(c[k] for k in FAMILY), []).append(c)
+                cells.setdefault(tuple(c[k] for k in attack_family()), []).append(c)
         per_cell = []
         for axes, same in cells.items():
             mean, std = mean_std([c["auc_ratio_mean"] for c in same])
-            per_cell.append({**dict(zip(FAMILY, axes)), "auc_ratio_mean": mean, "auc_ratio_std": std,
+            per_cell.append({**dict(zip(attack_family(), axes)), "auc_ratio_mean": mean, "auc_ratio_std": std,
                              "runs": len(same), "runs_below_1": sum(c["auc_ratio_mean"] < 1 for c in same),
                              "shows_protection": same[0]["shows_protection"], **_pooled_cell(same)})
         over_runs = {}

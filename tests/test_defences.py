@@ -12,10 +12,10 @@ from torch import nn
 import common.defences as dfn
 from common.cli import Parser, UsageError
 from common.data import Domain, epoch_batches
-from common.defences import (DefenceConfig, attention_map, defence_attacks, defence_flags, nad_loss, prune_plan,
-                             run_defence)
-from common.finetune import Attack, expand_grid, grid_flags
-from common.stage3 import Cell
+from common.axes import Cell
+from common.defences import DefenceCell, DefenceConfig, attention_map, defence_flags, nad_loss, prune_plan, run_defence
+from common.finetune import Attack
+from common.procedures import check_flags, grid_flags, plan
 from common.train import Precision, sam_step
 from common.verdicts import auc, defence_verdicts, persistence_verdicts
 from helpers import TinyNet, read_rows, run_script
@@ -46,8 +46,7 @@ class TinyResNet(nn.Module):
 
 
 def _attack(defence, lr=0.01, bs=8, epochs=1, seed=0, schedule=None):
-    return Attack("direct_all", "momentum", lr, bs, epochs, seed, 1.0, schedule or dfn.DEFENCE_SCHEDULES[defence],
-                  defence=defence)
+    return DefenceCell(defence, lr, bs, epochs, seed, 1.0, schedule or dfn.DEFENCE_SCHEDULES[defence])
 
 
 # ---- fine_pruning ---------------------------------------------------------------------------------------------
@@ -286,7 +285,7 @@ def test_defence_gives_back_frozen_flags_and_refuses_batch_size_one():
 # ---- the grid's defence cells, flags, verdicts ------------------------------------------------------------------
 
 def _args(argv):
-    p = Parser(parents=[grid_flags(3, 1e-4, 16, ("irreversible", "backdoored")), defence_flags()])
+    p = Parser(parents=[grid_flags(3, 1e-4, ("irreversible", "backdoored")), defence_flags()])
     p.add_argument("--bs", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     return p, p.parse_args(argv)
@@ -295,9 +294,9 @@ def _args(argv):
 def test_defence_cells_and_keys():
     _, args = _args(["--defences", "ft,super_ft,fine_pruning", "--seeds", "0,1", "--train_fractions", "1,0.05",
                      "--batch_sizes", "8,32", "--super_ft_max_lr", "0.2"])
-    attacks = expand_grid(args) + defence_attacks(args)
+    attacks = plan(args, "attack") + plan(args, "defence")
     grid, defences = attacks[:2 * 2 * 2], attacks[2 * 2 * 2:]
-    assert all(a.defence is None for a in grid) and len(defences) == 3 * 2 * 2
+    assert all(a.procedure.role == "attack" for a in grid) and len(defences) == 3 * 2 * 2
     assert {(a.defence, a.lr, a.schedule) for a in defences} == {("ft", 0.01, "cosine"), ("super_ft", 0.2, "cyclic"),
                                                                  ("fine_pruning", 0.01, "cosine")}
     assert {(a.batch_size, a.epochs, a.strategy, a.optimizer) for a in defences} == {(8, 3, "direct_all", "momentum")}
@@ -307,9 +306,9 @@ def test_defence_cells_and_keys():
     assert Cell("backdoored", Attack("direct_all", "momentum", 1e-4, 16, 1, 2)).key == \
         "backdoored|direct_all|momentum|0.0001|16|2", "an attack's key is as before"
     _, args = _args(["--defences", "nad", "--defences_only"])
-    assert expand_grid(args) == [] and [a.defence for a in defence_attacks(args)] == ["nad"]
+    assert plan(args, "attack") == [] and [a.defence for a in plan(args, "defence")] == ["nad"]
     assert DefenceConfig.from_args(args) == DefenceConfig()
-    assert defence_attacks(_args([])[1]) == []
+    assert plan(_args([])[1], "defence") == []
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -323,7 +322,7 @@ def test_unused_defence_flags_are_refused(argv, message):
     from common.cli import given_flags
     parser, args = _args(argv)
     with pytest.raises(UsageError, match=message):
-        dfn.check_flags(args, given_flags(parser, argv))
+        check_flags(args, given_flags(parser, argv))
 
 
 @pytest.mark.parametrize("argv", [["--defences", "fp"], ["--nad_betas", "1,2"], ["--defence_momentum", "1"],

@@ -7,7 +7,8 @@ import torch
 import common.finetune as ft
 from common.cli import Parser, UsageError
 from common.data import Domain
-from common.finetune import Attack, expand_grid, grid_flags, run_attack
+from common.finetune import Attack, run_attack
+from common.procedures import grid_flags, plan
 from common.train import OPTIMIZERS, Precision, make_optimizer
 from common.verdicts import auc, epochs_to_reach, mean_std, scratch_verdicts
 from helpers import TinyNet
@@ -160,14 +161,14 @@ def test_no_verdict_without_scratch():
 # ---- the grid -----------------------------------------------------------------------------------------------
 
 def _grid_args(argv):
-    p = Parser(parents=[grid_flags(20, 1e-4, 200, ("sophon", "scratch"))])
+    p = Parser(parents=[grid_flags(20, 1e-4, ("sophon", "scratch"))])
     p.add_argument("--bs", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def test_expand_grid_defaults_to_single_values():
-    attacks = expand_grid(_grid_args(["--finetune_lr", "0.5", "--bs", "32", "--seed", "7", "--epochs", "3"]))
+    attacks = plan(_grid_args(["--finetune_lr", "0.5", "--bs", "32", "--seed", "7", "--epochs", "3"]))
     assert attacks == [Attack("direct_all", "momentum", 0.5, 32, 3, 7)]
 
 
@@ -175,7 +176,7 @@ def test_expand_grid_lists_win_and_duplicates_drop():
     args = _grid_args(["--finetune_lr", "0.5", "--lrs", "1e-3,0.001,1e-2", "--bs", "32", "--batch_sizes", "8,8,16",
                        "--seed", "7", "--seeds", "0,1,0", "--strategies", "direct_all,initfc_fc,direct_all",
                        "--optimizers", "sgd,adam"])
-    attacks = expand_grid(args)
+    attacks = plan(args)
     assert len(attacks) == 2 * 2 * 2 * 2 * 2
     assert len(set(attacks)) == len(attacks)
     assert {a.lr for a in attacks} == {1e-3, 1e-2}
@@ -183,7 +184,7 @@ def test_expand_grid_lists_win_and_duplicates_drop():
     assert {a.seed for a in attacks} == {0, 1}
     assert all(isinstance(a.lr, float) for a in attacks)
     # seed 0 given as a list is honoured (0 is falsy)
-    assert {a.seed for a in expand_grid(_grid_args(["--seed", "5", "--seeds", "0"]))} == {0}
+    assert {a.seed for a in plan(_grid_args(["--seed", "5", "--seeds", "0"]))} == {0}
 
 
 @pytest.mark.parametrize("argv", [["--lrs", "1e-3,abc"], ["--batch_sizes", "8,0"], ["--optimizers", "sgd,nesterov"],

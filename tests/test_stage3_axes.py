@@ -9,10 +9,13 @@ import torch
 
 import common.finetune as ft
 from common.cli import UsageError
-from common.finetune import Attack, attack_subset, expand_grid, run_attack, subset_indices
+from common.axes import Cell
+from common.finetune import Attack, attack_subset, run_attack, subset_indices
 from common.models import build_model, rescale_batchnorm_fed
 from common.plots import grid_results, plot_grid, plot_robustness
-from common.stage3 import NULL_START, Cell, GridContext, write_report
+from common.procedures import plan
+from common.report import write_report
+from common.stage3 import NULL_START, GridContext
 from common.train import OPTIMIZERS, Precision, make_optimizer
 from common.verdicts import auc, pooled_robustness, robustness_summary, scratch_verdicts
 from helpers import TinyNet, load_script, read_rows, run_script
@@ -110,7 +113,7 @@ def test_lr_1e2_and_a_diverging_attack_still_give_a_curve(optimizer):
 # ---- the grid -------------------------------------------------------------------------------------------------
 
 def test_grid_expands_fractions_and_schedules_with_unique_keys():
-    attacks = expand_grid(_grid_args(["--train_fractions", "1.0,0.1,1", "--schedules", "constant,cosine",
+    attacks = plan(_grid_args(["--train_fractions", "1.0,0.1,1", "--schedules", "constant,cosine",
                                       "--seeds", "0,1"]))
     assert len(attacks) == 2 * 2 * 2
     assert {(a.train_fraction, a.schedule) for a in attacks} == {(1.0, "constant"), (1.0, "cosine"),
@@ -122,7 +125,7 @@ def test_grid_expands_fractions_and_schedules_with_unique_keys():
     assert Cell("sophon", old).key == "sophon|direct_all|momentum|0.0001|16|2"
     assert Cell("sophon", Attack("direct_all", "momentum", 1e-4, 16, 1, 2, 0.1, "warmup_cosine")).key == \
         "sophon|direct_all|momentum|0.0001|16|2|f0.1|warmup_cosine"
-    default = expand_grid(_grid_args([]))
+    default = plan(_grid_args([]))
     assert [(a.train_fraction, a.schedule) for a in default] == [(1.0, "constant")]
 
 

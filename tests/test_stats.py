@@ -101,7 +101,7 @@ def test_known_ratios_the_old_mean_leans_above_one_and_the_headline_names_the_fa
     assert [f["optimizer"] for f in v["faster_holm"]] == ["momentum"] and v["faster_bh"] == v["faster_holm"]
     assert v["worst_family"]["optimizer"] == "momentum" and v["worst_family"]["ci"] == pytest.approx([2, 2])
     assert r["headline"].startswith("1 of 2 families learn faster than scratch (Holm-corrected over 2 families")
-    assert "direct_all momentum lr 0.01 bs 32 data 0.1 constant: ratio 2, simultaneous interval [2, 2]" in \
+    assert "direct_all momentum lr 0.01 bs 32 train fraction 0.1 constant: ratio 2, simultaneous interval [2, 2]" in \
         r["headline"]
     slower = robustness_summary([dict(x, test_acc_curve=[y / 4 for y in x["test_acc_curve"]])
                                  if x["start"] == "sophon" else x for x in results])
