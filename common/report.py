@@ -2,7 +2,7 @@
 
 Its columns come from the axes the procedures declare (common.procedures): a family is described by the
 verdicts' attack_family(), a defence row by their defence_family(), a per-metric row by every axis."""
-from common.procedures import axes
+from common.procedures import ROLES, axes
 from common.verdicts import DEFENCE_LEGEND, LEGEND, ROBUSTNESS_LEGEND, attack_family, defence_family
 
 
@@ -116,7 +116,9 @@ def _verdict_lines(verdicts):
 def _metric_lines(results, key):
     """Epoch 0 and the final value of `key` per cell family and start, mean over seeds: a column per axis some
     result has a value of (no defence column without defence cells), the seeds pooled."""
-    shown = [a for a in axes() if a.name != "seed" and any(r.get(a.name) is not None for r in results)]
+    naming = [name for _, name in ROLES.values() if name]  # the procedure's name first (a defence's, say)
+    shown = sorted((a for a in axes() if a.name != "seed" and any(r.get(a.name) is not None for r in results)),
+                   key=lambda a: a.name not in naming)
     lines = [f"## {key}: epoch 0 -> final, mean over seeds", ""] + _header(
         [a.title for a in shown] + ["start", "epoch 0", "final", "seeds", "diverged seeds"])
     groups = {}
