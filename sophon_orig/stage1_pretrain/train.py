@@ -9,8 +9,16 @@ from common.settings import parse
 from common.stage1 import run_stage1_script, stage1_settings
 
 STAGE = "sophon_orig/stage1_pretrain"
-# The seed's defaults are common.stage1's (python train.py --help lists every setting with its default);
-# an UPPER_CASE constant here named like a setting (EPOCHS = 5) would override it.
+# The seed's constants: editing one and passing its flag are the same thing (a constant named like a setting
+# overrides that setting's default; python train.py --help lists every setting with its default).
+ARCH = "resnet18"  # resnet18 | resnet34 | resnet50 | caformer
+ORIG_DATASET = "ImageNette"  # the task the model must keep
+IMAGE_SIZE = None  # None: the seed's 224 crop for ImageNette; 32 for CPU-scale runs
+EPOCHS = 2
+LR = 1e-3  # Adam
+BS = 64
+INIT = "imagenet"  # imagenet | scratch | a weights file
+SEED = 0
 Settings = stage1_settings()
 
 

@@ -16,8 +16,25 @@ from common.stage2 import SUPERSEDES, Stage2Task, run_stage2_script, setup_stage
 from common.train import AccuracyEval
 
 STAGE = "sophon_orig/stage2_train"
-# The seed's defaults are common.stage2's (python algo.py --help lists every setting with its default); an
-# UPPER_CASE constant here named like a setting (TOTAL_LOOP = 500) would override it.
+# The seed's constants: editing one and passing its flag are the same thing (a constant named like a setting
+# overrides that setting's default; python algo.py --help lists every setting with its default).
+MODEL_PATH = None  # stage-1 checkpoint (.pt or run folder); None: newest under runs/sophon_orig/stage1_pretrain
+DATASET = "CIFAR10"  # restricted domain
+LOSS_TYPE = "inverse"  # inverse (paper) | inverse_code (official code) | kl | entropy (TAR)
+ALPHA = 3.0  # FTS lr = ALPHA * LR
+BETA = 5.0  # NTR lr = BETA * LR
+LR = 1e-4
+FAST_LR = 1e-4  # simulated fine-tuner's lr
+BS = 150  # query = BS // 10 of each batch
+FTS_LOOP = 1
+NTR_LOOP = 1
+TOTAL_LOOP = 1000
+ADAPTATION_STEPS = 50  # inner steps per simulated fine-tuning
+TEST_INTERVAL = 25  # fine-tune test + loop checkpoint every N loops (0: off)
+FINETUNE_EPOCHS = 5
+FINAL_FINETUNE_EPOCHS = 20
+FINETUNE_LR = 1e-4
+SEED = 0
 # Named configurations (--preset NAME): flag values as typed; flags on the command line still win.
 # robust: long, scale-free simulated attackers (README, "Protection against adaptive attackers").
 PRESETS = {"robust": {"loss_type": "entropy", "adaptation_steps": 20, "fts_query_every": 2, "fts_step_weights": "exp",
