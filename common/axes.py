@@ -7,8 +7,10 @@ those declarations, and so do the flags a grid spans. The procedures are registe
 """
 import itertools
 from dataclasses import dataclass
+from typing import Optional
 
 from common.cli import comma_list
+from common.settings import setting
 
 NO_DEFAULT = object()  # an axis every cell has had from the start: its key always shows it
 
@@ -59,8 +61,11 @@ class Axis:
             return list(given)
         return [getattr(args, self.fallback)] if self.fallback else list(self.grid)
 
-    def add_flag(self, parser):
-        parser.add_argument(self.flag, type=comma_list(self.type, self.choices), default=self.grid, help=self.help)
+    def field(self):
+        """(name, type, field) of the grid's settings (common.procedures.grid_settings): the comma list `flag`."""
+        grid = self.grid
+        return (self.dest, Optional[list], setting(help=self.help, type=comma_list(self.type, self.choices),
+                                                   factory=lambda: None if grid is None else list(grid)))
 
 
 def seed_last(axes):

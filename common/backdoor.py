@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import UsageError, fraction, nonneg_int, pos_int
-from common.settings import Settings, defaults_of, parent_parser, setting
+from common.settings import Settings, setting
 from common.train import predict
 
 POISON_SEED = 20240520  # fixed: the same samples are poisoned in every run
@@ -86,11 +86,6 @@ class TriggerSettings(Settings):
     poison_percent: Optional[float] = setting(None, "share of training samples poisoned", type=fraction)
     target_label: Optional[int] = setting(None, type=nonneg_int)
     trigger_size: Optional[int] = setting(None, "side of the white square (px)", type=pos_int)
-
-
-def trigger_flags(**defaults):
-    """The trigger flags as an argparse parent, for scripts not yet written as one settings class."""
-    return parent_parser(TriggerSettings, defaults_of(TriggerSettings, **defaults))
 
 
 def stage2_summary_keys(final_orig, final_finetune):

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 # Parser, UsageError, build_parser and given_flags live in common.settings; many modules take them from here
-from common.settings import (Parser, Settings, UsageError, build_parser, defaults_of,  # noqa: F401
-                             given_flags, parent_parser, setting)
+from common.settings import Parser, Settings, UsageError, build_parser, given_flags, setting  # noqa: F401
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "caformer")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -173,19 +172,3 @@ class PresetSettings(Settings):
     """--preset NAME: a named set of flag values (common.settings.parse fills in the script's presets). The
     preset only changes defaults, so every flag given on the command line, before or after it, still wins."""
     preset: Optional[str] = setting(None, "named configuration")
-
-
-# Argparse parents for the scripts not yet written as one settings class (stage 3).
-
-def common_flags(*, arch, orig_dataset, bs, seed, image_size=None, inherit=False):
-    """With inherit=True (stages 2-3) arch/orig_dataset/image_size default to None: from the parent checkpoint."""
-    given = {} if inherit else dict(arch=arch, orig_dataset=orig_dataset, image_size=image_size)
-    return parent_parser(CommonSettings, defaults_of(CommonSettings, bs=bs, seed=seed, **given))
-
-
-def restricted_flag(default=None):
-    return parent_parser(RestrictedSettings, {"dataset": default})
-
-
-def speed_flags():
-    return parent_parser(SpeedSettings, defaults_of(SpeedSettings))

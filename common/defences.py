@@ -18,7 +18,7 @@ import copy
 import itertools
 import math
 from dataclasses import dataclass, field, fields
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from common.cli import UsageError, comma_list, fraction, nonneg_float, nonneg_in
 from common.finetune import (BATCH_SIZE, LR, OPTIMIZER, SCHEDULE, SEED, STRATEGY, TRAIN_FRACTION, _ScheduledSteps,
                              attack_subset, scope_params, start_curve, steps_per_epoch, train_epochs, training_only)
 from common.models import classifier_head
+from common.settings import Settings, setting
 from common.train import ce_step, sam_step, train_epoch
 
 # ---- the recipe every defence shares (BackdoorBench config/defense/{ft,ft-sam,fp,nad}/config.yaml) ----------
@@ -431,45 +432,37 @@ def _betas(text):
     return values
 
 
-def defence_flags():
-    """The defences' flags (defaults: the UPPER_CASE constants above)."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("defences (cells next to the fine-tuning grid; common/defences.py)")
-    g.add_argument("--defences", type=comma_list(str, tuple(DEFENCES)), default=None,
-                   help="backdoor defences to run on every start model, one cell per (defence, train fraction, seed), "
-                        f"next to the fine-tuning grid: {', '.join(DEFENCES)}; each trains every layer (head kept) "
-                        "for --epochs at the grid's first batch size on the --train_fractions share of the clean "
-                        "training split (BackdoorBench gives the defender 0.05); epoch 0 = before the defence")
-    g.add_argument("--defences_only", action="store_true",
-                   help="run the --defences cells alone, no fine-tuning attack (without it the fine-tuning grid, "
-                        "default or as given, runs as well)")
-    g.add_argument("--defence_lr", type=pos_float, default=DEFENCE_LR,
-                   help="lr of ft, ft_sam, fine_pruning and nad (teacher and student)")
-    g.add_argument("--defence_momentum", type=_momentum, default=DEFENCE_MOMENTUM, help="SGD momentum, every defence")
-    g.add_argument("--defence_weight_decay", type=nonneg_float, default=DEFENCE_WEIGHT_DECAY,
-                   help="SGD weight decay, every defence")
-    g.add_argument("--sam_rho", type=pos_float, default=SAM_RHO,
-                   help="ft_sam's perturbation radius (BackdoorBench: 2.0 with --sam_adaptive)")
-    g.add_argument("--sam_adaptive", action="store_true",
-                   help="ft_sam: adaptive SAM (ASAM, perturbation scaled by |w|), BackdoorBench's default")
-    g.add_argument("--super_ft_max_lr", type=pos_float, default=SUPER_FT_MAX_LR,
-                   help="super_ft: peak lr of the cycles in phase 1")
-    g.add_argument("--super_ft_max_lr2", type=pos_float, default=SUPER_FT_MAX_LR2,
-                   help="super_ft: peak lr of the cycles in phase 2")
-    g.add_argument("--super_ft_base_lr", type=pos_float, default=SUPER_FT_BASE_LR,
-                   help="super_ft: lr at the trough of every cycle")
-    g.add_argument("--super_ft_half_cycle", type=pos_int, default=SUPER_FT_HALF_CYCLE,
-                   help="super_ft: optimisation steps from trough to peak (and as many back)")
-    g.add_argument("--super_ft_phase1", type=fraction, default=SUPER_FT_PHASE1,
-                   help="super_ft: share of the run's optimisation steps in phase 1")
-    g.add_argument("--prune_step", type=fraction, default=PRUNE_STEP,
-                   help="fine_pruning: share of layer4's channels pruned more at a time")
-    g.add_argument("--prune_acc_drop", type=fraction, default=PRUNE_ACC_DROP,
-                   help="fine_pruning: largest relative drop of clean accuracy (on the defender's data) pruning may "
-                        "cost")
-    g.add_argument("--nad_teacher_epochs", type=nonneg_int, default=NAD_TEACHER_EPOCHS,
-                   help="nad: epochs fine-tuning the teacher")
-    g.add_argument("--nad_betas", type=_betas, default=list(NAD_BETAS),
-                   help=f"nad: attention-transfer weights for {', '.join(NAD_LAYERS)}")
-    g.add_argument("--nad_p", type=pos_float, default=NAD_P, help="nad: power of the attention maps")
-    return p
+@dataclass
+class DefenceSettings(Settings):
+    """The defences' settings (defaults: the UPPER_CASE constants above)."""
+    defences: Optional[list] = setting(None, "backdoor defences to run on every start model, one cell per (defence, "
+                                             "train fraction, seed), next to the fine-tuning grid; each trains every "
+                                             "layer (head kept) for --epochs at the grid's first batch size on the "
+                                             "--train_fractions share of the clean training split (BackdoorBench "
+                                             "gives the defender 0.05); epoch 0 = before the defence",
+                                       type=comma_list(str, DEFENCES))  # the registry itself: read when parsing
+    defences_only: bool = setting(False, "run the --defences cells alone, no fine-tuning attack (without it the "
+                                         "fine-tuning grid, default or as given, runs as well)", action="store_true")
+    defence_lr: float = setting(DEFENCE_LR, "lr of ft, ft_sam, fine_pruning and nad (teacher and student)",
+                                type=pos_float)
+    defence_momentum: float = setting(DEFENCE_MOMENTUM, "SGD momentum, every defence", type=_momentum)
+    defence_weight_decay: float = setting(DEFENCE_WEIGHT_DECAY, "SGD weight decay, every defence", type=nonneg_float)
+    sam_rho: float = setting(SAM_RHO, "ft_sam's perturbation radius (BackdoorBench: 2.0 with --sam_adaptive)",
+                             type=pos_float)
+    sam_adaptive: bool = setting(False, "ft_sam: adaptive SAM (ASAM, perturbation scaled by |w|), BackdoorBench's "
+                                        "default", action="store_true")
+    super_ft_max_lr: float = setting(SUPER_FT_MAX_LR, "super_ft: peak lr of the cycles in phase 1", type=pos_float)
+    super_ft_max_lr2: float = setting(SUPER_FT_MAX_LR2, "super_ft: peak lr of the cycles in phase 2", type=pos_float)
+    super_ft_base_lr: float = setting(SUPER_FT_BASE_LR, "super_ft: lr at the trough of every cycle", type=pos_float)
+    super_ft_half_cycle: int = setting(SUPER_FT_HALF_CYCLE, "super_ft: optimisation steps from trough to peak (and "
+                                                            "as many back)", type=pos_int)
+    super_ft_phase1: float = setting(SUPER_FT_PHASE1, "super_ft: share of the run's optimisation steps in phase 1",
+                                     type=fraction)
+    prune_step: float = setting(PRUNE_STEP, "fine_pruning: share of layer4's channels pruned more at a time",
+                                type=fraction)
+    prune_acc_drop: float = setting(PRUNE_ACC_DROP, "fine_pruning: largest relative drop of clean accuracy (on the "
+                                                    "defender's data) pruning may cost", type=fraction)
+    nad_teacher_epochs: int = setting(NAD_TEACHER_EPOCHS, "nad: epochs fine-tuning the teacher", type=nonneg_int)
+    nad_betas: list = setting(help=f"nad: attention-transfer weights for {', '.join(NAD_LAYERS)}", type=_betas,
+                              factory=lambda: list(NAD_BETAS))
+    nad_p: float = setting(NAD_P, "nad: power of the attention maps", type=pos_float)

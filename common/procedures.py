@@ -5,11 +5,13 @@ A new procedure (an attack, a linear probe, a tuned attacker): a module with a c
 common.defences.DEFENCES. The rest follows from the declarations: the cell keys, metrics.csv's columns, the
 results, the report's columns, the verdicts' families, the flags of the axes, and which flags a grid leaves unread.
 """
-import argparse
+from dataclasses import make_dataclass
 from pathlib import Path
+from typing import Optional
 
 from common.axes import seed_last
 from common.cli import UsageError, comma_list, pos_float, pos_int
+from common.settings import Settings, setting
 from common.defences import DEFENCES
 from common.finetune import FINE_TUNING
 
@@ -65,28 +67,25 @@ def grid_keys():
     return flags | {flag for flag, _ in ROLES.values()} | {"defences_only", "start"}
 
 
-def grid_flags(default_epochs, default_lr, starts, optional_starts=()):
-    """The grid's flags: the start models (`starts` by default, `optional_starts` when asked), the epochs, the
-    attacks and every registered axis's list (common.defences.defence_flags has the defences')."""
-    p = argparse.ArgumentParser(add_help=False)
+def grid_settings(starts, optional_starts=()):
+    """The grid's settings group: the start models (`starts` by default, `optional_starts` when asked), the epochs,
+    the attacks, every registered axis's list (common.defences.DefenceSettings has the defences') and --reuse_cells.
+    Built from the registry when called, so an axis registered later has its flag too."""
     choices = tuple(starts) + tuple(optional_starts)
-    p.add_argument("--start", "--starts", dest="start", type=comma_list(str, choices), default=list(starts),
-                   help=f"start models to fine-tune (any of {','.join(choices)}; default {','.join(starts)}); "
-                        f"under torchrun write --starts: "
-                        f"torchrun's own parser takes --start for its --start-method")
-    p.add_argument("--epochs", type=pos_int, default=default_epochs, help="fine-tuning epochs per attack")
-    p.add_argument("--finetune_lr", type=pos_float, default=default_lr)
     attacks = tuple(name for name, proc in PROCEDURES.items() if proc.role == "attack")
-    p.add_argument("--attacks", type=comma_list(str, attacks), default=[FINE_TUNING.name],
-                   help=f"stage-3 attacks to run, each over the grid of its axes: {', '.join(attacks)}")
-    for a in axes():
-        if a.flag:
-            a.add_flag(p)
-    p.add_argument("--reuse_cells", type=Path, default=None, metavar="RUN",
-                   help="another stage-3 run folder of the same settings: its finished cells of the start models "
-                        "both grids fine-tune from the same checkpoint (scratch, say) are copied into this run "
-                        "instead of run again")
-    return p
+    return make_dataclass("GridSettings", [
+        ("start", list, setting(",".join(starts), f"start models to fine-tune (any of {','.join(choices)}); under "
+                                "torchrun write --starts: torchrun's own parser takes --start for its --start-method",
+                                type=comma_list(str, choices), aliases=("starts",))),
+        ("epochs", int, setting(20, "fine-tuning epochs per attack", type=pos_int)),
+        ("finetune_lr", float, setting(1e-4, type=pos_float)),
+        ("attacks", list, setting(FINE_TUNING.name, "stage-3 attacks to run, each over the grid of its axes",
+                                  type=comma_list(str, attacks))),
+        *(a.field() for a in axes() if a.flag),
+        ("reuse_cells", Optional[Path], setting(None, "another stage-3 run folder of the same settings: its finished "
+                                                "cells of the start models both grids fine-tune from the same "
+                                                "checkpoint (scratch, say) are copied into this run instead of run "
+                                                "again", type=Path, metavar="RUN"))], bases=(Settings,))
 
 
 def check_flags(args, given):

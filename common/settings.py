@@ -96,14 +96,9 @@ def add_arguments(parser, cls, defaults):
     return parser
 
 
-def parent_parser(cls, defaults):
-    """An argparse parent holding `cls`'s flags, for scripts that still build their parser by hand."""
-    return add_arguments(argparse.ArgumentParser(add_help=False), cls, defaults)
-
-
 def build_parser(doc, parents=()):
     # no abbreviations: --resume compares the flags given with the run's config, by their full names
-    return Parser(description=(doc or "").strip().splitlines()[0], parents=list(parents), allow_abbrev=False,
+    return Parser(description=next(iter((doc or "").strip().splitlines()), ""), parents=list(parents), allow_abbrev=False,
                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 

@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import common.defences as dfn
-from common.cli import Parser, UsageError
+from common.cli import CommonSettings, UsageError
 from common.data import Domain, epoch_batches
 from common.axes import Cell
-from common.defences import DefenceCell, DefenceConfig, attention_map, defence_flags, nad_loss, prune_plan, run_defence
+from common.defences import (DefenceCell, DefenceConfig, DefenceSettings, attention_map, nad_loss, prune_plan,
+                             run_defence)
 from common.finetune import Attack
-from common.procedures import check_flags, grid_flags, plan
+from common.procedures import check_flags, grid_settings, plan
+from common.settings import compose, parse
 from common.train import Precision, sam_step
 from common.verdicts import auc, defence_verdicts, persistence_verdicts
 from helpers import TinyNet, read_rows, run_script
@@ -285,10 +287,8 @@ def test_defence_gives_back_frozen_flags_and_refuses_batch_size_one():
 # ---- the grid's defence cells, flags, verdicts ------------------------------------------------------------------
 
 def _args(argv):
-    p = Parser(parents=[grid_flags(3, 1e-4, ("irreversible", "backdoored")), defence_flags()])
-    p.add_argument("--bs", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    return p, p.parse_args(argv)
+    settings = compose("T", CommonSettings, grid_settings(("irreversible", "backdoored")), DefenceSettings)
+    return parse(settings, argv, "test", {"EPOCHS": 3, "BS": 16})
 
 
 def test_defence_cells_and_keys():

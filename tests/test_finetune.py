@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import common.finetune as ft
-from common.cli import Parser, UsageError
+from common.cli import CommonSettings, UsageError
 from common.data import Domain
 from common.finetune import Attack, run_attack
-from common.procedures import grid_flags, plan
+from common.procedures import grid_settings, plan
+from common.settings import compose, parse
 from common.train import OPTIMIZERS, Precision, make_optimizer
 from common.verdicts import auc, epochs_to_reach, mean_std, scratch_verdicts
 from helpers import TinyNet
@@ -161,10 +162,7 @@ def test_no_verdict_without_scratch():
 # ---- the grid -----------------------------------------------------------------------------------------------
 
 def _grid_args(argv):
-    p = Parser(parents=[grid_flags(20, 1e-4, ("sophon", "scratch"))])
-    p.add_argument("--bs", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return parse(compose("T", CommonSettings, grid_settings(("sophon", "scratch"))), argv, "test", {"BS": 200})[1]
 
 
 def test_expand_grid_defaults_to_single_values():

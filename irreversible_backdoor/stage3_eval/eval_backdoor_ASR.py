@@ -8,14 +8,18 @@ records, after every epoch, clean accuracy, ASR, untargeted ASR and RA on the re
     python irreversible_backdoor/stage3_eval/eval_backdoor_ASR.py --defences ft,ft_sam,super_ft,fine_pruning,nad \
         --defences_only --train_fractions 0.05 --epochs 20   # backdoor defences instead of attacks
 """
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from common import cli, dist
-from common.backdoor import ATTACK_METRICS, BackdoorEval, check_trigger, trigger_flags
+from common.backdoor import ATTACK_METRICS, BackdoorEval, TriggerSettings, check_trigger
+from common.cli import CommonSettings, RestrictedSettings, SpeedSettings
 from common.checkpoints import foreign_record, is_foreign, model_from_checkpoint, require_given
-from common.defences import check_arch, defence_flags
-from common.procedures import check_flags, grid_flags
+from common.defences import DefenceSettings, check_arch
+from common.procedures import check_flags, grid_settings
 from common.runs import begin, config_of
+from common.settings import Settings, compose, given_flags, parse, setting
 from common.stage3 import choose_dataset, load_starts, restricted_data, run_stage3_script
 from common.train import Precision
 from common.verdicts import defence_verdicts, persistence_verdicts
@@ -33,15 +37,18 @@ TRIGGER_FLAGS = ("trigger_size", "target_label", "poison_percent")
 INHERITED = ("arch", "orig_dataset", "image_size") + TRIGGER_FLAGS  # flags left unset take the checkpoints'
 
 
+@dataclass
+class Models(Settings):
+    path: Optional[Path] = setting(MODEL_PATH, "irreversible checkpoint or run folder; --model_path is the seed's "
+                                               "spelling, kept for compatibility", type=Path, aliases=("model_path",))
+    baseline_path: Optional[Path] = setting(BASELINE_PATH, "plain backdoored checkpoint or run folder", type=Path)
+
+
 def parse_args(argv=None):
-    common = cli.common_flags(arch=None, orig_dataset=None, bs=BS, seed=SEED, inherit=True)
-    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(None), trigger_flags(),
-                                        grid_flags(EPOCHS, FINETUNE_LR, STARTS), defence_flags(), cli.speed_flags()])
-    parser.add_argument("--path", "--model_path", dest="path", type=Path, default=MODEL_PATH,
-                        help="irreversible checkpoint or run folder; --model_path is the seed's spelling, kept for compatibility")
-    parser.add_argument("--baseline_path", type=Path, default=BASELINE_PATH, help="plain backdoored checkpoint or run folder")
-    args = parser.parse_args(argv)
-    check_flags(args, cli.given_flags(parser, argv))
+    settings = compose("Settings", CommonSettings, RestrictedSettings, TriggerSettings, grid_settings(STARTS),
+                       DefenceSettings, Models, SpeedSettings)
+    parser, args = parse(settings, argv, __doc__, globals())
+    check_flags(args, given_flags(parser, argv))
     return parser, args
 
 

@@ -9,13 +9,17 @@
         --lrs 1e-4,1e-3 --seeds 0,1
     torchrun --nproc_per_node 2 sophon_orig/stage3_eval/finetune_test.py --seeds 0,1,2,3   # cells over 2 GPUs
 """
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from common import cli
+from common.cli import CommonSettings, RestrictedSettings, SpeedSettings
 from common.checkpoints import foreign_record
 from common.models import renormalized
-from common.procedures import check_flags, grid_flags
+from common.procedures import check_flags, grid_settings
 from common.runs import begin, canonical_path, config_of
+from common.settings import Settings, compose, given_flags, parse, setting
 from common.stage3 import (NULL_SEED_OFFSET, NULL_START, choose_dataset, labelled_paths, load_starts,
                            restricted_data, run_stage3_script)
 from common.train import AccuracyEval
@@ -36,21 +40,25 @@ BS = 200
 SEED = 0
 
 
+@dataclass
+class Models(Settings):
+    path: Optional[Path] = setting(MODEL_PATH, "protected checkpoint or run folder, or a comma list of them to compare "
+                                               "side by side, each `label=path` or `path` (label: the run folder's "
+                                               "name); one unlabelled path is the start 'sophon'; --model_path is the "
+                                               "seed's spelling, kept for compatibility", type=Path,
+                                   aliases=("model_path",))
+    normal_path: Optional[Path] = setting(NORMAL_PATH, "normal (stage-1) checkpoint or run folder", type=Path)
+    renormalize: bool = setting(False, "an informed attacker: before fine-tuning, bring every BatchNorm-fed layer of "
+                                       "each protected model to a fresh model's weight scale, its function unchanged "
+                                       "(the baselines are left as they are, so their cells can be reused)",
+                                action="store_true")
+
+
 def parse_args(argv=None):
-    common = cli.common_flags(arch=None, orig_dataset=None, bs=BS, seed=SEED, inherit=True)
-    grid = grid_flags(EPOCHS, FINETUNE_LR, STARTS, OPTIONAL_STARTS)
-    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(None), grid, cli.speed_flags()])
-    parser.add_argument("--path", "--model_path", dest="path", type=Path, default=MODEL_PATH,
-                        help="protected checkpoint or run folder, or a comma list of them to compare side by side, "
-                             "each `label=path` or `path` (label: the run folder's name); one unlabelled path "
-                             "is the start 'sophon'; --model_path is the seed's spelling, kept for compatibility")
-    parser.add_argument("--normal_path", type=Path, default=NORMAL_PATH, help="normal (stage-1) checkpoint or run folder")
-    parser.add_argument("--renormalize", action="store_true",
-                        help="an informed attacker: before fine-tuning, bring every BatchNorm-fed layer of each "
-                             "protected model to a fresh model's weight scale, its function unchanged (the baselines "
-                             "are left as they are, so their cells can be reused)")
-    args = parser.parse_args(argv)
-    check_flags(args, cli.given_flags(parser, argv))
+    settings = compose("Settings", CommonSettings, RestrictedSettings, grid_settings(STARTS, OPTIONAL_STARTS), Models,
+                       SpeedSettings)
+    parser, args = parse(settings, argv, __doc__, globals())
+    check_flags(args, given_flags(parser, argv))
     items = protected_items(args.path)
     if len(items) > 1 or items[0][0] != "sophon":  # recorded (and compared on --resume) as label=/absolute/path,...
         args.path = Path(",".join(f"{label}={canonical_path(path)}" for label, path in items))
