@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from common.models import ARCHS
 # Parser, UsageError, build_parser and given_flags live in common.settings; many modules take them from here
 from common.settings import (Parser, Settings, UsageError, build_parser, defaults_of,  # noqa: F401
                              given_flags, parent_parser, setting)
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "caformer")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
