@@ -321,6 +321,7 @@ def init_model(arch, num_classes, init, dataset="the dataset"):
 
 # ---- export: plain files for other people's code -------------------------------------------------------
 
+# How other people's code builds an arch to load the exported weights; an arch not here is named by its build_model.
 LOADERS = {"resnet18": "torchvision.models.resnet18(num_classes={n})",
            "resnet34": "torchvision.models.resnet34(num_classes={n})",
            "resnet50": "torchvision.models.resnet50(num_classes={n})",
@@ -368,7 +369,8 @@ def main(argv=None):
     ex.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     args = parser.parse_args(argv)
     out, ckpt, fmt = export(args.source, args.out, args.format, args.force)
-    model = LOADERS[ckpt["arch"]].format(n=ckpt["num_classes"])
+    model = LOADERS.get(ckpt["arch"], f"common.models.build_model({ckpt['arch']!r}, {{n}})").format(
+        n=ckpt["num_classes"])
     reader = ("safetensors.torch.load_file(path)" if fmt == "safetensors"
               else "torch.load(path, weights_only=True)")
     print(f"wrote {out} ({fmt}, {len(ckpt['model'])} tensors of a {ckpt['arch']} with {ckpt['num_classes']} "

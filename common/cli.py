@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from common.models import ARCHS
 # Parser, UsageError, build_parser and given_flags live in common.settings; many modules take them from here
 from common.settings import Parser, Settings, UsageError, build_parser, given_flags, setting  # noqa: F401
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "caformer")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 

@@ -20,9 +20,12 @@ import torch.nn.functional as F
 
 from common.finetune import schedule_factor, scope_params
 from common.models import head_param_names, reinit_head
-from common.train import make_optimizer
+from common.train import OPTIMIZERS, make_optimizer
 
-FTS_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "sign", "normalized")
+# The optimisers a simulated fine-tuner may use (--fts_optimizers), from the attackers' table: a registry, so that
+# a new one is its line in common.train.OPTIMIZERS and its name here.
+FTS_OPTIMIZERS = {name: OPTIMIZERS[name] for name in ("sgd", "momentum", "adam", "adamw", "rmsprop", "sign",
+                                                      "normalized")}
 HEAD_POLICIES = ("reinit", "keep")
 STEP_WEIGHTS = ("uniform", "exp")
 EXP_STEP_RATE = 3.0  # exp step weights: the last queried step weighs e^3 (about 20) times the first
@@ -191,7 +194,7 @@ class FTS:
                   for (name, lp), mp in zip(learner.named_parameters(), model.parameters()) if id(lp) in trained]
         device = next(model.parameters()).device
         inner = make_optimizer(finetuner.optimizer, trainable, finetuner.lr, device=device,
-                               compiled=self.precision.compile)
+                               compiled=self.precision.compile, table=FTS_OPTIMIZERS)
         learner.train()
         for m in bn_eval:
             m.eval()

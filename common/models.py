@@ -2,29 +2,44 @@
 import torch
 from torch import nn
 
-from common.cli import UsageError
+from common.settings import UsageError
 
 HEAD_PATHS = {"ResNet": "fc", "MetaFormer": "head.fc.fc2"}
 
 
+def _torchvision_resnet(name):
+    def build(num_classes, pretrained):
+        import torchvision
+        model = getattr(torchvision.models, name)(weights="IMAGENET1K_V1" if pretrained else None)
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        return model
+    return build
+
+
+def _caformer(num_classes, pretrained):
+    import timm
+    return timm.create_model("caformer_m36", pretrained=pretrained, num_classes=num_classes)
+
+
+# --arch name -> build(num_classes, pretrained): a classifier whose Linear head `head_path` finds (by its class in
+# HEAD_PATHS, or its own `head_path` attribute). The one place an architecture is registered: --arch's choices,
+# checkpoints and foreign weights' key checks all build from here.
+ARCHS = {"resnet18": _torchvision_resnet("resnet18"), "resnet34": _torchvision_resnet("resnet34"),
+         "resnet50": _torchvision_resnet("resnet50"), "caformer": _caformer}
+
+
 def build_model(arch, num_classes=10, init="scratch"):
     """A 10-way (or `num_classes`) classifier; `init='imagenet'` loads pretrained weights."""
+    if arch not in ARCHS:
+        raise UsageError(f"unknown arch {arch!r}")
     pretrained = init == "imagenet"
     try:
-        if arch in ("resnet18", "resnet34", "resnet50"):
-            import torchvision
-            model = getattr(torchvision.models, arch)(weights="IMAGENET1K_V1" if pretrained else None)
-            model.fc = nn.Linear(model.fc.in_features, num_classes)
-            return model
-        if arch == "caformer":
-            import timm
-            return timm.create_model("caformer_m36", pretrained=pretrained, num_classes=num_classes)
+        return ARCHS[arch](num_classes, pretrained)
     except (OSError, RuntimeError, ValueError) as err:
         if pretrained:
             raise UsageError(f"ImageNet weights for {arch} could not be had ({type(err).__name__}); "
                              f"connect once to cache them, or pass --init scratch") from None
         raise
-    raise UsageError(f"unknown arch {arch!r}")
 
 
 def head_path(model):

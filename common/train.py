@@ -64,11 +64,12 @@ OPTIMIZERS = {
 ATTACK_WEIGHT_DECAY = {"sgd": 1e-4, "momentum": 1e-4}
 
 
-def make_optimizer(name, params, lr, *, attack=False, device=None, compiled=False):
-    """`device` (the simulated fine-tuners' optimisers pass it): few kernel launches per step, fused on CUDA
+def make_optimizer(name, params, lr, *, attack=False, device=None, compiled=False, table=OPTIMIZERS):
+    """`table`: name -> (class, keyword arguments), OPTIMIZERS or a registry drawn from it (FTS_OPTIMIZERS).
+    `device` (the simulated fine-tuners' optimisers pass it): few kernel launches per step, fused on CUDA
     where torch has it (Adam, AdamW, SGD) and the model is not compiled, else foreach; the same update up to
     float rounding."""
-    cls, kwargs = OPTIMIZERS[name]
+    cls, kwargs = table[name]
     kwargs = dict(kwargs, lr=lr)
     if attack and name in ATTACK_WEIGHT_DECAY:
         kwargs["weight_decay"] = ATTACK_WEIGHT_DECAY[name]

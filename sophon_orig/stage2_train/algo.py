@@ -45,7 +45,7 @@ PRESETS = {"robust": {"loss_type": "entropy", "adaptation_steps": 20, "fts_query
 @dataclass
 class Settings(stage2_settings()):
     loss_type: str = setting("inverse", "the FTS query loss: inverse (paper), inverse_code (official code), kl, "
-                                        "entropy (TAR)", choices=tuple(FTE_LOSSES))
+                                        "entropy (TAR)", choices=FTE_LOSSES)
 
 
 def parse_args(argv=None):
