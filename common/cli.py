@@ -14,6 +14,7 @@ from typing import Optional
 
 from common.models import ARCHS
 # Parser, UsageError, build_parser and given_flags live in common.settings; many modules take them from here
+from common.live import require_tensorboard
 from common.settings import Parser, Settings, UsageError, build_parser, given_flags, setting  # noqa: F401
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -148,6 +149,13 @@ class CommonSettings(Settings):
     resume: Optional[Path] = setting(None, "continue that run in place", type=Path, metavar="RUN_DIR")
     cache_dir: Optional[Path] = setting(None, "keep decoded, resized datasets here so later runs skip decoding",
                                         type=Path)
+    tensorboard: bool = setting(False, "also stream metrics.csv's rows to TensorBoard (RUN_DIR/tensorboard) to watch "
+                                       "the run live; needs the tensorboard package", action="store_true")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tensorboard:
+            require_tensorboard()
 
 
 @dataclass

@@ -6,7 +6,7 @@ arrive, under `tensorboard/` in the run folder: `tensorboard --logdir runs/`. A 
 """
 import math
 
-from common.cli import UsageError
+from common.settings import UsageError
 
 INSTALL = "pip install tensorboard (or pip install -e '.[tensorboard]')"
 STEP_COLUMNS = ("loop", "epoch")

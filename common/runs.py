@@ -229,7 +229,8 @@ def path_flags(parser):
 EXTENDABLE = ("total_loop",)
 
 
-def apply_resume(args, argv_given, run_dir, paths, skip=("resume", "out_dir", "device", "num_workers", "cache_dir")):
+def apply_resume(args, argv_given, run_dir, paths,
+                 skip=("resume", "out_dir", "device", "num_workers", "cache_dir", "tensorboard")):
     """The resumed run's config is authoritative; a repeated flag must equal it, but an EXTENDABLE one may
     be raised. `paths`: the path flags. Returns the raised flags, {name: (run's value, new value)}."""
     config = read_run_config(run_dir)

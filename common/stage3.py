@@ -43,7 +43,7 @@ NULL_SEED_OFFSET = 1_000_003
 RUN_ONLY = frozenset({
     "path", "parent", "normal_path", "baseline_path", "parent_format", "parent_sha256", "normal_format",
     "normal_sha256", "baseline_format", "baseline_sha256", "out_dir", "resume", "reuse_cells", "num_workers",
-    "cache_dir", "download", "device", "renormalize"})
+    "cache_dir", "download", "device", "renormalize", "tensorboard"})
 
 
 def shared_starts(source, config, sources_of):

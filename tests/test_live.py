@@ -40,6 +40,20 @@ def test_without_the_flag_nothing_is_mirrored(tmp_path):
 
 
 def test_a_missing_package_is_a_one_line_error_naming_the_install(monkeypatch):
+    from sophon_orig.stage2_train.algo import parse_args
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(UsageError, match="pip install tensorboard"):
         require_tensorboard()
+    with pytest.raises(UsageError, match="--tensorboard needs the tensorboard package"):
+        parse_args(["--tensorboard"])  # refused with the other flags, before any run folder exists
+
+
+def test_stage2_with_the_flag_streams_its_loops(tmp_path, data_root, stage1_run, restore_signals):
+    from conftest import STAGE2_ARGS
+    from sophon_orig.stage2_train.algo import main
+    out = tmp_path / "run"
+    assert main([*STAGE2_ARGS, "--model_path", str(stage1_run), "--data_root", str(data_root), "--out_dir", str(out),
+                 "--tensorboard"]) == 0
+    scalars = _scalars(out / "tensorboard")
+    assert [step for step, _ in scalars["metrics/fts_loss"]] == [1, 2, 3]
+    assert [step for step, _ in scalars["finetune_tests/test_acc"]]  # the probes' curves too
