@@ -11,19 +11,12 @@ from common.settings import parse
 from common.stage1 import run_stage1_script, stage1_settings
 
 STAGE = "irreversible_backdoor/stage1_pretrain"
-# The seed's constants: editing one and passing its flag are the same thing (a constant named like a setting
-# overrides that setting's default; python train_with_backdoor.py --help lists every setting with its default).
-ARCH = "resnet18"  # resnet18 | resnet34 | resnet50 | caformer
-ORIG_DATASET = "ImageNette"  # the task the model keeps, poisoned here
-IMAGE_SIZE = None  # None: the seed's 224 crop for ImageNette; 32 for CPU-scale runs
+# Editing a constant and passing its flag are the same thing: an UPPER_CASE constant named like a setting
+# overrides its default (train.py's; python train_with_backdoor.py --help lists every setting with its default).
 POISON_PERCENT = 0.1  # share of training samples stamped and relabelled
 TARGET_LABEL = 0
 TRIGGER_SIZE = 5  # white square, bottom-right, px of the final image
 EPOCHS = 20
-LR = 1e-3  # Adam
-BS = 64
-INIT = "imagenet"  # imagenet | scratch | a weights file
-SEED = 0
 Settings = stage1_settings(TriggerSettings)
 
 

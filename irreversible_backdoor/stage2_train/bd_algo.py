@@ -17,24 +17,12 @@ from common.settings import parse
 from common.stage2 import SUPERSEDES, Stage2Task, run_stage2_script, setup_stage2, stage2_settings
 
 STAGE = "irreversible_backdoor/stage2_train"
-# The seed's constants: editing one and passing its flag are the same thing (a constant named like a setting
-# overrides that setting's default; python bd_algo.py --help lists every setting with its default).
+# Editing a constant and passing its flag are the same thing: an UPPER_CASE constant named like a setting
+# overrides its default (algo.py's; python bd_algo.py --help lists every setting with its default).
 MODEL_PATH = None  # backdoored stage-1 checkpoint; None: newest under runs/irreversible_backdoor/stage1_pretrain
 DATASET = "CIFAR10"  # restricted domain: where clean fine-tuning must not erase the backdoor
-ALPHA = 3.0  # FTS lr = ALPHA * LR
-BETA = 5.0  # NTR lr = BETA * LR
-LR = 1e-4
-FAST_LR = 1e-4  # simulated fine-tuner's lr
-BS = 150  # query = BS // 10 of each batch
-FTS_LOOP = 1
-NTR_LOOP = 1
 TOTAL_LOOP = 300
-ADAPTATION_STEPS = 50  # inner steps per simulated fine-tuning
-TEST_INTERVAL = 25  # fine-tune test + loop checkpoint every N loops (0: off)
 FINETUNE_EPOCHS = 20
-FINAL_FINETUNE_EPOCHS = 20
-FINETUNE_LR = 1e-4
-SEED = 0
 # The simulated fine-tuner: the seed's is SGD at FAST_LR with the head kept; measured best for persistence
 # is a stronger, momentum fine-tuner (README, "Irreversible backdoor").
 FTS_OPTIMIZERS = "momentum"
