@@ -450,7 +450,8 @@ def test_backdoor_stage3_with_defences(tmp_path, data_root):
                    "--final_finetune_epochs", "1", "--out_dir", s2)
     assert p.returncode == 0, p.stderr[-2000:]
     p = run_script("bd_stage3", "--data_root", data_root, "--path", s2, "--epochs", "1", "--bs", "16",
-                   "--lrs", "1e-2", "--defences", "ft,fine_pruning,nad", "--nad_teacher_epochs", "1", "--out_dir", s3)
+                   "--lrs", "1e-2", "--defences", "ft,fine_pruning,nad", "--nad_teacher_epochs", "1",
+                   "--defence_steps", "2", "--defence_epoch_steps", "1", "--reactivate_epochs", "1", "--out_dir", s3)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = read_rows(s3 / "metrics.csv")
     assert len(rows) == (1 + 3) * 2 * 2  # (the attack, 3 defences) x 2 starts x epochs 0 and 1
