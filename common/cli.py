@@ -15,7 +15,7 @@ from typing import Optional
 from common.models import ARCHS
 # Parser, UsageError, build_parser and given_flags live in common.settings; many modules take them from here
 from common.live import require_tensorboard
-from common.settings import Parser, Settings, UsageError, build_parser, given_flags, setting  # noqa: F401
+from common.settings import Parser, Settings, UsageError, setting  # noqa: F401 (Parser, UsageError: the scripts')
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 

@@ -225,8 +225,10 @@ def start_curve(model, train_domain, evaluate, on_epoch=None):
 
 
 def train_epochs(model, train_domain, optimizer, curve, epochs, bs, gen, device, precision, evaluate, on_epoch=None,
-                 *, bn_eval=(), step=ce_step, name="attack"):
+                 *, bn_eval=(), step=ce_step, name="attack", rounds=None, pixel_fn=None):
     """Epochs 1..epochs appended to `curve` (which holds epoch 0): an epoch of training, then evaluate(model).
+    `rounds(epoch)`, when given, is the index batches of that epoch (a defence's share of its step budget)
+    instead of one pass over the data; `pixel_fn` edits each [0, 1] image batch (train-time augmentation).
 
     `step` is each batch's training step (common.train.ce_step, or a defence's own with its signature).
     `optimizer` is a _ScheduledSteps; its skipped steps are added to curve.skipped_steps. A model whose
@@ -235,7 +237,8 @@ def train_epochs(model, train_domain, optimizer, curve, epochs, bs, gen, device,
     for epoch in range(1, epochs + 1):
         if curve.diverged_epoch is None:
             train_epoch(model, train_domain, optimizer, device, precision, bs, gen, bn_eval_modules=bn_eval,
-                        desc=f"{name} epoch {epoch}/{epochs}", step=step)
+                        desc=f"{name} epoch {epoch}/{epochs}", step=step,
+                        batches=rounds(epoch) if rounds else None, pixel_fn=pixel_fn)
             curve.append(evaluate(model))
             if not _finite(model):
                 curve.diverged_epoch = epoch

@@ -91,17 +91,21 @@ def _defence_lines(rows):
     """report.md's defence section: a row per defence family (defence_family()), protected vs reference."""
     p, r = rows[0]["protected"], rows[0]["reference"]
     pruned = any(f"pruned_channels_{p}" in row for row in rows)
+    reactivated = any(f"reactivated_asr_{p}_mean" in row for row in rows)
     titles = {a.name: a.title for a in axes("defence")}
     names = defence_family()
     lines = ["## Defences", "", DEFENCE_LEGEND, ""] + _header(
         [titles[k] for k in names] + ["seeds", f"clean acc {p}", f"clean acc {r}", f"ASR {p}", f"ASR {r}",
-                                      "ASR auc ratio"] + ([f"pruned channels {p}", f"pruned channels {r}"] * pruned))
+                                      "ASR auc ratio"] + ([f"pruned channels {p}", f"pruned channels {r}"] * pruned)
+        + ([f"re-activated ASR {p}", f"re-activated ASR {r}"] * reactivated))
     for row in rows:
         lines.append("| " + " | ".join(_value(row[k]) for k in names) + f" | {row['seeds']} | "
                      f"{_pm(row, f'final_test_acc_{p}')} | {_pm(row, f'final_test_acc_{r}')} | "
                      f"{_pm(row, f'final_asr_{p}')} | {_pm(row, f'final_asr_{r}')} | {_pm(row, 'asr_auc_ratio')} |"
                      + (f" {_fmt(row.get(f'pruned_channels_{p}'))} | {_fmt(row.get(f'pruned_channels_{r}'))} |"
-                        if pruned else ""))
+                        if pruned else "")
+                     + (f" {_pm(row, f'reactivated_asr_{p}')} | {_pm(row, f'reactivated_asr_{r}')} |"
+                        if reactivated else ""))
     return lines + [""]
 
 

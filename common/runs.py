@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import dist
 from common.checkpoints import CheckpointError, load_file
-from common.files import REPO_ROOT, atomic_save, replace_atomically, write_json, write_text_atomically
+from common.files import REPO_ROOT, atomic_save, replace_atomically, write_json
 from common.settings import UsageError, given_flags
 
 try:

@@ -72,6 +72,15 @@ def compose(name, *groups, **defaults):
     return dataclass(type(name, tuple(reversed(groups)), namespace))
 
 
+def settings_group(config):
+    """A settings group made from the dataclass `config` (frozen, say, so it can be a default), whose fields were
+    declared with `setting`: the same fields, defaults and flags. A run's hyper-parameters are then declared once,
+    where the code that reads them lives."""
+    return dataclass(type(f"{config.__name__}Settings", (Settings,), {
+        "__module__": config.__module__, "__annotations__": {f.name: f.type for f in fields(config)},
+        **{f.name: field(default=f.default, metadata=f.metadata) for f in fields(config)}}))
+
+
 def defaults_of(cls, constants=None, **overrides):
     """Field name -> default: the field's own, then a matching UPPER_CASE constant, then `overrides`."""
     values = {}

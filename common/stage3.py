@@ -25,7 +25,8 @@ from common.data import check_name, check_subset_caps, load_domain
 from common.models import build_model
 from common.procedures import chosen, columns, grid_keys, plan
 from common.report import write_report
-from common.runs import CSVLog, Interrupted, close_run, guarded, open_run, write_text_atomically
+from common.files import write_text_atomically
+from common.runs import CSVLog, Interrupted, close_run, guarded, open_run
 from common.train import Precision, progress, seed_everything
 from common.verdicts import pooled_robustness
 

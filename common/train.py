@@ -211,7 +211,7 @@ def bn_stats_kept(model):
                 b.copy_(s)
 
 
-def sam_step(model, x, y, optimizer, precision, rho, adaptive=False, sync=None):
+def sam_step(model, x, y, optimizer, precision, rho, adaptive=False, sync=None, loss_fn=None):
     """One sharpness-aware step (Foret et al. 2021; ASAM, Kwon et al. 2021, when `adaptive`).
 
     g = grad L(w); e = rho g / (||g|| + SAM_EPS), the norm global over every trained tensor (adaptive:
@@ -221,12 +221,13 @@ def sam_step(model, x, y, optimizer, precision, rho, adaptive=False, sync=None):
     were (BackdoorBench sets the momentum of BatchNorm to 0 for it: the same). A non-finite first gradient is
     not used to perturb; the step is then skipped by the optimizer (common.finetune._ScheduledSteps).
     `sync(grads)`, when given, runs on both passes' gradients before they are used (stage 2 averages them over
-    the ranks there)."""
+    the ranks there). `loss_fn(logits, y)`: the loss of both passes (default cross-entropy)."""
+    loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits.float(), y))
     params = [p for g in optimizer.param_groups for p in g["params"]]
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
         logits = model(x)
-    loss = F.cross_entropy(logits.float(), y)
+    loss = loss_fn(logits, y)
     loss.backward()
     live = [p for p in params if p.grad is not None]
     if sync is not None:
@@ -242,7 +243,7 @@ def sam_step(model, x, y, optimizer, precision, rho, adaptive=False, sync=None):
     optimizer.zero_grad(set_to_none=True)
     with bn_stats_kept(model):  # restored after backward: the forward saved the statistics for it
         with precision.autocast():
-            perturbed = F.cross_entropy(model(x).float(), y)
+            perturbed = loss_fn(model(x), y)
         perturbed.backward()
     if sync is not None:
         sync([p.grad for p in live])
@@ -254,8 +255,9 @@ def sam_step(model, x, y, optimizer, precision, rho, adaptive=False, sync=None):
 
 
 def train_epoch(model, domain, optimizer, device, precision, bs, gen, params=None, bn_eval_modules=(), desc="train",
-                step=ce_step):
-    """One epoch of `step` (ce_step, or a defence's own, with its signature) over shuffled batches; returns
+                step=ce_step, batches=None, pixel_fn=None):
+    """One epoch of `step` (ce_step, or a defence's own, with its signature) over shuffled batches (or over the
+    index batches `batches`), `pixel_fn` editing each [0, 1] image batch (a train-time augmentation); returns
     (mean loss, train accuracy %) from the steps' on-the-fly figures."""
     model.train()
     for m in bn_eval_modules:
@@ -263,8 +265,9 @@ def train_epoch(model, domain, optimizer, device, precision, bs, gen, params=Non
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
-    for idx in progress(list(epoch_batches(len(domain), bs, gen)), desc=desc, leave=False):
-        x = domain.to_input(domain.images[idx], device, None, precision.channels_last)
+    batches = epoch_batches(len(domain), bs, gen) if batches is None else batches
+    for idx in progress(list(batches), desc=desc, leave=False):
+        x = domain.to_input(domain.images[idx], device, pixel_fn, precision.channels_last)
         y = domain.labels[idx].to(device, non_blocking=True)
         loss, logits = step(model, x, y, optimizer, precision)
         total_loss += loss.detach() * len(idx)

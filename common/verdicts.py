@@ -76,8 +76,9 @@ def mean_std(values):
 DEFENCE_LEGEND = (
     "After the last epoch of each defence, mean +- std over seeds: clean accuracy and ASR of the protected "
     "(irreversible) and the reference (plain backdoored) model; ASR auc ratio: area under the protected ASR curve "
-    "over the reference's (> 1: the protected backdoor survives the defence better). pruned channels (fine_pruning): "
-    "per seed.")
+    "over the reference's (> 1: the protected backdoor survives the defence better). pruned channels (fine_pruning, "
+    "clp): per seed. re-activated ASR: after the defence, a copy fine-tuned on the defender's data with a few "
+    "triggered samples (--reactivate_samples, --reactivate_epochs; Min et al. NeurIPS'24).")
 
 
 def attack_family():
@@ -183,7 +184,8 @@ def defence_verdicts(results, protected="irreversible", reference="backdoored"):
     over seeds of the clean accuracy (final_test_acc_<start>_mean/_std) and ASR (final_asr_<start>_mean/_std)
     of both models; asr_auc_ratio_mean/_std: area under the protected ASR curve over the reference's, per seed
     (> 1: the protected backdoor survives the defence better); pruned_channels_<start>: per seed, where the
-    defence pruned. Seeds where either model is missing are left out."""
+    defence pruned; reactivated_asr_<start>_mean/_std: the ASR after the backdoor re-activation, where every seed
+    measured it. Seeds where either model is missing are left out."""
     grouped = {}
     for r in results:
         if r.get("defence"):
@@ -206,6 +208,9 @@ def defence_verdicts(results, protected="irreversible", reference="backdoored"):
             pruned = [(c[start].get("defence_info") or {}).get("pruned_channels") for c in pairs]
             if any(n is not None for n in pruned):
                 row[f"pruned_channels_{start}"] = pruned
+            reactivated = [(c[start].get("defence_info") or {}).get("reactivated_asr") for c in pairs]
+            if all(v is not None for v in reactivated):
+                row[f"reactivated_asr_{start}_mean"], row[f"reactivated_asr_{start}_std"] = mean_std(reactivated)
         rows.append(row)
     return rows
 

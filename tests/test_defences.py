@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import common.defence_run
 import common.defences as dfn
 from common.cli import CommonSettings, UsageError
 from common.data import Domain, epoch_batches
 from common.axes import Cell
+import common.defences_tuning as tuning
+from common.defence_run import DefenceRun
 from common.defences import (DefenceCell, DefenceConfig, DefenceSettings, attention_map, nad_loss, prune_plan,
                              run_defence)
 from common.finetune import Attack
@@ -27,7 +30,7 @@ CPU = torch.device("cpu")
 
 
 class TinyResNet(nn.Module):
-    """torchvision ResNet's layout in miniature: conv1, layer2-4, avgpool, fc (layer4 without BatchNorm, so a
+    """torchvision ResNet's layout in miniature: conv1, layer1-4, avgpool, fc (layer4 without BatchNorm, so a
     test can make its channels constant)."""
     head_path = "fc"
 
@@ -35,6 +38,7 @@ class TinyResNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
         self.layer2 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
         self.layer3 = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU())
         self.layer4 = nn.Sequential(nn.Conv2d(width, out, 1), nn.ReLU())
@@ -43,7 +47,7 @@ class TinyResNet(nn.Module):
 
     def forward(self, x):
         x = torch.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
@@ -67,12 +71,13 @@ def test_fine_pruning_prunes_the_least_active_channels_and_keeps_them_pruned():
     domain = Domain(domain.name, True, domain.images, torch.zeros(24, dtype=torch.long), 24)  # every label 0
     hooks_at_eval = []
     evaluate = lambda m: hooks_at_eval.append(len(m.layer4._forward_hooks)) or {"test_acc": 0.0}
-    curve = run_defence(model, domain, _attack("fine_pruning", epochs=2), DefenceConfig(), CPU, Precision(CPU),
-                        evaluate)
+    curve = run_defence(model, domain, _attack("fine_pruning", epochs=2), DefenceConfig(defence_steps=6), CPU,
+                        Precision(CPU), evaluate)
     # pruned one at a time (ceil(1% of 6) = 1) in order of mean: 2 (0.1), 0 (0.5), 5 (1) keep 100% accuracy;
-    # pruning channel 3 (2) as well drops it to 0, so the last share within 10% is 3 channels
-    assert curve.defence_info == {"pruned_channels": 3, "channels": 6, "prune_clean_acc_before": 100.0,
-                                  "prune_clean_acc_after": 100.0}
+    # pruning channel 3 (2) as well drops it to 0, and that share, the one that broke the 10% rule, is kept
+    # (BackdoorBench fp.py; this test kept the last share within the rule, 3 channels, before issue 39)
+    assert curve.defence_info == {"pruned_channels": 4, "channels": 6, "prune_clean_acc_before": 100.0,
+                                  "prune_clean_acc_after": 0.0}
     assert len(curve) == 3 and hooks_at_eval == [0, 1, 1], "epoch 0 is measured before pruning"
     assert not torch.equal(model.layer4[0].weight, torch.zeros_like(model.layer4[0].weight)), "fine-tuned after"
     seen = {}
@@ -80,8 +85,8 @@ def test_fine_pruning_prunes_the_least_active_channels_and_keeps_them_pruned():
     model.eval()
     model(domain.to_input(domain.images, CPU))
     out = seen["out"]
-    assert (out[:, [0, 2, 5]] == 0).all(), "the pruned channels stay removed through fine-tuning"
-    assert (out[:, [1, 3, 4]] > 0).any(dim=(0, 2, 3)).all()
+    assert (out[:, [0, 2, 3, 5]] == 0).all(), "the pruned channels stay removed through fine-tuning"
+    assert (out[:, [1, 4]] > 0).any(dim=(0, 2, 3)).all()
 
 
 def _plan(counts, step=0.25, max_drop=0.1):
@@ -104,16 +109,20 @@ def _plan(counts, step=0.25, max_drop=0.1):
         return prune_plan(torch.stack(feats), torch.tensor(labels), head, step, max_drop)
 
 
-def test_pruning_stops_at_the_accuracy_rule():
+def test_pruning_keeps_the_share_that_broke_the_accuracy_rule():
+    """BackdoorBench fp.py: the share that costs 10% or more is the one fine-tuned (before issue 39 this test
+    pinned the last share within the rule: [1] at 95, [1, 3] at 89, [3] at 94)."""
     pruned, before, after = _plan([20, 5, 30, 6])  # order by mean: 1, 3, 0, 2
-    # 1 channel: 95 (5% drop) kept; 2 channels: 89 (11% drop) ends pruning
-    assert pruned.tolist() == [1] and before == 100.0 and after == pytest.approx(95.0)
+    # 1 channel: 95 (5% drop); 2 channels: 89 (11% drop) ends pruning, pruned
+    assert pruned.tolist() == [1, 3] and before == 100.0 and after == pytest.approx(89.0)
     pruned, _, after = _plan([20, 5, 30, 6], max_drop=0.2)
-    assert pruned.tolist() == [1, 3] and after == pytest.approx(89.0)  # 11% is within 20%; 3 channels: 69
+    assert pruned.tolist() == [1, 3, 0] and after == pytest.approx(69.0)  # 11% is within 20%; 3 channels: 69
     pruned, _, after = _plan([20, 5, 30, 6], max_drop=0.9)
     assert pruned.tolist() == [1, 3, 0], "never every channel"
     pruned, _, after = _plan([20, 12, 30, 6])  # the least active channel alone costs 6%, the next 12% more
-    assert pruned.tolist() == [3] and after == pytest.approx(94.0)
+    assert pruned.tolist() == [3, 1] and after == pytest.approx(82.0)
+    pruned, _, after = _plan([5, 10, 30, 6], max_drop=0.05)  # exactly 5%: BackdoorBench goes on only below it
+    assert pruned.tolist() == [0] and after == pytest.approx(95.0)
 
 
 def test_fine_pruning_and_nad_refuse_other_archs():
@@ -161,7 +170,7 @@ def test_nad_trains_teacher_then_student_and_removes_its_hooks():
     torch.manual_seed(0)
     model = TinyResNet()
     before = copy.deepcopy(model.state_dict())
-    cfg = DefenceConfig(nad_teacher_epochs=1)
+    cfg = DefenceConfig(nad_teacher_epochs=1, defence_steps=4, defence_epoch_steps=2)
     states = []
     curve = run_defence(model, _domain(), _attack("nad", epochs=2), cfg, CPU, Precision(CPU),
                         lambda m: states.append(copy.deepcopy(m.state_dict())) or {"test_acc": 1.0})
@@ -218,11 +227,11 @@ def test_sam_step_keeps_batchnorm_statistics_of_the_perturbed_pass_out():
 def test_ft_sam_runs_sam_steps(monkeypatch):
     torch.manual_seed(0)
     calls = []
-    real = dfn.sam_step
-    monkeypatch.setattr(dfn, "sam_step", lambda *a, **k: calls.append(a[5:]) or real(*a, **k))
-    curve = run_defence(TinyNet(), _domain(24), _attack("ft_sam"), DefenceConfig(sam_rho=0.2), CPU, Precision(CPU),
-                        lambda m: {})
-    assert len(curve) == 2 and calls == [(0.2, False)] * 3  # 24 samples in batches of 8
+    real = tuning.sam_step
+    monkeypatch.setattr(tuning, "sam_step", lambda *a, **k: calls.append(a[5:]) or real(*a, **k))
+    cfg = DefenceConfig(sam_rho=0.2, sam_adaptive=False, defence_steps=3)
+    curve = run_defence(TinyNet(), _domain(24), _attack("ft_sam"), cfg, CPU, Precision(CPU), lambda m: {})
+    assert len(curve) == 2 and calls == [(0.2, False)] * 3  # 3 steps: 24 samples in batches of 8
 
 
 # ---- super_ft and ft: the lr sequence and the recipe -----------------------------------------------------------
@@ -230,39 +239,99 @@ def test_ft_sam_runs_sam_steps(monkeypatch):
 def _lrs(monkeypatch, attack, cfg, n=40):
     lrs = []
 
-    def sgd(params, lr, cfg):
-        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.defence_momentum, weight_decay=cfg.defence_weight_decay)
+    real = DefenceRun.sgd
+
+    def sgd(self, params, lr):
+        opt = real(self, params, lr)
         opt.register_step_pre_hook(lambda o, a, k: lrs.append(o.param_groups[0]["lr"]))
         return opt
 
-    monkeypatch.setattr(dfn, "_sgd", sgd)
+    monkeypatch.setattr(DefenceRun, "sgd", sgd)
     torch.manual_seed(0)
     run_defence(TinyNet(), _domain(n), attack, cfg, CPU, Precision(CPU), lambda m: {})
     return lrs
 
 
 def test_super_ft_lr_follows_the_cyclic_schedule(monkeypatch):
-    cfg = DefenceConfig(super_ft_base_lr=0.001, super_ft_max_lr2=0.01, super_ft_half_cycle=3, super_ft_phase1=0.5)
-    lrs = _lrs(monkeypatch, _attack("super_ft", lr=0.1, epochs=4), cfg)  # 40 samples / 8 = 5 steps, 20 in all
-    rise = [0, 1 / 3, 2 / 3, 1, 2 / 3, 1 / 3] * 4  # 3 steps up, 3 down, from the base at step 0
-    peaks = [0.1] * 10 + [0.01] * 10  # phase 1: the first half of the steps
-    assert lrs == pytest.approx([0.001 + (peak - 0.001) * r for peak, r in zip(peaks, rise[:20])])
+    """backdoor-toolbox's adjust_lr runs after each step: step 0 at the base, step k at the cycle's value of
+    iteration k - 1 (before issue 39 step k ran at iteration k's value)."""
+    cfg = DefenceConfig(super_ft_base_lr=0.001, super_ft_max_lr2=0.01, super_ft_half_cycle=3, super_ft_phase1=0.5,
+                        defence_steps=20)
+    lrs = _lrs(monkeypatch, _attack("super_ft", lr=0.1, epochs=4), cfg)  # 20 steps, 4 evaluations
+    rise = [0, 1 / 3, 2 / 3, 1, 2 / 3, 1 / 3] * 4  # 3 steps up, 3 down, from the base at iteration 0
+    peaks = [0.1] * 10 + [0.01] * 10  # phase 1: the first half of the iterations
+    cycle = [0.001 + (peak - 0.001) * r for peak, r in zip(peaks, rise[:20])]
+    assert lrs == pytest.approx([0.001] + cycle[:19])
+
+
+def _toolbox_lrs(steps, epoch_steps, lr_base=3e-2, lr_max1=2.5, lr_max2=0.05, init_phase_epochs=40):
+    """backdoor-toolbox 9d4d909 super_finetuning.py, SFT.detect and adjust_lr, written out: the lr of each step."""
+    lr, out = lr_base, []
+    for iteration in range(steps):
+        out.append(lr)
+        epoch, total = iteration // epoch_steps, 20
+        peak = lr_max1 if epoch < init_phase_epochs else lr_max2
+        if iteration % total < 10:
+            lr = lr_base + (peak - lr_base) * (iteration % total) / 10
+        else:
+            lr = lr_base + (peak - lr_base) * (total - iteration % total) / 10
+    return out
+
+
+def test_super_ft_defaults_are_backdoor_toolbox_s_run():
+    cfg = DefenceConfig()
+    steps = 100 * math.ceil(2000 / 128)  # its 100 epochs over its 2,000 clean images at batch size 128
+    ours = [tuning.super_ft_lr(k, steps, cfg, cfg.super_ft_max_lr) for k in range(steps)]
+    assert ours == pytest.approx(_toolbox_lrs(steps, 16))
+    assert dfn.DEFENCES["super_ft"].budget == (100, 16)
+    run = DefenceRun(_domain(), _attack("super_ft", lr=2.5), cfg, CPU, Precision(CPU), None, None, torch.Generator())
+    group = run.sgd(TinyNet().parameters(), 2.5).param_groups[0]
+    assert (group["momentum"], group["weight_decay"]) == (0.0, 0.0), "plain SGD"
+    assert run.steps == 1600 and run.pixel_fn() is None, "no augmentation in backdoor-toolbox's loader"
+
+
+def _torch_cosine_lrs(steps, every, lr=0.01):
+    """The lr of each optimisation step under torch's CosineAnnealingLR(T_max=100) stepped every `every` steps."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
+    out = []
+    for k in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if (k + 1) % every == 0:
+            sched.step()
+    return out
+
+
+def test_backdoorbench_schedules_match_torch_s_scheduler_as_stepped_there():
+    """ft and fine_pruning: CosineAnnealingLR(T_max=100) stepped once per epoch (10 steps at BackdoorBench's
+    2,500 images and batch size 256); ft_sam: stepped after every batch, so it rises again after 100 steps.
+    (Before issue 39 both annealed to 0 over the run's steps.)"""
+    run = DefenceRun(_domain(), _attack("ft"), DefenceConfig(), CPU, Precision(CPU), None, None, torch.Generator())
+    assert (run.steps, run.epoch_steps) == (1000, 10)
+    per_epoch = common.defence_run.epoch_cosine(run.epoch_steps, 100)
+    assert [0.01 * per_epoch(k) for k in range(1000)] == pytest.approx(_torch_cosine_lrs(1000, 10), abs=1e-9)
+    per_step = common.defence_run.step_cosine(100)
+    assert [0.01 * per_step(k) for k in range(1000)] == pytest.approx(_torch_cosine_lrs(1000, 1), abs=1e-9)
+    assert 0.01 * per_step(200) == pytest.approx(0.01), "a cosine of period 200 steps"
 
 
 def test_ft_matches_torch_sgd_with_cosine_step_by_step(monkeypatch):
     attack = _attack("ft", lr=0.05, epochs=2, seed=3)
     assert attack.schedule == "cosine"
-    assert _lrs(monkeypatch, attack, DefenceConfig()) == pytest.approx(
-        [0.05 * 0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(10)])
+    cfg = DefenceConfig(defence_steps=10, defence_epoch_steps=2, defence_crop=0)
+    assert _lrs(monkeypatch, attack, cfg) == pytest.approx(_torch_cosine_lrs(10, 2, lr=0.05))
     monkeypatch.undo()
     torch.manual_seed(0)
     model, domain = TinyNet(), _domain(40)
     reference = copy.deepcopy(model)
-    run_defence(model, domain, attack, DefenceConfig(), CPU, Precision(CPU), lambda m: {})
-    # by hand: torch's SGD (momentum 0.9, weight decay 5e-4) and a per-step cosine, on the cell's batch order
+    run_defence(model, domain, attack, cfg, CPU, Precision(CPU), lambda m: {})
+    # by hand: torch's SGD (momentum 0.9, weight decay 5e-4) and CosineAnnealingLR(T_max=100) stepped every
+    # reference epoch of 2 steps, on the cell's batch order: 10 steps, two passes over the 40 samples
     opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / 10)))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
     gen = torch.Generator().manual_seed(3)
+    k = 0
     for _ in range(2):
         reference.train()
         for idx in epoch_batches(40, 8, gen):
@@ -270,7 +339,9 @@ def test_ft_matches_torch_sgd_with_cosine_step_by_step(monkeypatch):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            sched.step()
+            k += 1
+            if k % 2 == 0:
+                sched.step()
     for (k, v), w in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.allclose(v.float(), w.float(), atol=1e-6), k
 
@@ -278,7 +349,7 @@ def test_ft_matches_torch_sgd_with_cosine_step_by_step(monkeypatch):
 def test_defence_gives_back_frozen_flags_and_refuses_batch_size_one():
     model = TinyNet()
     model.conv.weight.requires_grad_(False)
-    run_defence(model, _domain(), _attack("ft"), None, CPU, Precision(CPU), lambda m: {})
+    run_defence(model, _domain(), _attack("ft"), DefenceConfig(defence_steps=2), CPU, Precision(CPU), lambda m: {})
     assert not model.conv.weight.requires_grad and model.fc.weight.requires_grad
     with pytest.raises(UsageError, match="batch size 1"):
         run_defence(model, _domain(), _attack("ft", bs=1), None, CPU, Precision(CPU), lambda m: {})
@@ -299,7 +370,9 @@ def test_defence_cells_and_keys():
     assert all(a.procedure.role == "attack" for a in grid) and len(defences) == 3 * 2 * 2
     assert {(a.defence, a.lr, a.schedule) for a in defences} == {("ft", 0.01, "cosine"), ("super_ft", 0.2, "cyclic"),
                                                                  ("fine_pruning", 0.01, "cosine")}
-    assert {(a.batch_size, a.epochs, a.strategy, a.optimizer) for a in defences} == {(8, 3, "direct_all", "momentum")}
+    # super_ft: backdoor-toolbox's plain SGD (before issue 39 every defence said momentum)
+    assert {(a.defence, a.batch_size, a.epochs, a.strategy, a.optimizer) for a in defences} == {
+        (d, 8, 3, "direct_all", "sgd" if d == "super_ft" else "momentum") for d in ("ft", "super_ft", "fine_pruning")}
     keys = [Cell(s, a).key for a in attacks for s in ("irreversible", "backdoored")]
     assert len(set(keys)) == len(keys)
     assert Cell("irreversible", defences[0]).key == "irreversible|direct_all|momentum|0.01|8|0|cosine|ft"
@@ -319,7 +392,7 @@ def test_defence_cells_and_keys():
     (["--defences", "ft,fine_pruning", "--super_ft_half_cycle", "4"], "--super_ft_half_cycle is read by super_ft"),
 ])
 def test_unused_defence_flags_are_refused(argv, message):
-    from common.cli import given_flags
+    from common.settings import given_flags
     parser, args = _args(argv)
     with pytest.raises(UsageError, match=message):
         check_flags(args, given_flags(parser, argv))
@@ -377,7 +450,8 @@ def test_backdoor_stage3_with_defences(tmp_path, data_root):
                    "--final_finetune_epochs", "1", "--out_dir", s2)
     assert p.returncode == 0, p.stderr[-2000:]
     p = run_script("bd_stage3", "--data_root", data_root, "--path", s2, "--epochs", "1", "--bs", "16",
-                   "--lrs", "1e-2", "--defences", "ft,fine_pruning,nad", "--nad_teacher_epochs", "1", "--out_dir", s3)
+                   "--lrs", "1e-2", "--defences", "ft,fine_pruning,nad", "--nad_teacher_epochs", "1",
+                   "--defence_steps", "2", "--defence_epoch_steps", "1", "--reactivate_epochs", "1", "--out_dir", s3)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = read_rows(s3 / "metrics.csv")
     assert len(rows) == (1 + 3) * 2 * 2  # (the attack, 3 defences) x 2 starts x epochs 0 and 1

@@ -1,0 +1,253 @@
+"""The defences against their references (issue 39): the augmentation, ft_sam's smoothed loss, NAD's attention
+on maps of known attention and the layers it reads, FST's head, CLP's pruned channels, the backdoor
+re-activation, and fst and clp through the backdoor stage-3 script."""
+import copy
+import functools
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common.defences as dfn
+from common.backdoor import BackdoorEval
+from common.defence_run import DefenceConfig, DefenceRun, random_crop
+from common.defences import DefenceCell, run_defence
+from common.defences_pruning import channel_lipschitz, clp_prune
+from common.defences_tuning import (NAD_LAYERS, fst_penalty, fst_reinit_head, nad_loss, project_norm,
+                                    smooth_cross_entropy)
+from common.models import build_model
+from common.report import _defence_lines
+from common.train import Precision
+from common.verdicts import defence_verdicts
+from helpers import TinyNet, load_script
+from test_finetune import _domain
+from test_procedures import _checkpoint, quiet_log  # noqa: F401 (a fixture)
+
+CPU = torch.device("cpu")
+
+
+def _cell(defence, epochs=1, bs=8, seed=0):
+    return DefenceCell(defence, 0.01, bs, epochs, seed, 1.0, dfn.DEFENCE_SCHEDULES[defence])
+
+
+# ---- augmentation -----------------------------------------------------------------------------------------------
+
+def test_random_crop_is_a_zero_padded_window_at_drawn_offsets():
+    x = torch.rand(3, 2, 5, 6)
+    out = random_crop(x, 2, torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    dy, dx = torch.randint(0, 5, (3,), generator=gen), torch.randint(0, 5, (3,), generator=gen)
+    padded = torch.zeros(3, 2, 9, 10)
+    padded[:, :, 2:7, 2:8] = x
+    for i in range(3):
+        assert torch.equal(out[i], padded[i, :, dy[i]:dy[i] + 5, dx[i]:dx[i] + 6])
+    assert {(int(a), int(b)) for a, b in zip(dy, dx)} != {(2, 2)}, "the offsets move the window"
+
+
+def test_every_defence_but_super_ft_and_clp_crops_its_batches():
+    crops = {name: DefenceRun(_domain(), _cell(name), DefenceConfig(), CPU, Precision(CPU), None, None,
+                              torch.Generator()).pixel_fn() is not None for name in dfn.DEFENCES}
+    assert crops == {"ft": True, "ft_sam": True, "super_ft": False, "fine_pruning": True, "nad": True, "fst": True,
+                     "clp": False}
+    run = DefenceRun(_domain(), _cell("ft"), DefenceConfig(defence_crop=0), CPU, Precision(CPU), None, None,
+                     torch.Generator())
+    assert run.pixel_fn() is None
+
+
+# ---- ft_sam -----------------------------------------------------------------------------------------------------
+
+def test_smooth_cross_entropy_by_hand_and_backdoorbench_s_gradient():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], requires_grad=True)
+    y = torch.tensor([0, 1])
+    target = [[0.9, 0.05, 0.05], [0.05, 0.9, 0.05]]  # 1 - 0.1 on the true class, 0.1 / 2 on each other
+    by_hand = 0.0
+    for row, t in zip(logits.tolist(), target):
+        log_z = math.log(sum(math.exp(v) for v in row))
+        by_hand -= sum(ti * (v - log_z) for ti, v in zip(t, row)) / 2
+    ours = smooth_cross_entropy(logits, y, 0.1)
+    assert float(ours.detach()) == pytest.approx(by_hand, rel=1e-6)
+    # BackdoorBench's smooth_crossentropy: KL divergence to the same target, the same gradient
+    bb = F.kl_div(F.log_softmax(logits, 1), torch.tensor(target), reduction="none").sum(-1).mean()
+    g_ours, = torch.autograd.grad(ours, logits)
+    g_bb, = torch.autograd.grad(bb, logits)
+    assert torch.allclose(g_ours, g_bb, atol=1e-6)
+
+
+def test_ft_sam_defaults_are_backdoorbench_s():
+    cfg = DefenceConfig()
+    assert (cfg.sam_rho, cfg.sam_adaptive, cfg.sam_label_smoothing) == (2.0, True, 0.1)
+
+
+# ---- nad --------------------------------------------------------------------------------------------------------
+
+def test_nad_loss_on_maps_of_known_attention():
+    """A student whose energy is all at one of 2 x 2 positions (attention [1, 0, 0, 0]) against a teacher's
+    uniform map ([0.5] * 4): mean squared difference (0.25 + 3 * 0.25) / 4 = 0.25, times beta; a 1 x 1 map
+    normalises to 1 whatever it holds, so it adds nothing (why NAD does not read layer4 at 32 px)."""
+    logits, y = torch.zeros(1, 4), torch.tensor([2])
+    student = torch.zeros(1, 3, 2, 2)
+    student[0, 1, 0, 0] = 2.0
+    teacher = torch.ones(1, 3, 2, 2)
+    loss = nad_loss(logits, y, [student], [teacher], betas=(5000.0,))
+    assert float(loss) == pytest.approx(math.log(4) + 5000 * 0.25, rel=1e-5)
+    one_by_one = nad_loss(logits, y, [torch.rand(1, 3, 1, 1)], [torch.rand(1, 3, 1, 1)], betas=(5000.0,))
+    assert float(one_by_one) == pytest.approx(math.log(4), abs=1e-4)
+
+
+def test_nad_reads_the_resnet_stages_that_carry_attention_at_32_px():
+    model = build_model("resnet18", 10).eval()
+    sizes = {}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: sizes.update({n: o.shape[-1]}))
+             for n in NAD_LAYERS + ("layer4",)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert sizes == {"layer1": 8, "layer2": 4, "layer3": 2, "layer4": 1}
+    assert DefenceConfig().nad_betas == (500.0, 1000.0, 5000.0)
+
+
+def test_nad_student_lr_is_nad_s_step(monkeypatch):
+    lrs = []
+    real = DefenceRun.sgd
+
+    def sgd(self, params, lr):
+        opt = real(self, params, lr)
+        opt.register_step_pre_hook(lambda o, a, k: lrs.append(o.param_groups[0]["lr"]))
+        return opt
+
+    monkeypatch.setattr(DefenceRun, "sgd", sgd)
+    from test_defences import TinyResNet
+    cfg = DefenceConfig(nad_teacher_epochs=1, defence_steps=6, defence_epoch_steps=2, nad_first_epochs=2)
+    run_defence(TinyResNet(), _domain(), _cell("nad", epochs=2), cfg, CPU, Precision(CPU), lambda m: {})
+    assert lrs == pytest.approx([0.01] * 2 + [0.1] * 4 + [0.01] * 2), "teacher 2 steps; student 0.1 for 2 epochs"
+
+
+# ---- fst --------------------------------------------------------------------------------------------------------
+
+def test_fst_penalty_gradient_and_norm_projection():
+    w = torch.randn(4, 6, requires_grad=True)
+    original = torch.randn(4, 6)
+    g, = torch.autograd.grad(fst_penalty(w, original, 0.3), w)
+    assert torch.allclose(g, 0.3 * original), "the penalty pushes the head along -W_orig"
+    v = torch.randn(4, 6)
+    direction = v / v.norm()
+    project_norm(v, original.norm())
+    assert float(v.norm()) == pytest.approx(float(original.norm()), rel=1e-6)
+    assert torch.allclose(v / v.norm(), direction, atol=1e-6)
+
+
+def test_fst_reinits_the_head_and_keeps_its_norm():
+    torch.manual_seed(0)
+    model = TinyNet(width=16)
+    original = model.fc.weight.detach().clone()
+    head = nn.Linear(16, 10)
+    fst_reinit_head(head, torch.Generator().manual_seed(1))
+    assert head.weight.abs().max() <= 0.25 and head.bias.abs().max() <= 0.25  # 1 / sqrt(16)
+    states = []
+    curve = run_defence(model, _domain(), _cell("fst", epochs=2), DefenceConfig(defence_steps=4), CPU, Precision(CPU),
+                        lambda m: states.append(m.fc.weight.detach().clone()) or {})
+    assert len(curve) == 3 and torch.equal(states[0], original), "epoch 0 before the new head"
+    assert float(model.fc.weight.detach().norm()) == pytest.approx(float(original.norm()), rel=1e-5)
+    assert not torch.allclose(model.fc.weight, original, atol=1e-3)
+    assert dfn.DEFENCES["fst"].strategy == "initfc_all" and dfn.DEFENCES["fst"].budget == (10, 8)
+
+
+# ---- clp --------------------------------------------------------------------------------------------------------
+
+def test_clp_prunes_the_channel_with_the_planted_lipschitz_bound():
+    """16 channels of a 1 x 1 conv over 3 inputs, every weight 1 (bound sqrt 3), but channel 5's weights are 10
+    (10 sqrt 3) and channel 9's too, with BatchNorm's running variance 100 (10 sqrt 3 / 10 = sqrt 3). mean + 3 std
+    = sqrt 3 (1.5625 + 3 * 2.25) = 8.31 sqrt 3: channel 5 alone is over it."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU())
+    conv, bn = model[0], model[1]
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.weight[5] = 10.0
+        conv.weight[9] = 10.0
+        bn.running_var[9] = 100.0
+        bn.bias.fill_(0.5)
+    expected = torch.full((16,), math.sqrt(3))
+    expected[5] = 10 * math.sqrt(3)
+    assert torch.allclose(channel_lipschitz(conv, bn), expected, rtol=1e-5)
+    assert clp_prune(model, 3.0) == (1, 16)
+    assert bn.weight[5] == 0 and bn.bias[5] == 0
+    assert (bn.weight[torch.arange(16) != 5] == 1).all() and (bn.bias[torch.arange(16) != 5] == 0.5).all()
+    model.eval()
+    out = model(torch.rand(2, 3, 4, 4))
+    assert (out[:, 5] == 0).all() and (out[:, 9] > 0).all()
+    assert clp_prune(model, 3.0) == (0, 16), "u large enough spares the rest"
+
+
+def test_clp_runs_data_free_and_holds_its_evaluations():
+    model = TinyNet()
+    seen = []
+    curve = run_defence(model, _domain(), _cell("clp", epochs=3), DefenceConfig(clp_u=0.0), CPU, Precision(CPU),
+                        lambda m: seen.append(1) or {"test_acc": float(len(seen))})
+    assert [c["test_acc"] for c in curve] == [1.0, 2.0, 2.0, 2.0] and len(seen) == 2, "evaluated once after pruning"
+    assert 0 < curve.defence_info["pruned_channels"] < 4 and curve.defence_info["channels"] == 4
+
+
+# ---- backdoor re-activation ---------------------------------------------------------------------------------------
+
+class _Recording(BackdoorEval):
+    def __call__(self, model, device, precision):
+        self.states = getattr(self, "states", []) + [copy.deepcopy(model.state_dict())]
+        return super().__call__(model, device, precision)
+
+
+def test_reactivation_fine_tunes_a_copy_and_records_its_asr():
+    torch.manual_seed(0)
+    model, domain = TinyNet(), _domain(32)
+    evaluator = _Recording(domain, 2, 0)
+    evaluate = functools.partial(evaluator, device=CPU, precision=Precision(CPU))
+    cfg = DefenceConfig(defence_steps=2, reactivate_samples=5, reactivate_epochs=2, reactivate_lr=0.5)
+    curve = run_defence(model, domain, _cell("ft"), cfg, CPU, Precision(CPU), evaluate)
+    info = curve.defence_info
+    assert (info["reactivation_samples"], info["reactivation_epochs"]) == (5, 2)
+    assert 0 <= info["reactivated_asr"] <= 100 and 0 <= info["reactivated_test_acc"] <= 100
+    defended, probe = evaluator.states[-2], evaluator.states[-1]
+    assert all(torch.equal(v, defended[k]) for k, v in model.state_dict().items()), "the defended model untouched"
+    assert not torch.equal(probe["fc.weight"], defended["fc.weight"]), "the copy was fine-tuned"
+    plain = run_defence(TinyNet(), domain, _cell("ft"), DefenceConfig(defence_steps=2, reactivate_samples=0), CPU,
+                        Precision(CPU), evaluate)
+    assert plain.defence_info is None
+
+
+def test_reactivated_asr_in_the_defence_rows_and_the_report():
+    def r(start, seed, asr_after):
+        return {"start": start, "strategy": "direct_all", "optimizer": "momentum", "lr": 0.01, "batch_size": 8,
+                "train_fraction": 0.05, "schedule": "cosine", "seed": seed, "defence": "ft",
+                "test_acc_curve": [90, 80], "asr_curve": [100, 10], "defence_info": {"reactivated_asr": asr_after}}
+
+    rows = defence_verdicts([r("irreversible", 0, 90), r("backdoored", 0, 20), r("irreversible", 1, 70),
+                             r("backdoored", 1, 40)])
+    assert rows[0]["reactivated_asr_irreversible_mean"] == 80 and rows[0]["reactivated_asr_backdoored_mean"] == 30
+    assert rows[0]["reactivated_asr_irreversible_std"] == pytest.approx(200 ** 0.5)
+    lines = _defence_lines(rows)
+    assert "re-activated ASR irreversible" in lines[4] and lines[6].endswith("| 80.00 +- 14.14 | 30.00 +- 14.14 |")
+
+
+# ---- through the backdoor stage-3 script ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_fst_and_clp_run_through_the_backdoor_script(tmp_path, data_root, restore_signals, quiet_log):  # noqa: F811
+    trigger = {"trigger_size": 3, "target_label": 0, "poison_percent": 0.2}
+    irreversible = _checkpoint(tmp_path / "irreversible.pt", "MNIST", "irreversible_backdoor/stage2_train", **trigger)
+    backdoored = _checkpoint(tmp_path / "backdoored.pt", "FashionMNIST", "irreversible_backdoor/stage1_pretrain",
+                             **trigger)
+    out = tmp_path / "defended"
+    argv = ["--path", irreversible, "--baseline_path", backdoored, "--data_root", data_root, "--epochs", "2",
+            "--bs", "16", "--defences", "fst,clp", "--defences_only", "--defence_steps", "2",
+            "--reactivate_epochs", "1", "--out_dir", out]
+    assert load_script("bd_stage3").main([str(a) for a in argv]) == 0
+    entries = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+    assert sorted((e["defence"], e["start"]) for e in entries) == [
+        ("clp", "backdoored"), ("clp", "irreversible"), ("fst", "backdoored"), ("fst", "irreversible")]
+    assert all(0 <= e["defence_info"]["reactivated_asr"] <= 100 for e in entries)
+    assert all(e["key"].split("|")[1] == ("initfc_all" if e["defence"] == "fst" else "direct_all") for e in entries)
+    report = (out / "report.md").read_text()
+    assert "re-activated ASR irreversible" in report and "| fst | 0.01 | 16 |" in report and "| clp | 0 | 16 |" in report
