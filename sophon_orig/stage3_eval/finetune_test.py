@@ -8,6 +8,9 @@
     python sophon_orig/stage3_eval/finetune_test.py --strategies direct_all,initfc_all --optimizers momentum,adam \
         --lrs 1e-4,1e-3 --seeds 0,1
     torchrun --nproc_per_node 2 sophon_orig/stage3_eval/finetune_test.py --seeds 0,1,2,3   # cells over 2 GPUs
+    python sophon_orig/stage3_eval/finetune_test.py --path runs/A --suite tuned   # the tuned attacker (see --help)
+    python sophon_orig/stage3_eval/finetune_test.py --suite tuned --path my_model.safetensors --arch resnet18 \
+        --orig_dataset FashionMNIST --dataset MNIST --start sophon,scratch,null   # a protection made elsewhere
 """
 from pathlib import Path
 
@@ -18,7 +21,9 @@ from common.procedures import check_flags, grid_flags
 from common.runs import begin, canonical_path, config_of
 from common.stage3 import (NULL_SEED_OFFSET, NULL_START, choose_dataset, labelled_paths, load_starts,
                            restricted_data, run_stage3_script)
+from common.sweep import HELDOUT_KEY
 from common.train import AccuracyEval
+from common.tuned import TunedSuite, apply_suite, suite_flags
 from common.verdicts import robustness_summary, scratch_verdicts
 
 PROJECT = "sophon_orig"
@@ -39,7 +44,7 @@ SEED = 0
 def parse_args(argv=None):
     common = cli.common_flags(arch=None, orig_dataset=None, bs=BS, seed=SEED, inherit=True)
     grid = grid_flags(EPOCHS, FINETUNE_LR, STARTS, OPTIONAL_STARTS)
-    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(None), grid, cli.speed_flags()])
+    parser = cli.build_parser(__doc__, [common, cli.restricted_flag(None), grid, suite_flags(), cli.speed_flags()])
     parser.add_argument("--path", "--model_path", dest="path", type=Path, default=MODEL_PATH,
                         help="protected checkpoint or run folder, or a comma list of them to compare side by side, "
                              "each `label=path` or `path` (label: the run folder's name); one unlabelled path "
@@ -50,7 +55,9 @@ def parse_args(argv=None):
                              "protected model to a fresh model's weight scale, its function unchanged (the baselines "
                              "are left as they are, so their cells can be reused)")
     args = parser.parse_args(argv)
-    check_flags(args, cli.given_flags(parser, argv))
+    given = cli.given_flags(parser, argv)
+    check_flags(args, given)
+    apply_suite(args, given, STARTS + OPTIONAL_STARTS)
     items = protected_items(args.path)
     if len(items) > 1 or items[0][0] != "sophon":  # recorded (and compared on --resume) as label=/absolute/path,...
         args.path = Path(",".join(f"{label}={canonical_path(path)}" for label, path in items))
@@ -93,11 +100,12 @@ def main(argv=None):
                        else str(first.path), **foreign_record(first.ckpt),
                        **(foreign_record(normal["normal"].ckpt, "normal") if normal else {}))
     judged = (labels if "sophon" in args.start else []) + ([NULL_START] if NULL_START in args.start else [])
-    compare = bool(judged) and "scratch" in args.start
+    compare = bool(judged) and "scratch" in args.start and not args.suite  # the suite compares at tuned lrs
     return run_stage3_script(
         args, interrupts, PROJECT, STAGE, num_classes=first.ckpt["num_classes"], train=train,
         starts={k: models[k] for start in args.start for k in (labels if start == "sophon" else [start])},
-        evaluator=AccuracyEval(test), config=config, metric_keys=["test_acc"], sources_of=start_sources,
+        evaluator=AccuracyEval(test), config=config, metric_keys=["test_acc"] + [HELDOUT_KEY] * bool(args.suite),
+        sources_of=start_sources, suite=TunedSuite(args, judged, "scratch", NULL_START) if args.suite else None,
         verdict_fn=lambda results: [v for label in judged if compare
                                     for v in scratch_verdicts(results, protected=label)],
         robustness_fn=(lambda results: {label: robustness_summary(results, protected=label) for label in judged})
