@@ -54,14 +54,13 @@ def _entry(start, optimizer, lr, heldout, diverged_epoch=None):
 
 def test_choose_lrs_per_start_and_family_on_hand_made_sweeps():
     entries = [_entry("scratch", "adam", 1e-3, [10, 50, 60]),   # auc 42.5
-               _entry("scratch", "adam", 1e-2, [10, 80, 90]),   # auc 65, but diverged
-               _entry("scratch", "adam", 1e-4, [10, 30, 40], diverged_epoch=None),
+               _entry("scratch", "adam", 1e-2, [10, 80, 90], diverged_epoch=1),   # auc 65, but diverged
+               _entry("scratch", "adam", 1e-4, [10, 30, 40]),
                _entry("sophon", "adam", 1e-3, [10, 20, 30]),    # auc 20
                _entry("sophon", "adam", 1e-2, [10, 20, 30]),    # a tie: the smaller lr
                _entry("sophon", "adam", 1e-4, [10, 10, 10]),
                _entry("scratch", "momentum", 1e-3, [10, 50, 60], diverged_epoch=2),
                _entry("scratch", "momentum", 1e-2, [10, 50, 60], diverged_epoch=1)]
-    entries[1]["diverged_epoch"] = 1
     chosen = {(r["start"], r["optimizer"]): r for r in choose_lrs(entries)}
     assert chosen["scratch", "adam"]["lr"] == 1e-3
     assert chosen["sophon", "adam"]["lr"] == 1e-3
@@ -139,8 +138,9 @@ def test_tuned_summary_pairs_each_start_at_its_own_lr():
 def _checkpoint(path, dataset, stage, seed):
     torch.manual_seed(seed)
     model = build_model("resnet18", 10)
-    atomic_save(make_checkpoint(model, arch="resnet18", dataset=dataset, stage=stage,
-                                config={"orig_dataset": "FashionMNIST", "image_size": 8}, metrics={}, parent=None), path)
+    config = {"orig_dataset": "FashionMNIST", "image_size": 8}
+    atomic_save(make_checkpoint(model, arch="resnet18", dataset=dataset, stage=stage, config=config, metrics={},
+                                parent=None), path)
     return path
 
 
@@ -184,7 +184,7 @@ def test_the_suite_end_to_end_then_resumed(suite_run, restore_signals, quiet_log
         assert e["heldout_acc_curve"] == [None, None] and None not in e["test_acc_curve"]
     summary = json.loads((out / "summary.json").read_text())
     tuned = summary["tuned"]
-    assert set(tuned["models"]) == {"sophon", "null"} and len(tuned["sweep"]) == 4 * 2
+    assert list(tuned["models"]) == ["sophon", "normal", "null"] and len(tuned["sweep"]) == 4 * 2
     for label, m in tuned["models"].items():
         assert {"headline", "vs_reference", "worst_family", "headline_vs_null", "vs_null", "per_family"} <= set(m)
         assert len(m["per_family"]) == 2
@@ -195,7 +195,7 @@ def test_the_suite_end_to_end_then_resumed(suite_run, restore_signals, quiet_log
     assert summary["verdicts"] == [] and "robustness" not in summary  # those compare starts at one lr
     report = (out / "report.md").read_text().splitlines()
     assert report[2].startswith("- **sophon**: ") and "tuned scratch (Holm-corrected over" in report[2]
-    assert report[3].startswith("- **null**: ")
+    assert report[3].startswith("- **normal**: ") and report[4].startswith("- **null**: ")
     assert "## Tuned attacker" in report and (out / "plots" / "tuned.png").is_file()
     assert not (out / "plots" / "robustness.png").exists()
     rows = read_rows(out / "metrics.csv")
