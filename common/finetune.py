@@ -74,12 +74,12 @@ class Attack:
         return FINE_TUNING
 
 
-def subset_indices(labels, fraction):
+def subset_indices(labels, fraction, seed=ATTACK_SUBSET_SEED):
     """Sorted indices of a fixed, stratified subset of round(fraction * N) samples.
 
     Each class keeps its share (largest remainders settle the rounding, ties to the smaller class id); within
-    a class the samples are drawn by a generator seeded with ATTACK_SUBSET_SEED alone, so every start model,
-    cell seed and rank fine-tunes on the very same samples."""
+    a class the samples are drawn by a generator seeded with `seed` alone (ATTACK_SUBSET_SEED: the attacker's
+    subset), so every start model, cell seed and rank fine-tunes on the very same samples."""
     n = len(labels)
     if fraction >= 1:
         return torch.arange(n)
@@ -90,7 +90,7 @@ def subset_indices(labels, fraction):
     order = sorted(range(len(quotas)), key=lambda i: (-(quotas[i] - take[i]), i))
     for i in order[:total - sum(take)]:
         take[i] += 1
-    gen = torch.Generator().manual_seed(ATTACK_SUBSET_SEED)
+    gen = torch.Generator().manual_seed(seed)
     picked = []
     for c, k in zip(classes.tolist(), take):
         members = torch.nonzero(labels == c).flatten()

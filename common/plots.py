@@ -3,6 +3,7 @@
     python -m common.plots RUN_DIR     # regenerate RUN_DIR/plots/*.png
 """
 import csv
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -229,8 +230,53 @@ def plot_robustness(run_dir, baselines=("normal", "scratch")):
     return [_save(fig, run_dir / "plots" / "robustness.png")]
 
 
+def _tuned(run_dir):
+    """summary.json's `tuned` (common.tuned.tuned_summary), None where the run is no tuned suite or unfinished."""
+    path = Path(run_dir) / "summary.json"
+    return json.loads(path.read_text()).get("tuned") if path.exists() else None
+
+
+def plot_tuned(run_dir):
+    """tuned.png: a forest plot of the tuned suite's verdict, a panel per judged model: per family its ratio
+    against tuned scratch (geometric mean over seeds), the 95% interval (thick) and the simultaneous one (thin),
+    on a log axis with a line at 1; red where the family learns faster (Holm), blue where it is slower
+    family-wise (simultaneous upper end <= 1), grey otherwise; families without a ratio are left blank."""
+    tuned = _tuned(run_dir)
+    if not tuned or not tuned["models"]:
+        return []
+    names, models = tuned["families"], tuned["models"]
+    families = [tuple(r[k] for k in names) for r in next(iter(models.values()))["per_family"]]
+    varying = [i for i in range(len(names)) if len({f[i] for f in families}) > 1] or [0]
+    ticks = [" ".join(f"{f[i]:g}" if isinstance(f[i], float) else str(f[i]) for i in varying) for f in families]
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 1.5 + 0.3 * len(families)), squeeze=False,
+                             sharey=True)
+    for ax, (label, m) in zip(axes[0], models.items()):
+        rows = {tuple(r[k] for k in names): r["vs_reference"] for r in m["per_family"]}
+        for y, family in enumerate(families):
+            v = rows.get(family)
+            if not v:
+                continue
+            slower = v["ci_simultaneous"] is not None and v["ci_simultaneous"][1] <= 1
+            color = "tab:red" if v["faster"] else "tab:blue" if slower else "0.4"
+            for ci, width in ((v["ci_simultaneous"], 1), (v["ci"], 3.5)):
+                if ci:
+                    ax.plot(ci, [y, y], color=color, lw=width, solid_capstyle="butt")
+            ax.plot([v["ratio"]], [y], "o", color=color, ms=4)
+        ax.axvline(1, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set(title=f"{label}: {len(m['vs_reference']['faster_holm'])} of "
+                     f"{m['vs_reference']['families_tested']} faster (Holm)",
+               xlabel=f"auc ratio vs tuned {tuned['reference']}")
+        ax.title.set_fontsize(9)
+    axes[0][0].set_yticks(range(len(families)), ticks, fontsize=7)
+    axes[0][0].set_ylim(len(families) - 0.5, -0.5)  # the first family on top
+    fig.suptitle(f"tuned attacker: {' '.join(names[i] for i in varying)}; thick 95% CI, thin simultaneous", fontsize=9)
+    return [_save(fig, Path(run_dir) / "plots" / "tuned.png")]
+
+
 def plot_run(run_dir):
-    """Every plot of a run folder, chosen by its metrics.csv header."""
+    """Every plot of a run folder, chosen by its metrics.csv header; a tuned suite's forest plot in place of the
+    robustness map, which compares starts at one lr."""
     run_dir = Path(run_dir)
     header = read_csv(run_dir / "metrics.csv")[:1]
     if not header:
@@ -239,7 +285,7 @@ def plot_run(run_dir):
         return plot_stage2(run_dir)
     if "start" in header[0]:
         keys = [k for k in ("test_acc", "asr", "untargeted_asr", "ra") if k in header[0]]
-        return plot_grid(run_dir, keys) + plot_robustness(run_dir)
+        return plot_grid(run_dir, keys) + (plot_tuned(run_dir) if _tuned(run_dir) else plot_robustness(run_dir))
     return plot_stage1(run_dir)
 
 

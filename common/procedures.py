@@ -14,10 +14,12 @@ from common.cli import UsageError, comma_list, pos_float, pos_int
 from common.settings import Settings, setting
 from common.defences import DEFENCES
 from common.finetune import FINE_TUNING
+from common.sweep import SWEEP
 
 PROCEDURES = {p.name: p for p in (
     FINE_TUNING,
     *DEFENCES.values(),
+    SWEEP,  # role "tuning": no flag chooses it; common.tuned's suite plans its cells
 )}
 # role -> (the flag choosing its procedures, the axis naming them in keys and rows; the fine-tuning attack's
 # keys predate the registry, so attacks have none)
@@ -62,9 +64,10 @@ def family(role):
 
 def grid_keys():
     """The flags that only choose which cells a grid has (a cell's key names its values): the axes' lists and
-    the single values they fall back to, the procedures and the start models. Not --seed: it seeds the run too."""
+    the single values they fall back to, the procedures, the start models and the suite (common.tuned). Not --seed:
+    it seeds the run too."""
     flags = {f for a in axes() for f in (a.dest, a.fallback) if f} - {"seed"}
-    return flags | {flag for flag, _ in ROLES.values()} | {"defences_only", "start"}
+    return flags | {flag for flag, _ in ROLES.values()} | {"defences_only", "start", "suite"}
 
 
 def grid_settings(starts, optional_starts=()):

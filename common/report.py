@@ -109,6 +109,50 @@ def _defence_lines(rows):
     return lines + [""]
 
 
+TUNED_LEGEND = (
+    "The tuned attacker (common.tuned): a family is strategy x optimizer x bs x train fraction x schedule; each start "
+    "model has its own lr, the one an attacker picks from a one-seed sweep scored on a held-out share of its own "
+    "training data (selection: below). Per seed, log(auc(model at its lr) / auc(scratch at its lr)), same seed; ratio: "
+    "their geometric mean; 95% CI: paired t; simultaneous: Bonferroni over the families tested, so all hold together; "
+    "Holm p: one-sided test of 'learns faster than tuned scratch', Holm-adjusted over the families (faster: below "
+    "0.025, as for 95% intervals). A seed where either model diverged is left out (excluded). summary.json's `tuned` "
+    "holds every number (common.tuned.tuned_summary says what each key is).")
+
+
+def _ci(ci):
+    return "n/a" if ci is None else f"[{_fmt(ci)}]"
+
+
+def _tuned_headlines(tuned):
+    """The report's opening: one line per judged model, its tuned verdict (summary.json tuned.models.*.headline)."""
+    return [f"- **{label}**: {m['headline']}" for label, m in tuned["models"].items()] + [""]
+
+
+def _tuned_lines(tuned):
+    """report.md's tuned section, from summary.json's `tuned` (keys: common.tuned.tuned_summary): the rule that
+    chose the lrs, then per judged model a row per family: lrs (model / scratch), ratio, its 95% and simultaneous
+    intervals, Holm p, seeds used (excluded), and the same ratio against tuned null where it ran."""
+    titles = {a.name: a.title for a in axes("attack")}
+    names, reference = tuned["families"], tuned["reference"]
+    lines = ["## Tuned attacker", "", TUNED_LEGEND, "", f"lr selection: {tuned['selection']}.", ""]
+    for label, m in tuned["models"].items():
+        lines += [f"### {label}", "", m["headline"], ""]
+        if m["headline_vs_null"]:
+            lines += [f"Against the null start: {m['headline_vs_null']}", ""]
+        lines += _header([titles[k] for k in names] + [f"lr {label} / {reference}", "ratio", "95% CI",
+                                                       "simultaneous CI", "Holm p", "seeds (excluded)",
+                                                       "vs null: ratio 95% CI"])
+        for row in m["per_family"]:
+            v, n = row["vs_reference"] or {}, row["vs_null"]
+            lines.append("| " + " | ".join(_value(row[k]) for k in names) + f" | {_value(row['lr'])} / "
+                         f"{_value(row['lr_reference'])} | {_fmt(v.get('ratio'))} | {_ci(v.get('ci'))} | "
+                         f"{_ci(v.get('ci_simultaneous'))} | {_fmt(v.get('p_faster_holm'))} | "
+                         f"{len(v.get('seeds', []))} ({row['seeds_excluded']}) | "
+                         + ("-" if n is None else f"{_fmt(n['ratio'])} {_ci(n['ci'])}") + " |")
+        lines.append("")
+    return lines
+
+
 def _verdict_lines(verdicts):
     columns = list(verdicts[0])
     lines = ["## Verdict per attack", "", LEGEND, ""] + _header([c.replace("_", " ") for c in columns])
@@ -120,6 +164,7 @@ def _verdict_lines(verdicts):
 def _metric_lines(results, key):
     """Epoch 0 and the final value of `key` per cell family and start, mean over seeds: a column per axis some
     result has a value of (no defence column without defence cells), the seeds pooled."""
+    results = [r for r in results if r[f"{key}_curve"][0] is not None]  # a sweep cell has no test_acc, say
     naming = [name for _, name in ROLES.values() if name]  # the procedure's name first (a defence's, say)
     shown = sorted((a for a in axes() if a.name != "seed" and any(r.get(a.name) is not None for r in results)),
                    key=lambda a: a.name not in naming)
@@ -139,10 +184,14 @@ def _metric_lines(results, key):
 
 
 def write_report(run, title, results, verdicts, plots, metric_keys=("test_acc",), notes=(), robustness=None,
-                 robustness_pooled=None, defence_verdicts=None):
-    """report.md in the run folder; returns its path."""
+                 robustness_pooled=None, defence_verdicts=None, tuned=None):
+    """report.md in the run folder; returns its path. With `tuned` (summary.json's), it opens with each judged
+    model's tuned verdict in one line."""
     lines = [f"# {title}", ""]
+    lines += _tuned_headlines(tuned) if tuned else []
     lines += list(notes) + ([""] if notes else [])
+    if tuned:
+        lines += _tuned_lines(tuned)
     if robustness:
         lines += _robustness_lines(robustness)
     if robustness_pooled:

@@ -134,7 +134,7 @@ class Grid:
 
     def _complete(self, cell, curve):
         entry = {"key": cell.key, "start": cell.start, **cell.values(self.axes), "epochs": cell.settings.epochs,
-                 **{f"{k}_curve": [c[k] for c in curve] for k in self.metric_keys},
+                 **{f"{k}_curve": [c.get(k) for c in curve] for k in self.metric_keys},
                  "train_samples": getattr(curve, "train_samples", None),
                  "skipped_steps": getattr(curve, "skipped_steps", 0),
                  "diverged_epoch": getattr(curve, "diverged_epoch", None), "numerics": self.numerics}
@@ -311,19 +311,22 @@ def restricted_data(args, *others):
 
 def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, train, evaluator, config,
                       metric_keys, verdict_fn, title, sources_of, notes=(), extra_summary=None,
-                      robustness_fn=None, defence_fn=None):
+                      robustness_fn=None, defence_fn=None, suite=None):
     """Open the run folder, run every (start, procedure cell) cell, write summary.json, plots and report.md.
 
     The cells: those of the chosen procedures (common.procedures.plan: --attacks, then --defences), each for
-    every start. `defence_fn(results)` gives the defence rows of summary.json ("defence_verdicts") and of the
-    report where defences ran. `sources_of(config)`: {start: checkpoint it loads, None for a fresh model} of a
-    run's config, which --reuse_cells compares."""
+    every start; or, with a `suite` (common.tuned.TunedSuite), its sweep cells, then the cells it plans from
+    their entries (metric_keys then name the sweep's metric too; a cell's curve may lack a key: its values are
+    None), and its summary under "tuned". `defence_fn(results)` gives the defence rows of summary.json
+    ("defence_verdicts") and of the report where defences ran. `sources_of(config)`: {start: checkpoint it
+    loads, None for a fresh model} of a run's config, which --reuse_cells compares."""
     lend = shared_starts(args.reuse_cells, config, sources_of) if args.reuse_cells else []
     world = dist.world()
     device = world.device(args.device)
     train.pin_for(device)
     seed_everything(args.seed)
-    cells = [Cell(start, settings) for settings in plan(args) for start in starts]
+    cells = suite.sweep_cells(list(starts)) if suite else [Cell(start, settings) for settings in plan(args)
+                                                           for start in starts]
     defended = any(p.role == "defence" for p in chosen(args))
     run = open_run(args, project, "stage3_eval", args.dataset, config)
     if train.note:
@@ -331,16 +334,26 @@ def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, 
     context = GridContext(args.arch, num_classes, starts, train, evaluator, args.amp, args.channels_last)
     grid = Grid(run, context, cells, list(metric_keys), device, world)
 
-    def body():
+    def reuse():
         if lend and world.main:
             log.info("%d cells of %s reused from %s", grid.adopt(args.reuse_cells, lend), ", ".join(lend),
                      args.reuse_cells)
+
+    def body():
+        reuse()
         grid.execute(interrupts)
+        if suite:  # phase 2 is planned on rank 0 from phase 1's entries, the same on every rank
+            grid.cells += suite.seed_cells(world.share(suite.choose(grid.completed(), list(starts))
+                                                       if world.main else None))
+            reuse()
+            grid.execute(interrupts)
         if not world.main:
             return 0
         results = grid.results()
         verdicts = verdict_fn(results)
         summary = {"dataset": args.dataset, "results": results, "verdicts": verdicts, **(extra_summary or {})}
+        if suite:
+            summary["tuned"] = suite.summary(results)
         robustness = robustness_fn(results) if robustness_fn else None
         pooled = pooled_robustness(robustness) if robustness_fn else None
         if robustness_fn:
@@ -352,7 +365,7 @@ def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, 
             summary["defence_verdicts"] = defence_rows
         close_run(run, stage, summary, len(evaluator.domain))
         report = write_report(run, title, results, verdicts, sorted(run.plots_dir.glob("*.png")), metric_keys, notes,
-                              robustness, pooled, defence_rows)
+                              robustness, pooled, defence_rows, summary.get("tuned"))
         print(report.read_text())
         return 0
 

@@ -34,6 +34,7 @@ import numpy as np
 from common.files import REPO_ROOT
 from common.cli import Parser, UsageError, run as run_cli
 from common.runs import git_commit, is_finished
+from common.tuned import describe, family_of
 from common.verdicts import attack_family, mean_std
 
 STUDIES_ROOT = REPO_ROOT / "runs" / "studies"  # ROOT of a study: STUDIES_ROOT/<study>, smoke: .../smoke/<study>
@@ -359,7 +360,36 @@ def families_table(study, spec):
     return header, rows
 
 
-TABLES = {"robustness": robustness_table, "families": families_table}
+def _interval(ci):
+    return "-" if ci is None else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def tuned_table(study, spec):
+    """One row per model a tuned suite judged (`grid`: a `--suite tuned` run; a model of several stage-2 seeds has a
+    row per seed, NAME#SEED), from its summary.json's `tuned` (common.tuned.tuned_summary): the families tested
+    against tuned scratch, how many learn faster (Holm), the share of family ratios below 1 and their geometric
+    mean, the worst family with its ratio and simultaneous interval, the seeds left out for a divergence, and how
+    many families learn faster than tuned null."""
+    tuned = _summary(study.run_of(spec["grid"]))["tuned"]
+    header = ["model", "families tested", "faster than tuned scratch (Holm)", "share ratio < 1", "geo-mean ratio",
+              "worst family", "worst: ratio", "worst: simultaneous CI", "seeds excluded",
+              "faster than tuned null (Holm)"]
+    rows = []
+    for name in spec["rows"]:
+        labels = [k for k in study.keys_of(name) if k in tuned["models"]] or [name]
+        if labels[0] not in tuned["models"]:
+            raise UsageError(f"{study.file}: table entry {name} is no model the tuned suite judged")
+        for label in labels:
+            m = tuned["models"][label]
+            v, w, n = m["vs_reference"], m["worst_family"], m["vs_null"]
+            rows.append([label, str(v["families_tested"]), str(len(v["faster_holm"])), _fmt(v["share_below_1"]),
+                         _fmt(v["ratio_geomean"]), "-" if w is None else describe(family_of(w)),
+                         "-" if w is None else _fmt(w["ratio"]), "-" if w is None else _interval(w["ci_simultaneous"]),
+                         str(m["seeds_excluded"]), "-" if n is None else str(len(n["faster_holm"]))])
+    return header, rows
+
+
+TABLES = {"robustness": robustness_table, "families": families_table, "tuned": tuned_table}
 
 
 def markdown(header, rows):

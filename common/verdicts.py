@@ -339,16 +339,22 @@ def _records_by_family(results):
     return grouped
 
 
-def _diverged(result):
+def diverged(result):
     return result.get("diverged_epoch") is not None
 
 
-def _seed_log_ratios(runs, model, reference, metric, seeds):
+def diverged_seeds(runs, starts):
+    """{start: the seeds where it diverged} of `runs` ({seed: {start: result}}), the starts with any."""
+    found = {start: [s for s in sorted(runs) if start in runs[s] and diverged(runs[s][start])] for start in starts}
+    return {start: seeds for start, seeds in found.items() if seeds}
+
+
+def seed_log_ratios(runs, model, reference, metric, seeds):
     """{seed: log(auc(model) / auc(reference))} over `seeds` where both ran and neither diverged."""
     out = {}
     for seed in seeds:
         mine, ref = runs[seed].get(model), runs[seed].get(reference)
-        if mine is None or ref is None or _diverged(mine) or _diverged(ref):
+        if mine is None or ref is None or diverged(mine) or diverged(ref):
             continue
         value = log_ratio(auc(mine[metric]), auc(ref[metric]))
         if value is not None:
@@ -363,11 +369,14 @@ def describe_family(family):
                     for name, value in zip(attack_family(), family))
 
 
-def _named(verdicts, summary):
-    """common.stats.compare_families' summary with each family it names given by its axes, ratio and intervals."""
+def named_families(verdicts, summary, names=None):
+    """common.stats.compare_families' summary with each family it names given by its axes (`names`, default
+    attack_family()), ratio and intervals."""
+    names = names or attack_family()
+
     def entry(family):
         v = verdicts[family]
-        return {**dict(zip(attack_family(), family)), **{k: v[k] for k in (
+        return {**dict(zip(names, family)), **{k: v[k] for k in (
             "ratio", "ci", "ci_simultaneous", "p_faster", "p_faster_holm", "p_faster_bh")}}
     named = {**summary, "worst_family": entry(summary["worst_family"]) if summary["worst_family"] else None}
     for key in ("faster_holm", "faster_bh", "slower_simultaneous"):
@@ -382,9 +391,9 @@ def _eligibility(records, ran, ratios, reference, baseline, metric, level):
     for key, seeds in ran.items():
         runs = records[key]
         held, used = split_seeds(seeds)
-        heads = list(_seed_log_ratios(runs, baseline, reference, metric, held).values())
+        heads = list(seed_log_ratios(runs, baseline, reference, metric, held).values())
         head = paired_log_ratio(heads, level)
-        finals = [runs[s][reference][metric][-1] for s in held if not _diverged(runs[s][reference])]
+        finals = [runs[s][reference][metric][-1] for s in held if not diverged(runs[s][reference])]
         mine = [ratios[key][s] for s in used if s in ratios[key]]
         found[key] = {"seeds": held, "verdict_seeds": used, "head_start": head and head["ratio"],
                       "head_start_ci": head and head["ci"], "head_start_shown": head_start_shown(heads, level),
@@ -420,8 +429,8 @@ def _paired_fields(results, cells, protected, reference, baseline, null, metric,
     records = _records_by_family(results)
     keys = [tuple(c[k] for k in attack_family()) for c in cells]
     ran = {key: sorted(s for s, r in records[key].items() if protected in r and reference in r) for key in keys}
-    ratios = {key: _seed_log_ratios(records[key], protected, reference, metric, ran[key]) for key in keys}
-    nulls = {key: _seed_log_ratios(records[key], protected, null, metric, sorted(records[key])) for key in keys}
+    ratios = {key: seed_log_ratios(records[key], protected, reference, metric, ran[key]) for key in keys}
+    nulls = {key: seed_log_ratios(records[key], protected, null, metric, sorted(records[key])) for key in keys}
     verdicts, summary = compare_families({k: list(v.values()) for k, v in ratios.items()}, level)
     null_ran = protected != null and any(nulls.values())
     null_verdicts, null_summary = compare_families({k: list(v.values()) for k, v in nulls.items()}, level) \
@@ -433,15 +442,13 @@ def _paired_fields(results, cells, protected, reference, baseline, null, metric,
         c["vs_reference"] = {"seeds": sorted(ratios[key]), **verdicts[key]} if key in verdicts else None
         c["vs_null"] = {"seeds": sorted(nulls[key]), **null_verdicts[key]} if key in null_verdicts else None
         c["eligibility"] = eligibility[key]
-        diverged = {start: [s for s in sorted(runs) if start in runs[s] and _diverged(runs[s][start])]
-                    for start in starts}
-        c["diverged_seeds"] = {start: seeds for start, seeds in diverged.items() if seeds}
+        c["diverged_seeds"] = diverged_seeds(runs, starts)
         c["seeds_excluded"] = len(ran[key]) - len(ratios[key])
     return {
         "headline": headline(verdicts, summary, reference, describe_family),
-        "vs_reference": _named(verdicts, summary),
+        "vs_reference": named_families(verdicts, summary),
         "headline_vs_null": headline(null_verdicts, null_summary, null, describe_family) if null_ran else None,
-        "vs_null": _named(null_verdicts, null_summary) if null_ran else None,
+        "vs_null": named_families(null_verdicts, null_summary) if null_ran else None,
         "eligibility": eligible,
         "diverged": {"seeds_excluded": sum(c["seeds_excluded"] for c in cells),
                      "families": sum(bool(c["diverged_seeds"]) for c in cells),

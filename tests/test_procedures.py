@@ -134,8 +134,8 @@ def test_a_registered_probe_runs_through_the_sophon_script(tmp_path, data_root, 
     assert keys == [f"{start}|initfc_fc|sgd|0.01|16|0|wd{wd}" for wd in ("0", "0.01") for start in ("sophon", "scratch")]
     rows = read_rows(out / "metrics.csv")
     assert len(rows) == 4 * 2 and {r["probe_weight_decay"] for r in rows} == {"0", "0.01"}
-    assert list(rows[0])[:11] == ["cell", "start", "strategy", "optimizer", "lr", "batch_size", "train_fraction",
-                                  "schedule", "defence", "probe_weight_decay", "seed"]
+    assert list(rows[0])[:12] == ["cell", "start", "strategy", "optimizer", "lr", "batch_size", "train_fraction",
+                                  "schedule", "defence", "sweep", "probe_weight_decay", "seed"]
     summary = json.loads((out / "summary.json").read_text())
     assert sorted((r["start"], r["probe_weight_decay"]) for r in summary["results"]) == [
         ("scratch", 0.0), ("scratch", 0.01), ("sophon", 0.0), ("sophon", 0.01)]

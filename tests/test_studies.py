@@ -121,7 +121,29 @@ def check_families(table, spec, root, header, rows):
                 (name, printed)
 
 
-CHECKS = {"robustness": check_robustness, "families": check_families}
+def check_tuned(table, spec, root, header, rows):
+    tuned = summary(root / table["grid"])["tuned"]["models"]
+    labels = [label for name in table["rows"] for label in ([l for l, _ in folders(spec, root, name)] or [name])]
+    assert [r[0] for r in rows] == labels
+    for row in rows:
+        m = tuned[row[0]]
+        v, w, n = m["vs_reference"], m["worst_family"], m["vs_null"]
+        assert row[1:3] == [str(v["families_tested"]), str(len(v["faster_holm"]))], row
+        assert close(row[3], v["share_below_1"]) and close(row[4], v["ratio_geomean"]), row
+        assert row[5] == " ".join(value if isinstance(value, str) else f"{title} {value:g}" for title, value in (
+            ("strategy", w["strategy"]), ("optimizer", w["optimizer"]), ("bs", w["batch_size"]),
+            ("train fraction", w["train_fraction"]), ("schedule", w["schedule"]))), row
+        assert close(row[6], w["ratio"]), row
+        if w["ci_simultaneous"] is None:
+            assert row[7] == "-", row
+        else:
+            low, high = row[7].strip("[]").split(", ")
+            assert close(low, w["ci_simultaneous"][0]) and close(high, w["ci_simultaneous"][1]), row
+        assert row[8] == str(m["seeds_excluded"]), row
+        assert row[9] == ("-" if n is None else str(len(n["faster_holm"]))), row
+
+
+CHECKS = {"robustness": check_robustness, "families": check_families, "tuned": check_tuned}
 
 
 @pytest.mark.slow

@@ -8,6 +8,9 @@
     python sophon_orig/stage3_eval/finetune_test.py --strategies direct_all,initfc_all --optimizers momentum,adam \
         --lrs 1e-4,1e-3 --seeds 0,1
     torchrun --nproc_per_node 2 sophon_orig/stage3_eval/finetune_test.py --seeds 0,1,2,3   # cells over 2 GPUs
+    python sophon_orig/stage3_eval/finetune_test.py --path runs/A --suite tuned   # the tuned attacker (see --help)
+    python sophon_orig/stage3_eval/finetune_test.py --suite tuned --path my_model.safetensors --arch resnet18 \
+        --orig_dataset FashionMNIST --dataset MNIST --start sophon,scratch,null   # a protection made elsewhere
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,9 @@ from common.runs import begin, canonical_path, config_of
 from common.settings import Settings, compose, given_flags, parse, setting
 from common.stage3 import (NULL_SEED_OFFSET, NULL_START, choose_dataset, labelled_paths, load_starts,
                            restricted_data, run_stage3_script)
+from common.sweep import HELDOUT_KEY
 from common.train import AccuracyEval
+from common.tuned import SuiteSettings, TunedSuite, apply_suite
 from common.verdicts import robustness_summary, scratch_verdicts
 
 PROJECT = "sophon_orig"
@@ -55,10 +60,12 @@ class Models(Settings):
 
 
 def parse_args(argv=None):
-    settings = compose("Settings", CommonSettings, RestrictedSettings, grid_settings(STARTS, OPTIONAL_STARTS), Models,
-                       SpeedSettings)
+    settings = compose("Settings", CommonSettings, RestrictedSettings, grid_settings(STARTS, OPTIONAL_STARTS),
+                       SuiteSettings, Models, SpeedSettings)
     parser, args = parse(settings, argv, __doc__, globals())
-    check_flags(args, given_flags(parser, argv))
+    given = given_flags(parser, argv)
+    check_flags(args, given)
+    apply_suite(args, given, STARTS + OPTIONAL_STARTS)
     items = protected_items(args.path)
     if len(items) > 1 or items[0][0] != "sophon":  # recorded (and compared on --resume) as label=/absolute/path,...
         args.path = Path(",".join(f"{label}={canonical_path(path)}" for label, path in items))
@@ -81,6 +88,13 @@ def start_sources(config):
             **({NULL_START: f"fresh init, seed + {NULL_SEED_OFFSET}"} if NULL_START in started else {})}
 
 
+def tuned_judged(args, judged):
+    """The models the tuned suite judges: the protected ones, normal (its head start shows what the suite can
+    detect), null (what a model without protection scores)."""
+    return [label for label in judged if label != NULL_START] + ["normal"] * ("normal" in args.start) + \
+        [NULL_START] * (NULL_START in judged)
+
+
 def main(argv=None):
     args, interrupts = begin(parse_args, STAGE, argv, distributed=True)
     if args is None:
@@ -101,11 +115,13 @@ def main(argv=None):
                        else str(first.path), **foreign_record(first.ckpt),
                        **(foreign_record(normal["normal"].ckpt, "normal") if normal else {}))
     judged = (labels if "sophon" in args.start else []) + ([NULL_START] if NULL_START in args.start else [])
-    compare = bool(judged) and "scratch" in args.start
+    compare = bool(judged) and "scratch" in args.start and not args.suite  # the suite compares at tuned lrs
     return run_stage3_script(
         args, interrupts, PROJECT, STAGE, num_classes=first.ckpt["num_classes"], train=train,
         starts={k: models[k] for start in args.start for k in (labels if start == "sophon" else [start])},
-        evaluator=AccuracyEval(test), config=config, metric_keys=["test_acc"], sources_of=start_sources,
+        evaluator=AccuracyEval(test), config=config, metric_keys=["test_acc"] + [HELDOUT_KEY] * bool(args.suite),
+        sources_of=start_sources, suite=TunedSuite(args, tuned_judged(args, judged), "scratch", NULL_START)
+        if args.suite else None,
         verdict_fn=lambda results: [v for label in judged if compare
                                     for v in scratch_verdicts(results, protected=label)],
         robustness_fn=(lambda results: {label: robustness_summary(results, protected=label) for label in judged})
