@@ -4,6 +4,7 @@ The machine these tests run on is small and may be busy: every process is pinned
 (oversubscribed OpenMP threads make the tiny runs several times slower), set here before torch loads
 so that subprocesses inherit it too.
 """
+import logging
 import os
 
 os.environ["OMP_NUM_THREADS"] = "1"
@@ -80,3 +81,12 @@ def restore_signals():
     for sig, handler in saved.items():
         signal.signal(sig, handler)
 
+
+@pytest.fixture
+def quiet_log():
+    """In-process runs attach the run's log handlers to the 'sophon' logger; drop them afterwards."""
+    yield
+    log = logging.getLogger("sophon")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()

@@ -3,7 +3,6 @@ each registered from this file with one extra axis and run end to end through th
 synthetic data and checkpoints in the real on-disk formats."""
 import dataclasses
 import json
-import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -97,15 +96,6 @@ class Shrink(dfn.Defence):
 
 
 # ---- fixtures ----------------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def quiet_log():
-    """In-process runs attach the run's log handlers to the 'sophon' logger; drop them afterwards."""
-    yield
-    log = logging.getLogger("sophon")
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
 
 
 def _checkpoint(path, dataset, stage, **config):

@@ -1,7 +1,6 @@
 """The tuned attacker (finetune_test.py --suite tuned): the lr an attacker picks, the held-out split it picks it on,
 and the whole suite through the real stage-3 script on synthetic data and checkpoints in the real formats."""
 import json
-import logging
 import math
 
 import pytest
@@ -17,16 +16,6 @@ from common.sweep import HOLDOUT_SHARE, SWEEP, holdout_split
 from common.tuned import FAMILY, choose_lrs, select_lr, tuned_summary
 from common.verdicts import auc
 from helpers import load_script, read_rows
-
-
-@pytest.fixture
-def quiet_log():
-    """In-process runs attach the run's log handlers to the 'sophon' logger; drop them afterwards."""
-    yield
-    log = logging.getLogger("sophon")
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
 
 
 # ---- the lr an attacker picks ------------------------------------------------------------------------------------
