@@ -24,7 +24,7 @@ from common.train import Precision
 from common.verdicts import defence_verdicts
 from helpers import TinyNet, load_script
 from test_finetune import _domain
-from test_procedures import _checkpoint, quiet_log  # noqa: F401 (a fixture)
+from test_procedures import _checkpoint
 
 CPU = torch.device("cpu")
 
