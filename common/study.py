@@ -5,13 +5,13 @@
     python -m common.study run experiments/adaptive_attacker.toml --smoke      # same study, toy scale, synthetic
     python -m common.study table experiments/adaptive_attacker.toml --smoke    # its page, next to the smoke runs
 
-A study file (TOML) lists its runs once, in order: `[[run]]` with `name`, `script` (a stage script, relative to
-the repository), `args` (its flags; `@GROUP` expands to the list `[flags].GROUP`; `{seed}` is the run's seed and
-`{NAME}` or `{NAME#SEED}` the run folder of an earlier run), optionally `seeds` (one run per seed, named NAME#SEED)
-and `models` (earlier runs handed to a stage-3 script as `--path label=folder,...`, a seeded run as NAME#SEED
-items, which stage 3 pools by NAME). `[[table]]` entries say what the page shows (TABLES below); `[smoke]` has
-`data` (the datasets to write synthetic copies of) and `[smoke.flags]`, per script, flags that replace the run's
-value or are added, so the smoke study is the real one at toy scale.
+A study file (TOML) lists its runs once, in order: `[[run]]` with `name`, `script` (a stage script, relative to the
+repository), `args` (its flags; `@GROUP` expands to the list `[flags].GROUP`; `{seed}` is the run's seed and
+`{NAME}` or `{NAME#SEED}` the run folder of an earlier run, `{NAME#{seed}}` the one of the same seed), optionally
+`seeds` (one run per seed, named NAME#SEED) and `models` (earlier runs handed to a stage-3 script as `--path
+label=folder,...`, a seeded run as NAME#SEED items, which stage 3 pools by NAME). `[[table]]` entries say what the
+page shows (TABLES below); `[smoke]` has `data` (the datasets to write synthetic copies of) and `[smoke.flags]`, per
+script, flags that replace the run's value or are added, so the smoke study is the real one at toy scale.
 
 Each run has a fixed folder, ROOT/NAME or ROOT/NAME/seedS, given to its script as `--out_dir`. A run whose folder
 holds a finished summary.json is skipped, one with a config.json is continued with the script's own `--resume`,
@@ -50,7 +50,7 @@ class Run:
     name: str
     seed: object  # the seed of a seeded run, else None
     script: str
-    args: tuple  # as written, groups expanded, placeholders not yet filled
+    args: tuple  # as written, groups expanded, {seed} filled (so {NAME#{seed}} names the same seed's run)
     models: tuple
     folder: Path
 
@@ -125,7 +125,8 @@ def load_study(path, smoke=False, root=None):
         for seed in entry.get("seeds", [None]):
             key, folder = (entry["name"], root / entry["name"]) if seed is None else \
                 (f"{entry['name']}#{seed}", root / entry["name"] / f"seed{seed}")
-            runs.append(Run(key, entry["name"], seed, entry["script"], args, models, folder))
+            seeded = args if seed is None else tuple(t.replace("{seed}", str(seed)) for t in args)
+            runs.append(Run(key, entry["name"], seed, entry["script"], seeded, models, folder))
     if not runs:
         raise UsageError(f"{path}: no [[run]] entries")
     study = Study(name, path, spec.get("title", name), spec.get("about", ""), runs, spec.get("table", []),
@@ -138,7 +139,9 @@ def load_study(path, smoke=False, root=None):
 def dependencies(study, run):
     """The keys of the earlier runs `run` reads (placeholders and models); an unknown or later one is an error."""
     earlier = [r.key for r in study.runs[:study.runs.index(run)]]
-    needed = [m for token in run.args for m in PLACEHOLDER.findall(token) if m != "seed"]
+    needed = [m for token in run.args for m in PLACEHOLDER.findall(token)]
+    if "seed" in needed:
+        raise UsageError(f"{study.file}: run {run.key} reads {{seed}} but has no seeds")
     for model in run.models:
         needed += study.keys_of(model) or [model]
     for key in needed:
@@ -160,10 +163,7 @@ def override(args, flags):
 
 def command(study, run, data_root=None):
     """The command line of `run`: placeholders filled, models as --path, smoke flags and --data_root applied."""
-    def fill(match):
-        key = match.group(1)
-        return str(run.seed) if key == "seed" else str(study.run_of(key).folder)
-    args = [PLACEHOLDER.sub(fill, token) for token in run.args]
+    args = [PLACEHOLDER.sub(lambda m: str(study.run_of(m.group(1)).folder), token) for token in run.args]
     if run.models:
         items = [f"{key}={study.run_of(key).folder}" for model in run.models for key in study.keys_of(model)]
         args = override(args, ["--path", ",".join(items)])
@@ -389,7 +389,69 @@ def tuned_table(study, spec):
     return header, rows
 
 
-TABLES = {"robustness": robustness_table, "families": families_table, "tuned": tuned_table}
+def _defence_rows(study, run, start):
+    """{defence: its defence_verdicts row} of stage-3 run `run`, for `start`; one row per defence (one lr etc.)."""
+    rows = {}
+    for row in _summary(study.run_of(run)).get("defence_verdicts", []):
+        if f"final_asr_{start}_mean" in row:
+            if row["defence"] in rows:
+                raise UsageError(f"{study.file}: run {run} has several cells of defence {row['defence']} (lrs, "
+                                 f"batch sizes or train fractions): a defences table shows one")
+            rows[row["defence"]] = row
+    if not rows:
+        raise UsageError(f"{study.file}: run {run} defended no model {start!r}")
+    return rows
+
+
+def _pooled(per_run, key):
+    """`key` of one run's row as mean +- std over its defence seeds; of a seeded run's rows, the mean +- std of
+    their means over the stage-2 seeds."""
+    if len(per_run) == 1:
+        return _fmt(per_run[0].get(f"{key}_mean"), per_run[0].get(f"{key}_std"), 1)
+    return _fmt(*mean_std([r.get(f"{key}_mean") for r in per_run]), 1)
+
+
+def defences_table(study, spec):
+    """One row per defended model (`rows`: label, the stage-3 run that defended it, its start there, and optionally
+    the run that made it, for its original-domain accuracy and ASR): clean accuracy / ASR on the restricted test
+    split before the defences and after each, or (`show = "reactivated"`) the ASR after the backdoor re-activation;
+    then how many defences leave ASR >= 50. A seeded stage-3 run (one per stage-2 seed) is pooled: mean +- std over
+    its seeds of the per-run means; one run: mean +- std over the defence seeds."""
+    reactivated = spec.get("show", "after") == "reactivated"
+    models = []
+    for entry in spec["rows"]:
+        per_run = [_defence_rows(study, key, entry["start"]) for key in study.keys_of(entry["run"])]
+        if not per_run:
+            raise UsageError(f"{study.file}: table row {entry['label']!r} names no run {entry['run']!r}")
+        models.append((entry, per_run))
+    defences = list(models[0][1][0])
+    header = ["model", "runs", "original acc / ASR", "before", *defences, "ASR >= 50 after"]
+    rows = []
+    for entry, per_run in models:
+        start = entry["start"]
+        origin = [_summary(study.run_of(k)) for k in study.keys_of(entry.get("model", ""))]
+        orig = "-" if not origin else " / ".join(
+            _fmt(*(mean_std(v) if len(v) > 1 else (v[0], None)), 1)
+            for v in ([s.get("orig_test_acc", s.get("test_acc")) for s in origin],
+                      [s.get("orig_asr", s.get("asr")) for s in origin]))
+        before = [r[defences[0]] for r in per_run]
+        row = [entry["label"], str(len(per_run)) if len(per_run) > 1 else "1", orig,
+               f"{_pooled(before, f'before_test_acc_{start}')} / {_pooled(before, f'before_asr_{start}')}"]
+        survived = 0
+        for d in defences:
+            cells = [r.get(d) for r in per_run]
+            if any(c is None for c in cells):
+                row.append("-")
+                continue
+            survived += mean_std([c[f"final_asr_{start}_mean"] for c in cells])[0] >= 50
+            row.append(_pooled(cells, f"reactivated_asr_{start}") if reactivated else
+                       f"{_pooled(cells, f'final_test_acc_{start}')} / {_pooled(cells, f'final_asr_{start}')}")
+        rows.append(row + [f"{survived} of {len(defences)}"])
+    return header, rows
+
+
+TABLES = {"robustness": robustness_table, "families": families_table, "tuned": tuned_table,
+          "defences": defences_table}
 
 
 def markdown(header, rows):

@@ -180,12 +180,14 @@ def persistence_verdicts(results, protected="irreversible", reference="backdoore
 
 
 def defence_verdicts(results, protected="irreversible", reference="backdoored"):
-    """A row per defence (and lr, batch size, train fraction, schedule): after its last epoch, mean and std
-    over seeds of the clean accuracy (final_test_acc_<start>_mean/_std) and ASR (final_asr_<start>_mean/_std)
-    of both models; asr_auc_ratio_mean/_std: area under the protected ASR curve over the reference's, per seed
-    (> 1: the protected backdoor survives the defence better); pruned_channels_<start>: per seed, where the
-    defence pruned; reactivated_asr_<start>_mean/_std: the ASR after the backdoor re-activation, where every seed
-    measured it. Seeds where either model is missing are left out."""
+    """A row per defence (and lr, batch size, train fraction, schedule), for each of the two models that ran it:
+    before the defence (epoch 0) and after its last epoch, mean and std over seeds of the clean accuracy
+    (before_test_acc_<start>_mean/_std, final_test_acc_<start>_mean/_std) and ASR (before_asr_..., final_asr_...);
+    pruned_channels_<start>: per seed, where the defence pruned; reactivated_asr_<start>_mean/_std: the ASR after
+    the backdoor re-activation, where every seed measured it. asr_auc_ratio_mean/_std: area under the protected
+    ASR curve over the reference's, per seed where both ran (> 1: the protected backdoor survives the defence
+    better; None where no seed has both). `seeds`: the most seeds either model ran. A run may defend one model
+    alone (--start), so that a reference defended elsewhere is not defended again."""
     grouped = {}
     for r in results:
         if r.get("defence"):
@@ -193,24 +195,28 @@ def defence_verdicts(results, protected="irreversible", reference="backdoored"):
             grouped.setdefault(key, {}).setdefault(r["seed"], {})[r["start"]] = r
     rows = []
     for key, seeds in grouped.items():
-        pairs = [c for c in seeds.values() if protected in c and reference in c]
-        if not pairs:
+        ran = {start: [c[start] for c in seeds.values() if start in c] for start in (protected, reference)}
+        if not any(ran.values()):
             continue
-        row = {**dict(zip(defence_family(), key)), "protected": protected, "reference": reference, "seeds": len(pairs)}
-        for metric in ("test_acc", "asr"):
-            for start in (protected, reference):
-                mean, std = mean_std([c[start][f"{metric}_curve"][-1] for c in pairs])
-                row[f"final_{metric}_{start}_mean"], row[f"final_{metric}_{start}_std"] = mean, std
+        row = {**dict(zip(defence_family(), key)), "protected": protected, "reference": reference,
+               "seeds": max(len(cells) for cells in ran.values())}
+        for start, cells in ran.items():
+            if not cells:
+                continue
+            for metric in ("test_acc", "asr"):
+                for when, at in (("before", 0), ("final", -1)):
+                    mean, std = mean_std([c[f"{metric}_curve"][at] for c in cells])
+                    row[f"{when}_{metric}_{start}_mean"], row[f"{when}_{metric}_{start}_std"] = mean, std
+            pruned = [(c.get("defence_info") or {}).get("pruned_channels") for c in cells]
+            if any(n is not None for n in pruned):
+                row[f"pruned_channels_{start}"] = pruned
+            reactivated = [(c.get("defence_info") or {}).get("reactivated_asr") for c in cells]
+            if all(v is not None for v in reactivated):
+                row[f"reactivated_asr_{start}_mean"], row[f"reactivated_asr_{start}_std"] = mean_std(reactivated)
+        pairs = [c for c in seeds.values() if protected in c and reference in c]
         ratios = [auc(c[protected]["asr_curve"]) / auc(c[reference]["asr_curve"])
                   if auc(c[reference]["asr_curve"]) > 0 else None for c in pairs]
         row["asr_auc_ratio_mean"], row["asr_auc_ratio_std"] = mean_std(ratios)
-        for start in (protected, reference):
-            pruned = [(c[start].get("defence_info") or {}).get("pruned_channels") for c in pairs]
-            if any(n is not None for n in pruned):
-                row[f"pruned_channels_{start}"] = pruned
-            reactivated = [(c[start].get("defence_info") or {}).get("reactivated_asr") for c in pairs]
-            if all(v is not None for v in reactivated):
-                row[f"reactivated_asr_{start}_mean"], row[f"reactivated_asr_{start}_std"] = mean_std(reactivated)
         rows.append(row)
     return rows
 

@@ -434,6 +434,18 @@ def test_defence_verdicts_by_hand():
     assert "pruned_channels_irreversible" not in rows["ft"] and rows["ft"]["asr_auc_ratio_std"] == 0.0
     # the attack verdicts see the fine-tuning cells alone
     assert [(v["seeds"], v["final_asr_irreversible"]) for v in persistence_verdicts(results)] == [(1, 100)]
+    assert fp["before_test_acc_irreversible_mean"] == 90 and fp["before_asr_backdoored_mean"] == 100
+
+
+def test_defence_verdicts_of_one_model_alone():
+    """A run that defends the protected model alone (--start irreversible) still gets its rows, without a ratio."""
+    row = {"start": "irreversible", "strategy": "direct_all", "optimizer": "momentum", "lr": 0.01, "batch_size": 8,
+           "train_fraction": 0.05, "schedule": "cosine", "defence": "ft"}
+    results = [{**row, "seed": 0, "test_acc_curve": [90, 80], "asr_curve": [100, 60]},
+               {**row, "seed": 1, "test_acc_curve": [90, 70], "asr_curve": [100, 80]}]
+    [v] = defence_verdicts(results)
+    assert v["seeds"] == 2 and v["final_asr_irreversible_mean"] == 70 and v["final_test_acc_irreversible_mean"] == 75
+    assert v["asr_auc_ratio_mean"] is None and not any(k.endswith("_backdoored_mean") for k in v)
 
 
 # ---- through the backdoor stage-3 script ------------------------------------------------------------------------

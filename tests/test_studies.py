@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from common.cli import UsageError
-from common.study import load_study, override
+from common.study import command, dependencies, load_study, override
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = sorted((REPO / "experiments").glob("*.toml"))
@@ -143,7 +143,45 @@ def check_tuned(table, spec, root, header, rows):
         assert row[9] == ("-" if n is None else str(len(n["faster_holm"]))), row
 
 
-CHECKS = {"robustness": check_robustness, "families": check_families, "tuned": check_tuned}
+def check_defences(table, spec, root, header, rows):
+    assert [r[0] for r in rows] == [e["label"] for e in table["rows"]]
+    for entry, row in zip(table["rows"], rows):
+        start = entry["start"]
+        per_run = [{v["defence"]: v for v in summary(f)["defence_verdicts"]}
+                   for _, f in folders(spec, root, entry["run"])]
+        defences = header[4:-1]
+        assert defences and all(list(r) == defences for r in per_run), (header, per_run)
+
+        def shown(cell, rows_of, key):
+            means = [r[f"{key}_mean"] for r in rows_of]
+            if len(means) == 1:
+                return close(cell, means[0], rows_of[0][f"{key}_std"], 1)
+            mean = sum(means) / len(means)
+            return close(cell, mean, (sum((m - mean) ** 2 for m in means) / (len(means) - 1)) ** 0.5, 1)
+
+        before = [r[defences[0]] for r in per_run]
+        acc, asr = row[3].split(" / ")
+        assert shown(acc, before, f"before_test_acc_{start}") and shown(asr, before, f"before_asr_{start}"), row
+        survived = 0
+        for d, cell in zip(defences, row[4:-1]):
+            cells = [r[d] for r in per_run]
+            if table.get("show") == "reactivated":
+                assert shown(cell, cells, f"reactivated_asr_{start}"), (d, cell)
+            else:
+                acc, asr = cell.split(" / ")
+                assert shown(acc, cells, f"final_test_acc_{start}") and shown(asr, cells, f"final_asr_{start}"), cell
+            survived += sum(c[f"final_asr_{start}_mean"] for c in cells) / len(cells) >= 50
+        assert row[-1] == f"{survived} of {len(defences)}", row
+        made = [summary(f) for _, f in folders(spec, root, entry.get("model", ""))]
+        if len(made) == 1:
+            s = made[0]
+            assert row[2] == f"{s.get('orig_test_acc', s.get('test_acc')):.1f} / {s.get('orig_asr', s.get('asr')):.1f}"
+        elif not made:
+            assert row[2] == "-"
+
+
+CHECKS = {"robustness": check_robustness, "families": check_families, "tuned": check_tuned,
+          "defences": check_defences}
 
 
 @pytest.mark.slow
@@ -158,13 +196,13 @@ def test_study_smoke_run_and_table(study, tmp_path):
             assert (folder / "summary.json").is_file(), folder
 
     # an unfinished run (its summary gone) is resumed with the script's --resume; finished ones are skipped
-    last = spec["run"][-1]["name"]
-    (root / last / "summary.json").unlink()
+    last, folder = folders(spec, root, spec["run"][-1]["name"])[-1]
+    (folder / "summary.json").unlink()
     proc = study_cli("run", study, "--smoke", "--root", root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"{last}: resuming" in proc.stdout
     assert proc.stdout.count("finished, skipped") == sum(len(r.get("seeds", [0])) for r in spec["run"]) - 1
-    assert "--resume" in (root / "logs" / f"{last}.log").read_text()
+    assert "--resume" in (root / "logs" / f"{last.replace('#', '_seed')}.log").read_text()
 
     proc = study_cli("table", study, "--smoke", "--root", root)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -189,6 +227,28 @@ def test_a_run_reading_a_later_one_is_refused(tmp_path):
                      'args = ["--model_path", "{b}"]\n'
                      '[[run]]\nname = "b"\nscript = "sophon_orig/stage1_pretrain/train.py"\n')
     with pytest.raises(UsageError, match="reads b, which is not a run listed before it"):
+        load_study(study)
+
+
+def test_a_seeded_run_reads_the_same_seed_of_an_earlier_one(tmp_path):
+    study = tmp_path / "s.toml"
+    study.write_text('[[run]]\nname = "a"\nscript = "sophon_orig/stage1_pretrain/train.py"\nseeds = [0, 1]\n'
+                     'args = ["--seed", "{seed}"]\n'
+                     '[[run]]\nname = "b"\nscript = "sophon_orig/stage2_train/algo.py"\nseeds = [0, 1]\n'
+                     'args = ["--model_path", "{a#{seed}}", "--seed", "{seed}"]\n')
+    loaded = load_study(study, root=tmp_path / "runs")
+    for seed in (0, 1):
+        argv = command(loaded, loaded.run_of(f"b#{seed}"))
+        assert argv[argv.index("--model_path") + 1] == str(tmp_path / "runs" / "a" / f"seed{seed}")
+        assert argv[argv.index("--seed") + 1] == str(seed)
+        assert dependencies(loaded, loaded.run_of(f"b#{seed}")) == [f"a#{seed}"]
+
+
+def test_seed_in_a_run_without_seeds_is_refused(tmp_path):
+    study = tmp_path / "s.toml"
+    study.write_text('[[run]]\nname = "a"\nscript = "sophon_orig/stage1_pretrain/train.py"\n'
+                     'args = ["--seed", "{seed}"]\n')
+    with pytest.raises(UsageError, match="reads {seed} but has no seeds"):
         load_study(study)
 
 

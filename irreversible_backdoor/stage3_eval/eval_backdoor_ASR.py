@@ -87,8 +87,11 @@ def main(argv=None):
         orig_before[label] = {k: figures[k] for k in ("test_acc", "asr", "ra")}
     paths = {label: start.path for label, start in starts.items()}
     ckpt = lambda label: starts[label].ckpt if label in starts else {}
-    config = config_of(args, stage=STAGE, parent=str(paths.get("irreversible")), path=str(paths.get("irreversible")),
-                       baseline_path=str(paths.get("backdoored")), **foreign_record(ckpt("irreversible")),
+    # a start not run records its flag as given, so that the same command line resumes the run
+    given = {"irreversible": args.path, "backdoored": args.baseline_path}
+    recorded = {k: None if paths.get(k, v) is None else str(paths.get(k, v)) for k, v in given.items()}
+    config = config_of(args, stage=STAGE, parent=recorded["irreversible"], path=recorded["irreversible"],
+                       baseline_path=recorded["backdoored"], **foreign_record(ckpt("irreversible")),
                        **foreign_record(ckpt("backdoored"), "baseline"))
     return run_stage3_script(
         args, interrupts, PROJECT, STAGE, starts={k: starts[k].ckpt["model"] for k in args.start},
