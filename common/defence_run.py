@@ -65,6 +65,13 @@ FST_EPOCHS = 10  # `--epochs 10`, CosineAnnealingLR(T_max=epochs) stepped per ep
 FST_EPOCH_STEPS = math.ceil(1000 / 128)  # `--split_ratio 0.02` of CIFAR-10 at `--batch_size 128`
 # ---- clp (BackdoorBench defense/clp.py CLP_prune, config/defense/clp/config.yaml) -------------------------------
 CLP_U = 3.0  # `u: 3`: prune the channels whose bound exceeds mean + u * std
+# ---- anp (github.com/csdongxian/ANP_backdoor ec7b179 optimize_mask_cifar.py; BackdoorBench defense/anp.py the same) --
+ANP_LR = 0.2  # `--lr 0.2`, the masks' SGD(momentum=0.9) (BackdoorBench: its config's `lr: 0.01`)
+ANP_NB_ITER = 2000  # `--nb-iter 2000` batches, drawn with replacement from its clean split (`--val-frac 0.01`)
+ANP_EPS = 0.4  # `--anp-eps 0.4`: the noise's bound at its random start, and its signed-gradient step
+ANP_STEPS = 1  # `--anp-steps 1`, each at lr anp_eps / anp_steps
+ANP_ALPHA = 0.2  # `--anp-alpha 0.2`, the clean loss's weight
+ANP_THRESHOLD = 0.2  # prune_neuron_cifar.py `--pruning-by threshold`: the paper's 0.2 (its code sweeps 0 to 0.9)
 # ---- backdoor re-activation (Min et al. NeurIPS'24; the same repo's fine_tune/ft_poison.py) ------------------------
 REACTIVATE_SAMPLES = 5  # `--poison_num 5` of the defender's samples replaced by triggered ones; 0: no re-activation
 REACTIVATE_EPOCHS = 5  # `--epochs 5`
@@ -96,15 +103,16 @@ class DefenceConfig:
     defence_momentum: float = setting(DEFENCE_MOMENTUM, "SGD momentum of every defence but super_ft (plain SGD)",
                                       type=_below_one)
     defence_weight_decay: float = setting(DEFENCE_WEIGHT_DECAY, "SGD weight decay of ft, ft_sam, fine_pruning and nad "
-                                                                "(super_ft and fst have none)", type=nonneg_float)
+                                                                "(super_ft, fst and anp have none)", type=nonneg_float)
     defence_steps: Optional[int] = setting(DEFENCE_STEPS, "optimisation steps of every defence (default: each "
                                            "reference's, its epochs x --defence_epoch_steps: 1000 for BackdoorBench's "
                                            "ft, ft_sam, fine_pruning, 800 for nad's student, 1600 for super_ft, 80 for "
-                                           "fst); the defender loops over its data as often as needed", type=pos_int)
+                                           "fst, 2000 for anp); the defender loops over its data as often as needed",
+                                           type=pos_int)
     defence_epoch_steps: Optional[int] = setting(
         DEFENCE_EPOCH_STEPS, "optimisation steps of one reference epoch, the unit the schedules step in (default: "
         f"each reference's: {BB_EPOCH_STEPS} for BackdoorBench's, {NAD_EPOCH_STEPS} nad, {SUPER_FT_EPOCH_STEPS} "
-        f"super_ft, {FST_EPOCH_STEPS} fst)", type=pos_int)
+        f"super_ft, {FST_EPOCH_STEPS} fst, {ANP_NB_ITER} anp)", type=pos_int)
     defence_crop: int = setting(DEFENCE_CROP, "RandomCrop padding (px) of the defender's images, every defence but "
                                               "super_ft and clp; 0: none", type=nonneg_int)
     sam_rho: float = setting(SAM_RHO, "ft_sam's perturbation radius", type=pos_float)
@@ -136,6 +144,15 @@ class DefenceConfig:
                                           "head", type=nonneg_float)
     clp_u: float = setting(CLP_U, "clp: prune the channels whose Lipschitz bound exceeds their layer's mean + u std",
                            type=nonneg_float)
+    anp_lr: float = setting(ANP_LR, "anp: lr of the masks' SGD (momentum --defence_momentum, constant)", type=pos_float)
+    anp_eps: float = setting(ANP_EPS, "anp: bound of the neurons' multiplicative noise at its random start, and the "
+                                      "size of its signed-gradient steps together; 0: no noise", type=nonneg_float)
+    anp_steps: int = setting(ANP_STEPS, "anp: signed-gradient steps of the noise before each step of the masks",
+                             type=pos_int)
+    anp_alpha: float = setting(ANP_ALPHA, "anp: weight of the clean loss (1 - alpha: the loss under the noise)",
+                               type=fraction)
+    anp_threshold: float = setting(ANP_THRESHOLD, "anp: prune the neurons whose mask ends at or below this (their "
+                                                  "BatchNorm weight zeroed)", type=_below_one)
     reactivate_samples: int = setting(REACTIVATE_SAMPLES, "after every defence, fine-tune a copy on the defender's "
                                       "data with this many of its samples triggered and relabelled to the target, and "
                                       "record its ASR (backdoor re-activation); 0: not", type=nonneg_int)

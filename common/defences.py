@@ -1,4 +1,4 @@
-"""Backdoor defences as stage-3 cells: ft, ft_sam, super_ft, fine_pruning, nad, fst and clp, and the backdoor
+"""Backdoor defences as stage-3 cells: ft, ft_sam, super_ft, fine_pruning, nad, fst, clp and anp, and the backdoor
 re-activation measured after each.
 
 A defence gets what a fine-tuning attack gets (common.finetune.run_attack): a model, the defender's clean
@@ -31,9 +31,9 @@ import torch
 from common.axes import Axis, Procedure
 from common.backdoor import BackdoorEval, poison
 from common.cli import UsageError, comma_list
-from common.defence_run import (BB_EPOCH_STEPS, BB_EPOCHS, FST_EPOCH_STEPS, FST_EPOCHS, NAD_EPOCH_STEPS, NAD_EPOCHS,
-                                REACTIVATE_MOMENTUM, SUPER_FT_EPOCH_STEPS, DefenceConfig, DefenceRun)
-from common.defences_pruning import clp, fine_pruning, prune_plan
+from common.defence_run import (ANP_NB_ITER, BB_EPOCH_STEPS, BB_EPOCHS, FST_EPOCH_STEPS, FST_EPOCHS, NAD_EPOCH_STEPS,
+                                NAD_EPOCHS, REACTIVATE_MOMENTUM, SUPER_FT_EPOCH_STEPS, DefenceConfig, DefenceRun)
+from common.defences_pruning import anp, clp, fine_pruning, prune_plan
 from common.defences_tuning import attention_map, fst, ft, ft_sam, nad, nad_loss, super_ft
 from common.finetune import (BATCH_SIZE, LR, OPTIMIZER, SCHEDULE, SEED, STRATEGY, TRAIN_FRACTION, attack_subset,
                              start_curve, training_only)
@@ -118,7 +118,7 @@ def _flags(prefix):
 
 # One line per defence; the schedule names label keys and rows (each recipe steps its reference's schedule):
 # cosine: CosineAnnealingLR per reference epoch (ft, fine_pruning, fst) or per step (ft_sam); cyclic: super_ft's
-# triangular cycles; step: NAD's 0.1 then 0.01; none: no training
+# triangular cycles; step: NAD's 0.1 then 0.01; none: no training; constant: anp's masks
 DEFENCES = {d.name: d for d in (
     Defence("ft", ft, "cosine"),
     Defence("ft_sam", ft_sam, "cosine", own=_flags("sam_")),
@@ -129,6 +129,7 @@ DEFENCES = {d.name: d for d in (
     Defence("fst", fst, "cosine", own=_flags("fst_"), budget=(FST_EPOCHS, FST_EPOCH_STEPS), decay=False,
             strategy="initfc_all"),
     Defence("clp", clp, "none", lr_flag=None, own=_flags("clp_"), crop=False),
+    Defence("anp", anp, "constant", lr_flag="anp_lr", own=_flags("anp_"), budget=(1, ANP_NB_ITER), decay=False),
 )}
 DEFENCE_SCHEDULES = {name: d.schedule for name, d in DEFENCES.items()}
 

@@ -1,6 +1,6 @@
 """The defences against their references (issue 39): the augmentation, ft_sam's smoothed loss, NAD's attention
-on maps of known attention and the layers it reads, FST's head, CLP's pruned channels, the backdoor
-re-activation, and fst and clp through the backdoor stage-3 script."""
+on maps of known attention and the layers it reads, FST's head, CLP's pruned channels, ANP's noisy BatchNorm, mask
+step and pruned neurons, the backdoor re-activation, and fst, clp and anp through the backdoor stage-3 script."""
 import copy
 import functools
 import json
@@ -15,15 +15,18 @@ import common.defences as dfn
 from common.backdoor import BackdoorEval
 from common.defence_run import DefenceConfig, DefenceRun, random_crop
 from common.defences import DefenceCell, run_defence
-from common.defences_pruning import channel_lipschitz, clp_prune
+import common.defences_pruning as pruning
+from common.cli import UsageError
+from common.defences_pruning import anp_prune, anp_step, bn_neurons, channel_lipschitz, clp_prune, perturbed_bn
 from common.defences_tuning import (NAD_LAYERS, fst_penalty, fst_reinit_head, nad_loss, project_norm,
                                     smooth_cross_entropy)
 from common.models import build_model
 from common.report import _defence_lines
 from common.train import Precision
 from common.verdicts import defence_verdicts
-from helpers import TinyNet, load_script
+from helpers import TinyNet, linear_model, load_script
 from test_finetune import _domain
+from test_defences import _args
 from test_procedures import _checkpoint
 
 CPU = torch.device("cpu")
@@ -51,7 +54,7 @@ def test_every_defence_but_super_ft_and_clp_crops_its_batches():
     crops = {name: DefenceRun(_domain(), _cell(name), DefenceConfig(), CPU, Precision(CPU), None, None,
                               torch.Generator()).pixel_fn() is not None for name in dfn.DEFENCES}
     assert crops == {"ft": True, "ft_sam": True, "super_ft": False, "fine_pruning": True, "nad": True, "fst": True,
-                     "clp": False}
+                     "clp": False, "anp": True}
     run = DefenceRun(_domain(), _cell("ft"), DefenceConfig(defence_crop=0), CPU, Precision(CPU), None, None,
                      torch.Generator())
     assert run.pixel_fn() is None
@@ -191,6 +194,178 @@ def test_clp_runs_data_free_and_holds_its_evaluations():
     assert 0 < curve.defence_info["pruned_channels"] < 4 and curve.defence_info["channels"] == 4
 
 
+# ---- anp --------------------------------------------------------------------------------------------------------
+
+class NoisyBatchNorm2d(nn.BatchNorm2d):
+    """ANP's models/anp_batchnorm.py NoisyBatchNorm2d, its forward as there (running statistics tracked)."""
+
+    def __init__(self, features):
+        super().__init__(features)
+        self.neuron_mask = nn.Parameter(torch.ones(features))
+        self.neuron_noise = nn.Parameter(torch.zeros(features))
+        self.neuron_noise_bias = nn.Parameter(torch.zeros(features))
+        self.is_perturbed = False
+
+    def forward(self, x):
+        coeff_weight = self.neuron_mask + self.neuron_noise if self.is_perturbed else self.neuron_mask
+        coeff_bias = 1.0 + self.neuron_noise_bias if self.is_perturbed else 1.0
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight * coeff_weight, self.bias * coeff_bias,
+                            self.training, self.momentum, self.eps)
+
+
+def _bn_net(bn=nn.BatchNorm2d):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), bn(5), nn.ReLU(), nn.Conv2d(5, 4, 3, padding=1), bn(4),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    return model
+
+
+def _reference_of(model):
+    """The same weights in ANP's noisy net (its load_state_dict: the masks 1, the noise 0)."""
+    reference = _bn_net(NoisyBatchNorm2d)
+    reference.load_state_dict(model.state_dict(), strict=False)
+    return reference, [m for m in reference.modules() if isinstance(m, NoisyBatchNorm2d)]
+
+
+def _noisy_bns(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    return model
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_anp_perturbed_batchnorm_is_anp_s_noisy_batchnorm(training):
+    """BatchNorm with weight * (mask + noise_w) and bias * (1 + noise_b), the mask alone without noise, as ANP's
+    NoisyBatchNorm2d with the noise included and excluded; batch statistics in train mode, running ones in eval."""
+    model = _noisy_bns(_bn_net()).train(training)
+    reference, noisy = _reference_of(model)
+    reference.train(training)
+    mask, noise = torch.rand(9), torch.rand(2, 9) - 0.5
+    with torch.no_grad():
+        for m, k, w, b in zip(noisy, mask.split([5, 4]), noise[0].split([5, 4]), noise[1].split([5, 4])):
+            m.neuron_mask.copy_(k), m.neuron_noise.copy_(w), m.neuron_noise_bias.copy_(b)
+    x, bns = torch.randn(6, 3, 4, 4), bn_neurons(model)
+    for perturbed in (True, False):
+        for m in noisy:
+            m.is_perturbed = perturbed
+        ours = torch.func.functional_call(model, perturbed_bn(model, bns, mask, noise if perturbed else None), (x,))
+        assert torch.allclose(ours, reference(x), atol=1e-5)
+
+
+def test_anp_step_is_anp_s_mask_train_iteration():
+    """Two iterations of optimize_mask_cifar.py mask_train (two noise steps each, so the noise moves by eps / 2
+    twice), the reference's noise drawn as ours (weight then bias noise of every neuron, from the same generator),
+    on its noisy net: the masks after each iteration agree, stay in [0, 1] and hit both bounds at this lr."""
+    cfg = DefenceConfig(anp_steps=2)
+    model = _noisy_bns(_bn_net()).train()
+    reference, noisy = _reference_of(model)
+    reference.train()
+    torch.manual_seed(1)
+    x, y = torch.randn(6, 3, 4, 4), torch.randint(0, 3, (6,))
+    mask = torch.ones(9, requires_grad=True)
+    ours = torch.optim.SGD([mask], lr=5.0, momentum=0.9)
+    masks = [m.neuron_mask for m in noisy]
+    mask_opt = torch.optim.SGD(masks, lr=5.0, momentum=0.9)
+    noise_params = [p for m in noisy for p in (m.neuron_noise, m.neuron_noise_bias)]
+    noise_opt = torch.optim.SGD(noise_params, lr=cfg.anp_eps / cfg.anp_steps)
+    gen, reference_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    bns = bn_neurons(model)
+    for _ in range(2):
+        anp_step(model, bns, x, y, mask, ours, cfg, gen, Precision(CPU))
+        draw = torch.empty(2, 9).uniform_(-cfg.anp_eps, cfg.anp_eps, generator=reference_gen)
+        with torch.no_grad():  # reset(rand_init=True)
+            for m, w, b in zip(noisy, draw[0].split([5, 4]), draw[1].split([5, 4])):
+                m.neuron_noise.copy_(w), m.neuron_noise_bias.copy_(b)
+        for _ in range(cfg.anp_steps):
+            noise_opt.zero_grad()
+            for m in noisy:
+                m.is_perturbed = True
+            (-F.cross_entropy(reference(x), y)).backward()
+            for p in noise_params:  # sign_grad
+                p.grad.data = torch.sign(p.grad.data)
+            noise_opt.step()
+        mask_opt.zero_grad()
+        loss_rob = F.cross_entropy(reference(x), y)
+        for m in noisy:
+            m.is_perturbed = False
+        loss = cfg.anp_alpha * F.cross_entropy(reference(x), y) + (1 - cfg.anp_alpha) * loss_rob
+        loss.backward()
+        mask_opt.step()
+        with torch.no_grad():  # clip_mask
+            for p in masks:
+                p.clamp_(0.0, 1.0)
+        assert torch.allclose(mask.detach(), torch.cat([p.detach() for p in masks]), atol=1e-5)
+    assert mask.min() == 0 and mask.max() == 1
+    assert all(p.grad is None for p in model.parameters()), "the model's own weights get no gradient"
+
+
+def test_anp_prunes_the_neurons_at_or_below_the_threshold():
+    """Planted masks: the channels at or below 0.2 lose their BatchNorm weight, keep their bias (prune_neuron_cifar.py
+    `pruning`); in eval mode a pruned channel outputs its bias whatever the input."""
+    model = _noisy_bns(_bn_net()).eval()
+    bns = bn_neurons(model)
+    weights, biases = [bn.weight.detach().clone() for _, bn in bns], [bn.bias.detach().clone() for _, bn in bns]
+    mask = torch.tensor([0.9, 0.2, 0.05, 0.21, 1.0, 0.0, 0.5, 0.19, 1.0])
+    assert anp_prune(bns, mask, 0.2) == {"1": 2, "4": 2}
+    for (_, bn), w, b, pruned in zip(bns, weights, biases, ([1, 2], [0, 2])):
+        kept = [i for i in range(len(w)) if i not in pruned]
+        assert (bn.weight[pruned] == 0).all() and torch.equal(bn.weight[kept], w[kept])
+        assert torch.equal(bn.bias.detach(), b)
+    out = model[:2](torch.randn(4, 3, 4, 4))
+    assert torch.allclose(out[:, 1], biases[0][1].expand(4, 4, 4)) and out[:, 0].std() > 0
+
+
+def test_anp_run_prunes_by_its_masks_and_leaves_no_trace(monkeypatch):
+    """resnet18 at 8 px, 3 steps at a large lr: only BatchNorm weights change, exactly the ones whose final mask is
+    <= the threshold, zeroed; no hook, parametrisation or new parameter stays; running statistics, requires_grad
+    and the train/eval mode as they were."""
+    final = {}
+
+    def spy(bns, mask, threshold):
+        final["mask"] = mask.clone()
+        return anp_prune(bns, mask, threshold)
+
+    monkeypatch.setattr(pruning, "anp_prune", spy)
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10).eval()
+    before = copy.deepcopy(model.state_dict())
+    cell = DefenceCell("anp", 50.0, 8, 2, 0, 1.0, "constant")
+    curve = run_defence(model, _domain(), cell, DefenceConfig(defence_steps=3), CPU, Precision(CPU),
+                        lambda m: {"test_acc": float(m.training)})
+    bns = bn_neurons(model)
+    pruned = final["mask"] <= 0.2
+    zeroed = torch.cat([(bn.weight == 0) & (before[f"{n}.weight"] != 0) for n, bn in bns])
+    assert torch.equal(zeroed, pruned) and 0 < int(pruned.sum()) < len(pruned)
+    info = curve.defence_info
+    assert info["pruned_channels"] == int(pruned.sum()) and info["channels"] == len(pruned) == 4800
+    assert sum(info["pruned_layers"].values()) == info["pruned_channels"]
+    weights = {f"{n}.weight" for n, _ in bns}
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k not in weights)
+    assert not any(m._forward_hooks or m._forward_pre_hooks or torch.nn.utils.parametrize.is_parametrized(m)
+                   for m in model.modules())
+    assert all(p.requires_grad and p.grad is None for p in model.parameters()) and not model.training
+    assert [c["test_acc"] for c in curve] == [0.0, 0.0, 0.0], "the mode put back before the evaluations, then held"
+
+
+def test_anp_defaults_are_anp_s_and_it_refuses_a_model_without_batchnorm():
+    cfg = DefenceConfig()
+    assert (cfg.anp_lr, cfg.anp_eps, cfg.anp_steps, cfg.anp_alpha, cfg.anp_threshold) == (0.2, 0.4, 1, 0.2, 0.2)
+    run = DefenceRun(_domain(), _cell("anp"), cfg, CPU, Precision(CPU), None, None, torch.Generator())
+    optimizer = run.sgd([torch.zeros(2, requires_grad=True)], 0.2)
+    assert run.steps == 2000 and (optimizer.defaults["momentum"], optimizer.defaults["weight_decay"]) == (0.9, 0)
+    _, args = _args(["--defences", "anp", "--anp_lr", "0.5"])
+    assert [(c.lr, c.schedule) for c in dfn.DEFENCES["anp"].cells(args)] == [(0.5, "constant")]
+    with pytest.raises(UsageError, match="defence anp perturbs and prunes BatchNorm2d channels"):
+        run_defence(linear_model(3 * 8 * 8, 10), _domain(), _cell("anp"), DefenceConfig(defence_steps=1), CPU,
+                    Precision(CPU), lambda m: {})
+
+
 # ---- backdoor re-activation ---------------------------------------------------------------------------------------
 
 class _Recording(BackdoorEval):
@@ -234,20 +409,22 @@ def test_reactivated_asr_in_the_defence_rows_and_the_report():
 # ---- through the backdoor stage-3 script ------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_fst_and_clp_run_through_the_backdoor_script(tmp_path, data_root, restore_signals, quiet_log):  # noqa: F811
+def test_fst_clp_and_anp_run_through_the_backdoor_script(tmp_path, data_root, restore_signals, quiet_log):  # noqa: F811
     trigger = {"trigger_size": 3, "target_label": 0, "poison_percent": 0.2}
     irreversible = _checkpoint(tmp_path / "irreversible.pt", "MNIST", "irreversible_backdoor/stage2_train", **trigger)
     backdoored = _checkpoint(tmp_path / "backdoored.pt", "FashionMNIST", "irreversible_backdoor/stage1_pretrain",
                              **trigger)
     out = tmp_path / "defended"
     argv = ["--path", irreversible, "--baseline_path", backdoored, "--data_root", data_root, "--epochs", "2",
-            "--bs", "16", "--defences", "fst,clp", "--defences_only", "--defence_steps", "2",
+            "--bs", "16", "--defences", "fst,clp,anp", "--defences_only", "--defence_steps", "2",
             "--reactivate_epochs", "1", "--out_dir", out]
     assert load_script("bd_stage3").main([str(a) for a in argv]) == 0
     entries = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
     assert sorted((e["defence"], e["start"]) for e in entries) == [
-        ("clp", "backdoored"), ("clp", "irreversible"), ("fst", "backdoored"), ("fst", "irreversible")]
+        ("anp", "backdoored"), ("anp", "irreversible"), ("clp", "backdoored"), ("clp", "irreversible"),
+        ("fst", "backdoored"), ("fst", "irreversible")]
     assert all(0 <= e["defence_info"]["reactivated_asr"] <= 100 for e in entries)
     assert all(e["key"].split("|")[1] == ("initfc_all" if e["defence"] == "fst" else "direct_all") for e in entries)
     report = (out / "report.md").read_text()
     assert "re-activated ASR irreversible" in report and "| fst | 0.01 | 16 |" in report and "| clp | 0 | 16 |" in report
+    assert "| anp | 0.2 | 16 |" in report
