@@ -72,6 +72,20 @@ ANP_EPS = 0.4  # `--anp-eps 0.4`: the noise's bound at its random start, and its
 ANP_STEPS = 1  # `--anp-steps 1`, each at lr anp_eps / anp_steps
 ANP_ALPHA = 0.2  # `--anp-alpha 0.2`, the clean loss's weight
 ANP_THRESHOLD = 0.2  # prune_neuron_cifar.py `--pruning-by threshold`: the paper's 0.2 (its code sweeps 0 to 0.9)
+# ---- sau (BackdoorBench defense/sau.py, config/defense/sau/config.yaml) --------------------------------------------
+SAU_LR = 1e-4  # `lr: 0.0001`, Adam (`client_optimizer: 'adam'`, `wd: 0`; amsgrad in argparser_opt_scheduler)
+SAU_ROUNDS = 100  # `n_rounds: 100` passes over its `ratio: 0.05` of CIFAR-10 at `batch_size: 256`
+SAU_TRIGGER_NORM = 0.2  # `trigger_norm: 0.2`, the L_inf radius (`norm_type: L_inf`) of the perturbation, in pixels
+SAU_ADV_LR = 0.2  # `adv_lr: 0.2`, PGD's step
+SAU_ADV_STEPS = 5  # `adv_steps: 5`
+SAU_PGD_INIT = "max"  # `pgd_init: max`: PGD starts at +trigger_norm everywhere
+SAU_PGD_INITS = ("zero", "random", "max", "min")  # Shared_PGD.init_pert's init types
+SAU_BETA_1 = 0.01  # `beta_1: 0.01`, weight of L_adv in PGD's loss
+SAU_BETA_2 = 1.0  # `beta_2: 1`, weight of L_share
+SAU_LMD_1 = 1.0  # `lmd_1: 1`, weight of the clean cross-entropy in the unlearning loss
+SAU_LMD_2 = 0.0  # `lmd_2: 0.0`, of the adversarial examples' cross-entropy (adversarial training; off)
+SAU_LMD_3 = 1.0  # `lmd_3: 1`, of the shared adversarial risk L_sar
+SAU_TRAIN_MODE = False  # `--train_mode` store_true: BatchNorm fixed (eval mode) unless asked
 # ---- backdoor re-activation (Min et al. NeurIPS'24; the same repo's fine_tune/ft_poison.py) ------------------------
 REACTIVATE_SAMPLES = 5  # `--poison_num 5` of the defender's samples replaced by triggered ones; 0: no re-activation
 REACTIVATE_EPOCHS = 5  # `--epochs 5`
@@ -100,10 +114,10 @@ class DefenceConfig:
     (common.defences.DefenceSettings is made from these fields); defaults: the UPPER_CASE constants above."""
     defence_lr: float = setting(DEFENCE_LR, "lr of ft, ft_sam, fine_pruning, fst and nad (its teacher, and its "
                                             "student after --nad_first_epochs)", type=pos_float)
-    defence_momentum: float = setting(DEFENCE_MOMENTUM, "SGD momentum of every defence but super_ft (plain SGD)",
-                                      type=_below_one)
+    defence_momentum: float = setting(DEFENCE_MOMENTUM, "SGD momentum of every defence but super_ft (plain SGD) and "
+                                                        "sau (Adam)", type=_below_one)
     defence_weight_decay: float = setting(DEFENCE_WEIGHT_DECAY, "SGD weight decay of ft, ft_sam, fine_pruning and nad "
-                                                                "(super_ft, fst and anp have none)", type=nonneg_float)
+                                                                "(the others have none)", type=nonneg_float)
     defence_steps: Optional[int] = setting(DEFENCE_STEPS, "optimisation steps of every defence (default: each "
                                            "reference's, its epochs x --defence_epoch_steps: 1000 for BackdoorBench's "
                                            "ft, ft_sam, fine_pruning, 800 for nad's student, 1600 for super_ft, 80 for "
@@ -114,7 +128,7 @@ class DefenceConfig:
         f"each reference's: {BB_EPOCH_STEPS} for BackdoorBench's, {NAD_EPOCH_STEPS} nad, {SUPER_FT_EPOCH_STEPS} "
         f"super_ft, {FST_EPOCH_STEPS} fst, {ANP_NB_ITER} anp)", type=pos_int)
     defence_crop: int = setting(DEFENCE_CROP, "RandomCrop padding (px) of the defender's images, every defence but "
-                                              "super_ft and clp; 0: none", type=nonneg_int)
+                                              "super_ft, clp and sau; 0: none", type=nonneg_int)
     sam_rho: float = setting(SAM_RHO, "ft_sam's perturbation radius", type=pos_float)
     sam_adaptive: bool = setting(SAM_ADAPTIVE, "ft_sam: adaptive SAM (ASAM, perturbation scaled by |w|), "
                                                "BackdoorBench's default; --no-sam_adaptive: plain SAM",
@@ -153,6 +167,21 @@ class DefenceConfig:
                                type=fraction)
     anp_threshold: float = setting(ANP_THRESHOLD, "anp: prune the neurons whose mask ends at or below this (their "
                                                   "BatchNorm weight zeroed)", type=_below_one)
+    sau_lr: float = setting(SAU_LR, "sau: Adam's lr (constant)", type=pos_float)
+    sau_trigger_norm: float = setting(SAU_TRIGGER_NORM, "sau: L_inf radius of the shared adversarial perturbation, "
+                                                        "in [0, 1] pixel units", type=pos_float)
+    sau_adv_lr: float = setting(SAU_ADV_LR, "sau: PGD's step (signed gradient)", type=pos_float)
+    sau_adv_steps: int = setting(SAU_ADV_STEPS, "sau: PGD steps a batch", type=pos_int)
+    sau_pgd_init: str = setting(SAU_PGD_INIT, "sau: PGD's start: zero, random (uniform [0, 1), projected), max "
+                                              "(+radius) or min (-radius)", choices=SAU_PGD_INITS)
+    sau_beta_1: float = setting(SAU_BETA_1, "sau: weight of PGD's adversarial loss", type=nonneg_float)
+    sau_beta_2: float = setting(SAU_BETA_2, "sau: weight of PGD's shared loss (the two models' JS divergence)",
+                                type=nonneg_float)
+    sau_lmd_1: float = setting(SAU_LMD_1, "sau: weight of the clean cross-entropy", type=nonneg_float)
+    sau_lmd_2: float = setting(SAU_LMD_2, "sau: weight of the perturbed samples' cross-entropy", type=nonneg_float)
+    sau_lmd_3: float = setting(SAU_LMD_3, "sau: weight of the shared adversarial risk", type=nonneg_float)
+    sau_train_mode: bool = setting(SAU_TRAIN_MODE, "sau: BatchNorm in train mode for the update (default: fixed, "
+                                                   "as BackdoorBench)", action=argparse.BooleanOptionalAction)
     reactivate_samples: int = setting(REACTIVATE_SAMPLES, "after every defence, fine-tune a copy on the defender's "
                                       "data with this many of its samples triggered and relabelled to the target, and "
                                       "record its ASR (backdoor re-activation); 0: not", type=nonneg_int)
@@ -226,10 +255,13 @@ class DefenceRun:
         return (lambda x: random_crop(x, pad, self.gen)) if pad else None
 
     def sgd(self, params, lr):
-        """SGD as the defence's reference: momentum and weight decay from the flags where it has them."""
+        """SGD as the defence's reference: momentum and weight decay from the flags where it has them; "adam":
+        BackdoorBench's Adam (argparser_opt_scheduler: amsgrad, torch's betas 0.9/0.999)."""
         procedure = self.cell.procedure
-        momentum = self.cfg.defence_momentum if procedure.optimizer == "momentum" else 0.0
         decay = self.cfg.defence_weight_decay if procedure.decay else 0.0
+        if procedure.optimizer == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=decay, amsgrad=True)
+        momentum = self.cfg.defence_momentum if procedure.optimizer == "momentum" else 0.0
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=decay)
 
     def optimizer(self, params, schedule, steps=None):

@@ -1,6 +1,8 @@
 """The defences against their references (issue 39): the augmentation, ft_sam's smoothed loss, NAD's attention
 on maps of known attention and the layers it reads, FST's head, CLP's pruned channels, ANP's noisy BatchNorm, mask
 step and pruned neurons, the backdoor re-activation, and fst, clp and anp through the backdoor stage-3 script."""
+on maps of known attention and the layers it reads, FST's head, CLP's pruned channels, SAU's shared adversarial
+examples and loss, the backdoor re-activation, and fst and clp through the backdoor stage-3 script."""
 import copy
 import functools
 import json
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common.defences as dfn
+import common.defences_unlearning as unlearning
 from common.backdoor import BackdoorEval
 from common.defence_run import DefenceConfig, DefenceRun, random_crop
 from common.defences import DefenceCell, run_defence
@@ -20,6 +23,7 @@ from common.cli import UsageError
 from common.defences_pruning import anp_prune, anp_step, bn_neurons, channel_lipschitz, clp_prune, perturbed_bn
 from common.defences_tuning import (NAD_LAYERS, fst_penalty, fst_reinit_head, nad_loss, project_norm,
                                     smooth_cross_entropy)
+from common.defences_unlearning import init_perturbation, sau_loss, shared_pgd
 from common.models import build_model
 from common.report import _defence_lines
 from common.train import Precision
@@ -55,6 +59,7 @@ def test_every_defence_but_super_ft_and_clp_crops_its_batches():
                               torch.Generator()).pixel_fn() is not None for name in dfn.DEFENCES}
     assert crops == {"ft": True, "ft_sam": True, "super_ft": False, "fine_pruning": True, "nad": True, "fst": True,
                      "clp": False, "anp": True}
+                     "clp": False, "sau": False}
     run = DefenceRun(_domain(), _cell("ft"), DefenceConfig(defence_crop=0), CPU, Precision(CPU), None, None,
                      torch.Generator())
     assert run.pixel_fn() is None
@@ -364,6 +369,128 @@ def test_anp_defaults_are_anp_s_and_it_refuses_a_model_without_batchnorm():
     with pytest.raises(UsageError, match="defence anp perturbs and prunes BatchNorm2d channels"):
         run_defence(linear_model(3 * 8 * 8, 10), _domain(), _cell("anp"), DefenceConfig(defence_steps=1), CPU,
                     Precision(CPU), lambda m: {})
+# ---- sau --------------------------------------------------------------------------------------------------------
+
+def _pixels(x, pert):
+    return x + pert
+
+
+@pytest.mark.parametrize("init", ["zero", "random", "max", "min"])
+def test_shared_pgd_stays_in_the_linf_ball_one_perturbation_per_sample(init):
+    torch.manual_seed(0)
+    model, reference = TinyNet().eval(), TinyNet().eval()
+    x, y = torch.rand(6, 3, 5, 5), torch.arange(6) % 10
+    start = init_perturbation(x, init, 0.2, torch.Generator().manual_seed(1))
+    assert start.shape == x.shape and start.abs().max() <= 0.2
+    low, high = {"zero": (0.0, 0.0), "random": (0.0, 0.2), "max": (0.2, 0.2), "min": (-0.2, -0.2)}[init]
+    assert float(start.min()) >= low - 1e-7 and float(start.max()) <= high + 1e-7
+    pert = shared_pgd(model, reference, x, y, _pixels, DefenceConfig(sau_pgd_init=init),
+                      torch.Generator().manual_seed(1))
+    assert pert.shape == x.shape and float(pert.abs().max()) <= 0.2 + 1e-7 and not pert.requires_grad
+    assert not torch.equal(pert[0], pert[1]), "a perturbation per sample, not one shared by the batch"
+
+
+def test_shared_pgd_leaves_the_pixel_range_as_backdoorbench_does():
+    """BackdoorBench leaves the clip to [0, 1] out ("not necessary for backdoor defense"): a white image goes
+    above 1 where the perturbation stays positive."""
+    torch.manual_seed(0)
+    x = torch.ones(4, 3, 5, 5)
+    pert = shared_pgd(TinyNet().eval(), TinyNet().eval(), x, torch.zeros(4, dtype=torch.long), _pixels,
+                      DefenceConfig())
+    assert float((x + pert).max()) == pytest.approx(1.2)
+
+
+def _planted(bias):
+    """logits (1, 10 x_1, 10 x_2) + (0, bias)."""
+    model = nn.Linear(2, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]))
+        model.bias.copy_(torch.tensor([1.0, *bias]))
+    return model
+
+
+def test_shared_pgd_finds_the_shared_adversarial_example_of_planted_linear_models():
+    """At x = 0 both models say class 0. h = (1, 10 x_1, 10 x_2 - 0.5) and h_0 = (1, 10 x_1 - 0.3, 10 x_2): at
+    PGD's start, the ball's corner (0.2, 0.2), both are fooled but apart (h says 1, h_0 says 2); at (0.2, -0.2)
+    both say 1. The shared loss finds it; without it (beta_2 0) PGD stays at the corner, both fooled, nothing
+    left for its adversarial loss to push."""
+    h, h_0 = _planted((0.0, -0.5)), _planted((-0.3, 0.0))
+    x, y = torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)
+    pert = shared_pgd(h, h_0, x, y, _pixels, DefenceConfig())
+    assert h(x + pert).argmax(1).tolist() == h_0(x + pert).argmax(1).tolist() == [1, 1, 1]
+    assert pert.abs().max() <= 0.2 + 1e-7
+    apart = shared_pgd(h, h_0, x, y, _pixels, DefenceConfig(sau_beta_2=0.0))
+    assert torch.equal(apart, torch.full_like(x, 0.2))
+    assert (h(x + apart).argmax(1) != h_0(x + apart).argmax(1)).all()
+
+
+def test_sau_loss_by_hand():
+    """4 samples, 3 classes. y0 = h_0(x + pert)'s class: sample 0 a potential poison (y0 = 1, neither y = 0
+    nor h_0's clean 0), sample 1 not (y0 = h_0's clean prediction 2), sample 2 a potential poison whose
+    probability of y0 is below 0.001 (both clamps bite: log 0.999 twice), sample 3 not (y0 = y)."""
+    y = torch.tensor([0, 1, 0, 2])
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    logits_adv = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 2.0], [10.0, -10.0, 0.0], [0.0, 0.0, 3.0]])
+    logits_ref = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    logits_ref_adv = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 3.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+
+    def ce(row, label):
+        return math.log(sum(math.exp(v) for v in row)) - row[label]
+
+    p = math.e / (2 + math.e)  # sample 0: h's probability of y0 = 1 on x + pert
+    l_sar = (-(math.log(1e-6 + (1 - p)) + math.log(1 + 1e-6 - p)) / 2 - math.log(0.999 + 1e-6)) / 4
+    l_cl = sum(ce(r, int(c)) for r, c in zip(logits.tolist(), y)) / 4
+    l_at = sum(ce(r, int(c)) for r, c in zip(logits_adv.tolist(), y)) / 4
+    cfg = DefenceConfig(sau_lmd_1=1.0, sau_lmd_2=0.5, sau_lmd_3=2.0)
+    ours = sau_loss(logits, logits_adv, logits_ref, logits_ref_adv, y, cfg)
+    assert float(ours) == pytest.approx(l_cl + 0.5 * l_at + 2.0 * l_sar, rel=1e-5)
+    assert DefenceConfig().sau_lmd_2 == 0.0, "BackdoorBench's default: no adversarial-training term"
+
+
+def test_sau_defaults_are_backdoorbench_s():
+    cfg = DefenceConfig()
+    assert (cfg.sau_lr, cfg.sau_trigger_norm, cfg.sau_adv_lr, cfg.sau_adv_steps, cfg.sau_pgd_init) == (
+        1e-4, 0.2, 0.2, 5, "max")
+    assert (cfg.sau_beta_1, cfg.sau_beta_2, cfg.sau_lmd_1, cfg.sau_lmd_3, cfg.sau_train_mode) == (
+        0.01, 1.0, 1.0, 1.0, False)
+    sau = dfn.DEFENCES["sau"]
+    assert sau.budget == (100, 10) and (sau.optimizer, sau.decay, sau.crop) == ("adam", False, False)
+    run = DefenceRun(_domain(), DefenceCell("sau", 1e-4, 8, 1, 0, 1.0, "constant"), cfg, CPU, Precision(CPU), None,
+                     None, torch.Generator())
+    opt = run.sgd(TinyNet().parameters(), 1e-4)
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["amsgrad"] and opt.defaults["weight_decay"] == 0
+    assert opt.defaults["betas"] == (0.9, 0.999) and run.steps == 1000
+
+
+def test_sau_unlearns_on_a_resnet18_against_a_frozen_copy(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10)
+    start = copy.deepcopy(model.state_dict())
+    seen = []
+
+    def recording(model, reference, *args):
+        assert reference is not model
+        seen.append(all(torch.equal(v, start[k]) for k, v in reference.state_dict().items()))
+        return shared_pgd(model, reference, *args)
+
+    monkeypatch.setattr(unlearning, "shared_pgd", recording)
+    evaluations = []
+    cell = DefenceCell("sau", 1e-4, 8, 2, 0, 1.0, dfn.DEFENCE_SCHEDULES["sau"])
+    curve = run_defence(model, _domain(24, size=8), cell, DefenceConfig(defence_steps=3), CPU, Precision(CPU),
+                        lambda m: evaluations.append(1) or {"test_acc": 0.0})
+    assert len(curve) == 3 and len(evaluations) == 3, "epoch 0, then `epochs` evaluations"
+    assert seen == [True] * 3, "one PGD a step, against the model as it came"
+    after = model.state_dict()
+    assert not torch.equal(after["conv1.weight"], start["conv1.weight"])
+    assert torch.equal(after["bn1.running_mean"], start["bn1.running_mean"]), "BatchNorm fixed, as BackdoorBench"
+
+
+def test_sau_train_mode_updates_batchnorm_statistics():
+    model = TinyNet()
+    start = model.bn.running_mean.clone()
+    run_defence(model, _domain(), DefenceCell("sau", 1e-4, 8, 1, 0, 1.0, "constant"),
+                DefenceConfig(defence_steps=2, sau_train_mode=True), CPU, Precision(CPU), lambda m: {})
+    assert not torch.equal(model.bn.running_mean, start)
 
 
 # ---- backdoor re-activation ---------------------------------------------------------------------------------------
