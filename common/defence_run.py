@@ -1,7 +1,7 @@
 """What every backdoor defence runs on: its hyper-parameters (DefenceConfig, one field per flag), its budget in
 optimisation steps, its lr schedules as its reference steps them, the train-time augmentation, and the training
-loop (DefenceRun). The defences themselves: common.defences_tuning, common.defences_pruning; the registry:
-common.defences.DEFENCES.
+loop (DefenceRun). The defences themselves: common.defences_tuning, common.defences_pruning,
+common.defences_unlearning; the registry: common.defences.DEFENCES.
 
 Budgets are optimisation steps, so that a defence does as much work as its reference whatever the defender's
 data size: a reference's budget is its epochs times the steps of one of its epochs on its own data (BackdoorBench,
@@ -65,6 +65,17 @@ FST_EPOCHS = 10  # `--epochs 10`, CosineAnnealingLR(T_max=epochs) stepped per ep
 FST_EPOCH_STEPS = math.ceil(1000 / 128)  # `--split_ratio 0.02` of CIFAR-10 at `--batch_size 128`
 # ---- clp (BackdoorBench defense/clp.py CLP_prune, config/defense/clp/config.yaml) -------------------------------
 CLP_U = 3.0  # `u: 3`: prune the channels whose bound exceeds mean + u * std
+# ---- i_bau (BackdoorBench defense/i-bau.py, config/defense/i-bau/config.yaml; I-BAU d4bfa52 defense.py, hypergrad.py)
+IBAU_LR = 1e-4  # `lr: 0.0001`, constant: its CosineAnnealingLR is made but never stepped (I-BAU's defense.py: 0.001)
+IBAU_ADAM_BETAS = (0.9, 0.999)  # `client_optimizer: 'adam'`, `adam_betas`, `wd: 0`; argparser_opt_scheduler: amsgrad
+IBAU_ROUNDS = 5  # `n_rounds: 5`
+IBAU_ROUND_STEPS = math.ceil(2500 / 256)  # a round: one unlearning step per batch of `ratio: 0.05` at `batch_size: 256`
+IBAU_K = 5  # `K: 5`: fixed-point iterations of the hypergradient (hg.fixed_point)
+IBAU_INNER_STEP = 0.1  # `GradientDescent(loss_inner, 0.1)`: the inner problem's fixed-point map is a GD step of 0.1
+IBAU_PERTURB_LR = 10.0  # `torch.optim.SGD(params=[batch_pert], lr=10)`: the perturbation's search, a step per batch
+IBAU_REG = 1e-3  # `0.001*torch.pow(torch.norm(perturb), 2)` in the search and in loss_inner
+IBAU_PORTION = 0.01  # loss_outer's `portion = 0.01`: the share of an unlearning batch given the perturbation
+IBAU_RADIUS = None  # `# pert = batch_pert * min(1, 10 / torch.norm(batch_pert))` is commented out: no projection
 # ---- backdoor re-activation (Min et al. NeurIPS'24; the same repo's fine_tune/ft_poison.py) ------------------------
 REACTIVATE_SAMPLES = 5  # `--poison_num 5` of the defender's samples replaced by triggered ones; 0: no re-activation
 REACTIVATE_EPOCHS = 5  # `--epochs 5`
@@ -136,6 +147,14 @@ class DefenceConfig:
                                           "head", type=nonneg_float)
     clp_u: float = setting(CLP_U, "clp: prune the channels whose Lipschitz bound exceeds their layer's mean + u std",
                            type=nonneg_float)
+    ibau_lr: float = setting(IBAU_LR, "i_bau: Adam's lr (AMSGrad, constant) for the unlearning steps", type=pos_float)
+    ibau_k: int = setting(IBAU_K, "i_bau: fixed-point iterations of the implicit hypergradient; 0: the outer loss's "
+                                  "own gradient", type=nonneg_int)
+    ibau_portion: float = setting(IBAU_PORTION, "i_bau: share of each unlearning batch given the perturbation (at "
+                                                "least one image)", type=fraction)
+    ibau_radius: Optional[float] = setting(IBAU_RADIUS, "i_bau: project each round's perturbation onto the L2 ball "
+                                           "of this radius (in model-input units; the paper's constraint, commented "
+                                           "out in both codes); default: none", type=pos_float)
     reactivate_samples: int = setting(REACTIVATE_SAMPLES, "after every defence, fine-tune a copy on the defender's "
                                       "data with this many of its samples triggered and relabelled to the target, and "
                                       "record its ASR (backdoor re-activation); 0: not", type=nonneg_int)
@@ -215,18 +234,19 @@ class DefenceRun:
         decay = self.cfg.defence_weight_decay if procedure.decay else 0.0
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=decay)
 
-    def optimizer(self, params, schedule, steps=None):
-        """SGD at cell.lr under `schedule` (step -> lr multiplier) over `steps` (default the budget) steps."""
-        return _ScheduledSteps(self.sgd(params, self.cell.lr), schedule, steps or self.steps)
+    def optimizer(self, params, schedule, steps=None, make=None):
+        """`make(params, lr)` (default: sgd) at cell.lr under `schedule` (step -> lr multiplier) over `steps`
+        (default the budget) steps."""
+        return _ScheduledSteps((make or self.sgd)(params, self.cell.lr), schedule, steps or self.steps)
 
-    def fine_tune(self, model, curve, schedule, step=ce_step):
-        """The budget's steps of `step` on every layer (head kept), cell.epochs evaluations spread evenly over
-        them, appended to `curve`."""
+    def fine_tune(self, model, curve, schedule, step=ce_step, make=None):
+        """The budget's steps of `step` on every layer (head kept) with the optimizer `make(params, lr)` (default:
+        sgd), cell.epochs evaluations spread evenly over them, appended to `curve`."""
         trainable, bn_eval = scope_params(model, "all")
         epochs = self.cell.epochs
         bounds = [round(self.steps * e / epochs) for e in range(epochs + 1)]
         with training_only(model, trainable):
-            optimizer = self.optimizer(trainable, schedule)
+            optimizer = self.optimizer(trainable, schedule, make=make)
             return train_epochs(model, self.domain, optimizer, curve, epochs, self.cell.batch_size, self.gen,
                                 self.device, self.precision, self.evaluate, self.on_epoch, bn_eval=bn_eval, step=step,
                                 name=f"defence {self.cell.defence}", pixel_fn=self.pixel_fn(),
