@@ -31,12 +31,12 @@ import torch
 from common.axes import Axis, Procedure
 from common.backdoor import BackdoorEval, poison
 from common.cli import UsageError, comma_list
-from common.defence_run import (ANP_NB_ITER, BB_EPOCH_STEPS, BB_EPOCHS, FST_EPOCH_STEPS, FST_EPOCHS, NAD_EPOCH_STEPS,
-                                NAD_EPOCHS, REACTIVATE_MOMENTUM, SAU_ROUNDS, SUPER_FT_EPOCH_STEPS, DefenceConfig,
-                                DefenceRun)
+from common.defence_run import (ANP_NB_ITER, BB_EPOCH_STEPS, BB_EPOCHS, FST_EPOCH_STEPS, FST_EPOCHS, IBAU_ROUND_STEPS,
+                                IBAU_ROUNDS, NAD_EPOCH_STEPS, NAD_EPOCHS, REACTIVATE_MOMENTUM, SAU_ROUNDS,
+                                SUPER_FT_EPOCH_STEPS, DefenceConfig, DefenceRun)
 from common.defences_pruning import anp, clp, fine_pruning, prune_plan
 from common.defences_tuning import attention_map, fst, ft, ft_sam, nad, nad_loss, super_ft
-from common.defences_unlearning import sau
+from common.defences_unlearning import i_bau, sau
 from common.finetune import (BATCH_SIZE, LR, OPTIMIZER, SCHEDULE, SEED, STRATEGY, TRAIN_FRACTION, attack_subset,
                              start_curve, training_only)
 from common.settings import Settings, compose, setting, settings_group
@@ -134,6 +134,8 @@ DEFENCES = {d.name: d for d in (
     Defence("anp", anp, "constant", lr_flag="anp_lr", own=_flags("anp_"), budget=(1, ANP_NB_ITER), decay=False),
     Defence("sau", sau, "constant", lr_flag="sau_lr", own=_flags("sau_"), budget=(SAU_ROUNDS, BB_EPOCH_STEPS),
             optimizer="adam", decay=False, crop=False),
+    Defence("i_bau", i_bau, "constant", lr_flag="ibau_lr", own=_flags("ibau_"), optimizer="adam", decay=False,
+            budget=(IBAU_ROUNDS, IBAU_ROUND_STEPS)),
 )}
 DEFENCE_SCHEDULES = {name: d.schedule for name, d in DEFENCES.items()}
 

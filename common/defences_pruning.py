@@ -223,7 +223,7 @@ def anp(model, run, curve):
     replacement from 1% of CIFAR-10), and RandomHorizontalFlip is not applied."""
     bns = bn_neurons(model)
     mask = torch.ones(sum(bn.num_features for _, bn in bns), device=bns[0][1].weight.device, requires_grad=True)
-    optimizer = run.sgd([mask], run.cell.lr)
+    optimizer = run.reference_optimizer([mask], run.cell.lr)
     pixel_fn, was_training = run.pixel_fn(), model.training
     model.train()
     try:

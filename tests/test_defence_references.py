@@ -1,8 +1,7 @@
 """The defences against their references (issue 39): the augmentation, ft_sam's smoothed loss, NAD's attention
 on maps of known attention and the layers it reads, FST's head, CLP's pruned channels, ANP's noisy BatchNorm, mask
-step and pruned neurons, the backdoor re-activation, and fst, clp and anp through the backdoor stage-3 script."""
-on maps of known attention and the layers it reads, FST's head, CLP's pruned channels, SAU's shared adversarial
-examples and loss, the backdoor re-activation, and fst and clp through the backdoor stage-3 script."""
+step and pruned neurons, SAU's shared adversarial examples and loss, i-BAU's hypergradient and perturbation, the
+backdoor re-activation, and fst, clp and anp through the backdoor stage-3 script."""
 import copy
 import functools
 import json
@@ -14,16 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import common.defences as dfn
+import common.defences_pruning as pruning
 import common.defences_unlearning as unlearning
 from common.backdoor import BackdoorEval
+from common.cli import UsageError
 from common.defence_run import DefenceConfig, DefenceRun, random_crop
 from common.defences import DefenceCell, run_defence
-import common.defences_pruning as pruning
-from common.cli import UsageError
 from common.defences_pruning import anp_prune, anp_step, bn_neurons, channel_lipschitz, clp_prune, perturbed_bn
 from common.defences_tuning import (NAD_LAYERS, fst_penalty, fst_reinit_head, nad_loss, project_norm,
                                     smooth_cross_entropy)
-from common.defences_unlearning import init_perturbation, sau_loss, shared_pgd
+from common.defences_unlearning import (fixed_point_hypergradient, gradient_descent_map, init_perturbation,
+                                        patch_mask, sau_loss, shared_pgd, universal_perturbation)
 from common.models import build_model
 from common.report import _defence_lines
 from common.train import Precision
@@ -58,8 +58,7 @@ def test_every_defence_but_super_ft_and_clp_crops_its_batches():
     crops = {name: DefenceRun(_domain(), _cell(name), DefenceConfig(), CPU, Precision(CPU), None, None,
                               torch.Generator()).pixel_fn() is not None for name in dfn.DEFENCES}
     assert crops == {"ft": True, "ft_sam": True, "super_ft": False, "fine_pruning": True, "nad": True, "fst": True,
-                     "clp": False, "anp": True}
-                     "clp": False, "sau": False}
+                     "clp": False, "anp": True, "sau": False, "i_bau": True}
     run = DefenceRun(_domain(), _cell("ft"), DefenceConfig(defence_crop=0), CPU, Precision(CPU), None, None,
                      torch.Generator())
     assert run.pixel_fn() is None
@@ -120,14 +119,14 @@ def test_nad_reads_the_resnet_stages_that_carry_attention_at_32_px():
 
 def test_nad_student_lr_is_nad_s_step(monkeypatch):
     lrs = []
-    real = DefenceRun.sgd
+    real = DefenceRun.reference_optimizer
 
     def sgd(self, params, lr):
         opt = real(self, params, lr)
         opt.register_step_pre_hook(lambda o, a, k: lrs.append(o.param_groups[0]["lr"]))
         return opt
 
-    monkeypatch.setattr(DefenceRun, "sgd", sgd)
+    monkeypatch.setattr(DefenceRun, "reference_optimizer", sgd)
     from test_defences import TinyResNet
     cfg = DefenceConfig(nad_teacher_epochs=1, defence_steps=6, defence_epoch_steps=2, nad_first_epochs=2)
     run_defence(TinyResNet(), _domain(), _cell("nad", epochs=2), cfg, CPU, Precision(CPU), lambda m: {})
@@ -362,7 +361,7 @@ def test_anp_defaults_are_anp_s_and_it_refuses_a_model_without_batchnorm():
     cfg = DefenceConfig()
     assert (cfg.anp_lr, cfg.anp_eps, cfg.anp_steps, cfg.anp_alpha, cfg.anp_threshold) == (0.2, 0.4, 1, 0.2, 0.2)
     run = DefenceRun(_domain(), _cell("anp"), cfg, CPU, Precision(CPU), None, None, torch.Generator())
-    optimizer = run.sgd([torch.zeros(2, requires_grad=True)], 0.2)
+    optimizer = run.reference_optimizer([torch.zeros(2, requires_grad=True)], 0.2)
     assert run.steps == 2000 and (optimizer.defaults["momentum"], optimizer.defaults["weight_decay"]) == (0.9, 0)
     _, args = _args(["--defences", "anp", "--anp_lr", "0.5"])
     assert [(c.lr, c.schedule) for c in dfn.DEFENCES["anp"].cells(args)] == [(0.5, "constant")]
@@ -457,7 +456,7 @@ def test_sau_defaults_are_backdoorbench_s():
     assert sau.budget == (100, 10) and (sau.optimizer, sau.decay, sau.crop) == ("adam", False, False)
     run = DefenceRun(_domain(), DefenceCell("sau", 1e-4, 8, 1, 0, 1.0, "constant"), cfg, CPU, Precision(CPU), None,
                      None, torch.Generator())
-    opt = run.sgd(TinyNet().parameters(), 1e-4)
+    opt = run.reference_optimizer(TinyNet().parameters(), 1e-4)
     assert isinstance(opt, torch.optim.Adam) and opt.defaults["amsgrad"] and opt.defaults["weight_decay"] == 0
     assert opt.defaults["betas"] == (0.9, 0.999) and run.steps == 1000
 
@@ -491,6 +490,87 @@ def test_sau_train_mode_updates_batchnorm_statistics():
     run_defence(model, _domain(), DefenceCell("sau", 1e-4, 8, 1, 0, 1.0, "constant"),
                 DefenceConfig(defence_steps=2, sau_train_mode=True), CPU, Precision(CPU), lambda m: {})
     assert not torch.equal(model.bn.running_mean, start)
+# ---- i_bau --------------------------------------------------------------------------------------------------------
+
+def test_fixed_point_hypergradient_is_the_implicit_derivative_of_a_quadratic_problem():
+    """Inner: H(delta, t) = 0.5 delta^T A delta - t^T delta, minimised at delta* = A^-1 t, its GD map phi =
+    delta - a (A delta - t): d phi/d delta = I - a A, d phi/d t = a I. Outer: E = 0.5 ||delta - b||^2 + s c^T t.
+    The hypergradient: d/dt = s c + A^-1 (delta* - b), d/ds = c^T t; K iterations sum a (I - a A)^k for k < K
+    in place of A^-1."""
+    torch.manual_seed(0)
+    n, a = 4, 0.1
+    q = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]
+    A = q @ torch.diag(torch.tensor([1.0, 1.5, 2.0, 3.0], dtype=torch.float64)) @ q.T
+    b, c = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    t = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    delta_star = torch.linalg.solve(A, t.detach())
+    phi = gradient_descent_map(lambda d: 0.5 * d @ A @ d - t @ d, a)
+    outer = lambda d: 0.5 * (d - b).square().sum() + s * (c @ t)
+
+    def implicit(inverse):
+        return [s.detach() * c + inverse @ (delta_star - b), c @ t.detach()]
+
+    series = sum(torch.linalg.matrix_power(torch.eye(n, dtype=torch.float64) - a * A, k) for k in range(5))
+    for K, inverse in ((5, a * series), (400, torch.linalg.inv(A))):
+        grads = fixed_point_hypergradient(delta_star, [t, s], phi, outer, K)
+        for got, want in zip(grads, implicit(inverse)):
+            assert torch.allclose(got, want, atol=1e-10), K
+    exact = torch.autograd.grad(outer(torch.linalg.solve(A, t)), [t, s])
+    assert all(torch.allclose(g, e, atol=1e-10) for g, e in zip(implicit(torch.linalg.inv(A)), exact))
+    assert not torch.allclose(fixed_point_hypergradient(delta_star, [t, s], phi, outer, 0)[0], exact[0]), \
+        "the implicit term matters"
+
+
+def test_universal_perturbation_is_sgd_ascent_on_the_model_s_own_labels_and_stays_in_the_ball():
+    torch.manual_seed(0)
+    model, x = TinyNet().eval(), torch.randn(6, 3, 5, 5)
+    start = torch.zeros_like(x[:1])
+    delta = universal_perturbation(model, [x], start, Precision(CPU))
+    z = torch.zeros_like(start, requires_grad=True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(x + z), model(x).argmax(1)), z)
+    assert delta.shape == (1, 3, 5, 5) and torch.allclose(delta, 10.0 * grad, atol=1e-6), \
+        "one SGD step of lr 10 up the CE (the ridge's gradient is 0 at 0)"
+    free = universal_perturbation(model, [x, x + 1, x - 1], start, Precision(CPU))
+    norm = float(torch.linalg.vector_norm(free))
+    assert norm > 0.01
+    ball = universal_perturbation(model, [x, x + 1, x - 1], start, Precision(CPU), radius=norm / 2)
+    assert float(torch.linalg.vector_norm(ball)) == pytest.approx(norm / 2, rel=1e-5)
+    assert torch.allclose(ball, free / 2, atol=1e-6), "scaled onto the ball, its direction kept"
+    assert torch.equal(universal_perturbation(model, [x, x + 1, x - 1], start, Precision(CPU), radius=2 * norm),
+                       free), "inside the ball it stays as it is"
+
+
+def test_patch_mask_gives_the_perturbation_to_the_reference_s_share_and_at_least_one_image():
+    gen = torch.Generator().manual_seed(0)
+    for n, patched in ((8, 1), (100, 1), (256, 2), (1000, 10)):
+        mask = patch_mask(n, 0.01, gen, CPU)
+        assert mask.shape == (n, 1, 1, 1) and int(mask.sum()) == patched and set(mask.flatten().tolist()) == {0, 1}
+
+
+def test_i_bau_defaults_are_backdoorbench_s():
+    d, cfg = dfn.DEFENCES["i_bau"], DefenceConfig()
+    assert d.budget == (5, 10) and d.optimizer == "adam" and d.schedule == "constant" and d.crop
+    assert (cfg.ibau_lr, cfg.ibau_k, cfg.ibau_portion, cfg.ibau_radius) == (1e-4, 5, 0.01, None)
+    assert "defence_momentum" not in d.reads and "defence_weight_decay" not in d.reads and "ibau_k" in d.reads
+
+
+def test_i_bau_unlearns_a_resnet18_in_eval_mode_through_the_registry():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10)
+    before = copy.deepcopy(model.state_dict())
+    seen = []
+    cfg = DefenceConfig(defence_steps=3, defence_epoch_steps=2, reactivate_samples=0)
+    curve = run_defence(model, _domain(size=8), _cell("i_bau", epochs=2), cfg, CPU, Precision(CPU),
+                        lambda m: seen.append(1) or {"test_acc": float(len(seen))})
+    assert [c["test_acc"] for c in curve] == [1.0, 2.0, 3.0] and curve.skipped_steps == 0
+    params = {n for n, _ in model.named_parameters()}
+    state = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert all(not torch.equal(state[n], before[n]) for n in ("conv1.weight", "layer4.1.conv2.weight", "fc.weight"))
+    assert all(torch.equal(v, before[k]) for k, v in state.items() if k not in params), \
+        "BatchNorm statistics kept: the reference unlearns in eval mode"
+    assert len(curve.defence_info["perturbation_norms"]) == 2, "a perturbation per round of 2 steps"
 
 
 # ---- backdoor re-activation ---------------------------------------------------------------------------------------
