@@ -1,7 +1,7 @@
 """What every backdoor defence runs on: its hyper-parameters (DefenceConfig, one field per flag), its budget in
 optimisation steps, its lr schedules as its reference steps them, the train-time augmentation, and the training
-loop (DefenceRun). The defences themselves: common.defences_tuning, common.defences_pruning; the registry:
-common.defences.DEFENCES.
+loop (DefenceRun). The defences themselves: common.defences_tuning, common.defences_pruning,
+common.defences_unlearning; the registry: common.defences.DEFENCES.
 
 Budgets are optimisation steps, so that a defence does as much work as its reference whatever the defender's
 data size: a reference's budget is its epochs times the steps of one of its epochs on its own data (BackdoorBench,
@@ -65,6 +65,37 @@ FST_EPOCHS = 10  # `--epochs 10`, CosineAnnealingLR(T_max=epochs) stepped per ep
 FST_EPOCH_STEPS = math.ceil(1000 / 128)  # `--split_ratio 0.02` of CIFAR-10 at `--batch_size 128`
 # ---- clp (BackdoorBench defense/clp.py CLP_prune, config/defense/clp/config.yaml) -------------------------------
 CLP_U = 3.0  # `u: 3`: prune the channels whose bound exceeds mean + u * std
+# ---- anp (github.com/csdongxian/ANP_backdoor ec7b179 optimize_mask_cifar.py; BackdoorBench defense/anp.py the same) --
+ANP_LR = 0.2  # `--lr 0.2`, the masks' SGD(momentum=0.9) (BackdoorBench: its config's `lr: 0.01`)
+ANP_NB_ITER = 2000  # `--nb-iter 2000` batches, drawn with replacement from its clean split (`--val-frac 0.01`)
+ANP_EPS = 0.4  # `--anp-eps 0.4`: the noise's bound at its random start, and its signed-gradient step
+ANP_STEPS = 1  # `--anp-steps 1`, each at lr anp_eps / anp_steps
+ANP_ALPHA = 0.2  # `--anp-alpha 0.2`, the clean loss's weight
+ANP_THRESHOLD = 0.2  # prune_neuron_cifar.py `--pruning-by threshold`: the paper's 0.2 (its code sweeps 0 to 0.9)
+# ---- sau (BackdoorBench defense/sau.py, config/defense/sau/config.yaml) --------------------------------------------
+SAU_LR = 1e-4  # `lr: 0.0001`, Adam (`client_optimizer: 'adam'`, `wd: 0`; amsgrad in argparser_opt_scheduler)
+SAU_ROUNDS = 100  # `n_rounds: 100` passes over its `ratio: 0.05` of CIFAR-10 at `batch_size: 256`
+SAU_TRIGGER_NORM = 0.2  # `trigger_norm: 0.2`, the L_inf radius (`norm_type: L_inf`) of the perturbation, in pixels
+SAU_ADV_LR = 0.2  # `adv_lr: 0.2`, PGD's step
+SAU_ADV_STEPS = 5  # `adv_steps: 5`
+SAU_PGD_INIT = "max"  # `pgd_init: max`: PGD starts at +trigger_norm everywhere
+SAU_PGD_INITS = ("zero", "random", "max", "min")  # Shared_PGD.init_pert's init types
+SAU_BETA_1 = 0.01  # `beta_1: 0.01`, weight of L_adv in PGD's loss
+SAU_BETA_2 = 1.0  # `beta_2: 1`, weight of L_share
+SAU_LMD_1 = 1.0  # `lmd_1: 1`, weight of the clean cross-entropy in the unlearning loss
+SAU_LMD_2 = 0.0  # `lmd_2: 0.0`, of the adversarial examples' cross-entropy (adversarial training; off)
+SAU_LMD_3 = 1.0  # `lmd_3: 1`, of the shared adversarial risk L_sar
+SAU_TRAIN_MODE = False  # `--train_mode` store_true: BatchNorm fixed (eval mode) unless asked
+# ---- i_bau (BackdoorBench defense/i-bau.py, config/defense/i-bau/config.yaml; I-BAU d4bfa52 defense.py, hypergrad.py)
+IBAU_LR = 1e-4  # `lr: 0.0001`, constant: its CosineAnnealingLR is made but never stepped (I-BAU's defense.py: 0.001)
+IBAU_ROUNDS = 5  # `n_rounds: 5`
+IBAU_ROUND_STEPS = math.ceil(2500 / 256)  # a round: one unlearning step per batch of `ratio: 0.05` at `batch_size: 256`
+IBAU_K = 5  # `K: 5`: fixed-point iterations of the hypergradient (hg.fixed_point)
+IBAU_INNER_STEP = 0.1  # `GradientDescent(loss_inner, 0.1)`: the inner problem's fixed-point map is a GD step of 0.1
+IBAU_PERTURB_LR = 10.0  # `torch.optim.SGD(params=[batch_pert], lr=10)`: the perturbation's search, a step per batch
+IBAU_REG = 1e-3  # `0.001*torch.pow(torch.norm(perturb), 2)` in the search and in loss_inner
+IBAU_PORTION = 0.01  # loss_outer's `portion = 0.01`: the share of an unlearning batch given the perturbation
+IBAU_RADIUS = None  # `# pert = batch_pert * min(1, 10 / torch.norm(batch_pert))` is commented out: no projection
 # ---- backdoor re-activation (Min et al. NeurIPS'24; the same repo's fine_tune/ft_poison.py) ------------------------
 REACTIVATE_SAMPLES = 5  # `--poison_num 5` of the defender's samples replaced by triggered ones; 0: no re-activation
 REACTIVATE_EPOCHS = 5  # `--epochs 5`
@@ -93,20 +124,21 @@ class DefenceConfig:
     (common.defences.DefenceSettings is made from these fields); defaults: the UPPER_CASE constants above."""
     defence_lr: float = setting(DEFENCE_LR, "lr of ft, ft_sam, fine_pruning, fst and nad (its teacher, and its "
                                             "student after --nad_first_epochs)", type=pos_float)
-    defence_momentum: float = setting(DEFENCE_MOMENTUM, "SGD momentum of every defence but super_ft (plain SGD)",
-                                      type=_below_one)
+    defence_momentum: float = setting(DEFENCE_MOMENTUM, "SGD momentum of every defence but super_ft (plain SGD), "
+                                                        "sau and i_bau (Adam)", type=_below_one)
     defence_weight_decay: float = setting(DEFENCE_WEIGHT_DECAY, "SGD weight decay of ft, ft_sam, fine_pruning and nad "
-                                                                "(super_ft and fst have none)", type=nonneg_float)
+                                                                "(the others have none)", type=nonneg_float)
     defence_steps: Optional[int] = setting(DEFENCE_STEPS, "optimisation steps of every defence (default: each "
                                            "reference's, its epochs x --defence_epoch_steps: 1000 for BackdoorBench's "
-                                           "ft, ft_sam, fine_pruning, 800 for nad's student, 1600 for super_ft, 80 for "
-                                           "fst); the defender loops over its data as often as needed", type=pos_int)
+                                           "ft, ft_sam, fine_pruning and sau, 800 for nad's student, 1600 for "
+                                           "super_ft, 80 for fst, 2000 for anp, 50 for i_bau); the defender loops over "
+                                           "its data as often as needed", type=pos_int)
     defence_epoch_steps: Optional[int] = setting(
         DEFENCE_EPOCH_STEPS, "optimisation steps of one reference epoch, the unit the schedules step in (default: "
         f"each reference's: {BB_EPOCH_STEPS} for BackdoorBench's, {NAD_EPOCH_STEPS} nad, {SUPER_FT_EPOCH_STEPS} "
-        f"super_ft, {FST_EPOCH_STEPS} fst)", type=pos_int)
+        f"super_ft, {FST_EPOCH_STEPS} fst, {ANP_NB_ITER} anp, {IBAU_ROUND_STEPS} i_bau's round)", type=pos_int)
     defence_crop: int = setting(DEFENCE_CROP, "RandomCrop padding (px) of the defender's images, every defence but "
-                                              "super_ft and clp; 0: none", type=nonneg_int)
+                                              "super_ft, clp and sau; 0: none", type=nonneg_int)
     sam_rho: float = setting(SAM_RHO, "ft_sam's perturbation radius", type=pos_float)
     sam_adaptive: bool = setting(SAM_ADAPTIVE, "ft_sam: adaptive SAM (ASAM, perturbation scaled by |w|), "
                                                "BackdoorBench's default; --no-sam_adaptive: plain SAM",
@@ -136,6 +168,38 @@ class DefenceConfig:
                                           "head", type=nonneg_float)
     clp_u: float = setting(CLP_U, "clp: prune the channels whose Lipschitz bound exceeds their layer's mean + u std",
                            type=nonneg_float)
+    anp_lr: float = setting(ANP_LR, "anp: lr of the masks' SGD (momentum --defence_momentum, constant)", type=pos_float)
+    anp_eps: float = setting(ANP_EPS, "anp: bound of the neurons' multiplicative noise at its random start, and the "
+                                      "size of its signed-gradient steps together; 0: no noise", type=nonneg_float)
+    anp_steps: int = setting(ANP_STEPS, "anp: signed-gradient steps of the noise before each step of the masks",
+                             type=pos_int)
+    anp_alpha: float = setting(ANP_ALPHA, "anp: weight of the clean loss (1 - alpha: the loss under the noise)",
+                               type=fraction)
+    anp_threshold: float = setting(ANP_THRESHOLD, "anp: prune the neurons whose mask ends at or below this (their "
+                                                  "BatchNorm weight zeroed)", type=_below_one)
+    sau_lr: float = setting(SAU_LR, "sau: Adam's lr (constant)", type=pos_float)
+    sau_trigger_norm: float = setting(SAU_TRIGGER_NORM, "sau: L_inf radius of the shared adversarial perturbation, "
+                                                        "in [0, 1] pixel units", type=pos_float)
+    sau_adv_lr: float = setting(SAU_ADV_LR, "sau: PGD's step (signed gradient)", type=pos_float)
+    sau_adv_steps: int = setting(SAU_ADV_STEPS, "sau: PGD steps a batch", type=pos_int)
+    sau_pgd_init: str = setting(SAU_PGD_INIT, "sau: PGD's start: zero, random (uniform [0, 1), projected), max "
+                                              "(+radius) or min (-radius)", choices=SAU_PGD_INITS)
+    sau_beta_1: float = setting(SAU_BETA_1, "sau: weight of PGD's adversarial loss", type=nonneg_float)
+    sau_beta_2: float = setting(SAU_BETA_2, "sau: weight of PGD's shared loss (the two models' JS divergence)",
+                                type=nonneg_float)
+    sau_lmd_1: float = setting(SAU_LMD_1, "sau: weight of the clean cross-entropy", type=nonneg_float)
+    sau_lmd_2: float = setting(SAU_LMD_2, "sau: weight of the perturbed samples' cross-entropy", type=nonneg_float)
+    sau_lmd_3: float = setting(SAU_LMD_3, "sau: weight of the shared adversarial risk", type=nonneg_float)
+    sau_train_mode: bool = setting(SAU_TRAIN_MODE, "sau: BatchNorm in train mode for the update (default: fixed, "
+                                                   "as BackdoorBench)", action=argparse.BooleanOptionalAction)
+    ibau_lr: float = setting(IBAU_LR, "i_bau: Adam's lr (AMSGrad, constant) for the unlearning steps", type=pos_float)
+    ibau_k: int = setting(IBAU_K, "i_bau: fixed-point iterations of the implicit hypergradient; 0: the outer loss's "
+                                  "own gradient", type=nonneg_int)
+    ibau_portion: float = setting(IBAU_PORTION, "i_bau: share of each unlearning batch given the perturbation (at "
+                                                "least one image)", type=fraction)
+    ibau_radius: Optional[float] = setting(IBAU_RADIUS, "i_bau: project each round's perturbation onto the L2 ball "
+                                           "of this radius (in model-input units; the paper's constraint, commented "
+                                           "out in both codes); default: none", type=pos_float)
     reactivate_samples: int = setting(REACTIVATE_SAMPLES, "after every defence, fine-tune a copy on the defender's "
                                       "data with this many of its samples triggered and relabelled to the target, and "
                                       "record its ASR (backdoor re-activation); 0: not", type=nonneg_int)
@@ -208,16 +272,21 @@ class DefenceRun:
         pad = self.cfg.defence_crop if self.cell.procedure.crop else 0
         return (lambda x: random_crop(x, pad, self.gen)) if pad else None
 
-    def sgd(self, params, lr):
-        """SGD as the defence's reference: momentum and weight decay from the flags where it has them."""
+    def reference_optimizer(self, params, lr):
+        """The optimizer of the defence's reference: SGD with momentum and weight decay from the flags where it has
+        them; "adam" (sau, i_bau): BackdoorBench's Adam (argparser_opt_scheduler: amsgrad, torch's betas 0.9/0.999),
+        no weight decay where the reference has none."""
         procedure = self.cell.procedure
-        momentum = self.cfg.defence_momentum if procedure.optimizer == "momentum" else 0.0
         decay = self.cfg.defence_weight_decay if procedure.decay else 0.0
+        if procedure.optimizer == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=decay, amsgrad=True)
+        momentum = self.cfg.defence_momentum if procedure.optimizer == "momentum" else 0.0
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=decay)
 
     def optimizer(self, params, schedule, steps=None):
-        """SGD at cell.lr under `schedule` (step -> lr multiplier) over `steps` (default the budget) steps."""
-        return _ScheduledSteps(self.sgd(params, self.cell.lr), schedule, steps or self.steps)
+        """reference_optimizer at cell.lr under `schedule` (step -> lr multiplier) over `steps` (default the
+        budget) steps."""
+        return _ScheduledSteps(self.reference_optimizer(params, self.cell.lr), schedule, steps or self.steps)
 
     def fine_tune(self, model, curve, schedule, step=ce_step):
         """The budget's steps of `step` on every layer (head kept), cell.epochs evaluations spread evenly over

@@ -1,5 +1,5 @@
-"""Backdoor defences as stage-3 cells: ft, ft_sam, super_ft, fine_pruning, nad, fst and clp, and the backdoor
-re-activation measured after each.
+"""Backdoor defences as stage-3 cells: ft, ft_sam, super_ft, fine_pruning, nad, fst, clp, anp, sau and i_bau, and
+the backdoor re-activation measured after each.
 
 A defence gets what a fine-tuning attack gets (common.finetune.run_attack): a model, the defender's clean
 training data (the restricted training split, or its fixed `train_fraction` share: common.finetune.
@@ -8,7 +8,7 @@ measured before the defence touches the model, then `epochs` evaluations spread 
 steps (common.defence_run). Each defence is a stage-3 procedure (a Defence in DEFENCES, chosen by --defences); a
 cell of it is a DefenceCell (its lr, schedule, batch size, epochs, seed and train fraction), the rest of the
 recipe a DefenceConfig (the flags below). To add a defence: its function (common.defences_tuning,
-common.defences_pruning, or a module of its own) and its line in DEFENCES.
+common.defences_pruning, common.defences_unlearning, or a module of its own) and its line in DEFENCES.
 
 Every defence follows its reference by default (BackdoorBench, https://github.com/SCLBD/BackdoorBench, commit
 f02e353, where it has the defence; else the defence's own code): each constant in common.defence_run says where
@@ -31,10 +31,12 @@ import torch
 from common.axes import Axis, Procedure
 from common.backdoor import BackdoorEval, poison
 from common.cli import UsageError, comma_list
-from common.defence_run import (BB_EPOCH_STEPS, BB_EPOCHS, FST_EPOCH_STEPS, FST_EPOCHS, NAD_EPOCH_STEPS, NAD_EPOCHS,
-                                REACTIVATE_MOMENTUM, SUPER_FT_EPOCH_STEPS, DefenceConfig, DefenceRun)
-from common.defences_pruning import clp, fine_pruning, prune_plan
+from common.defence_run import (ANP_NB_ITER, BB_EPOCH_STEPS, BB_EPOCHS, FST_EPOCH_STEPS, FST_EPOCHS, IBAU_ROUND_STEPS,
+                                IBAU_ROUNDS, NAD_EPOCH_STEPS, NAD_EPOCHS, REACTIVATE_MOMENTUM, SAU_ROUNDS,
+                                SUPER_FT_EPOCH_STEPS, DefenceConfig, DefenceRun)
+from common.defences_pruning import anp, clp, fine_pruning, prune_plan
 from common.defences_tuning import attention_map, fst, ft, ft_sam, nad, nad_loss, super_ft
+from common.defences_unlearning import i_bau, sau
 from common.finetune import (BATCH_SIZE, LR, OPTIMIZER, SCHEDULE, SEED, STRATEGY, TRAIN_FRACTION, attack_subset,
                              start_curve, training_only)
 from common.settings import Settings, compose, setting, settings_group
@@ -77,12 +79,12 @@ READ_BY_EVERY_DEFENCE = ("train_fractions", "seeds", "seed", "batch_sizes", "bs"
 
 class Defence(Procedure):
     """A backdoor defence as a stage-3 procedure: `recipe(model, run, curve)` (common.defences_tuning,
-    common.defences_pruning) at the lr of the flag `lr_flag` (None: it trains nothing), its schedule named
-    `schedule` in keys and rows, reading the flags `own` besides those every defence reads. As its reference:
-    `budget` (epochs, optimisation steps an epoch), `optimizer` ("momentum" or "sgd") and `decay` (weight decay
-    or none), `crop` (RandomCrop augmentation), `strategy` (direct_all: the head kept; initfc_all: a new one);
-    `resnet`: it needs a torchvision ResNet's stages. One cell per (train fraction, seed); batch size the
-    grid's first (--batch_sizes, else --bs)."""
+    common.defences_pruning, common.defences_unlearning) at the lr of the flag `lr_flag` (None: it trains nothing),
+    its schedule named `schedule` in keys and rows, reading the flags `own` besides those every defence reads. As
+    its reference: `budget` (epochs, optimisation steps an epoch), `optimizer` ("momentum", "sgd" or "adam":
+    DefenceRun.optimizer) and `decay` (weight decay or none), `crop` (RandomCrop augmentation), `strategy`
+    (direct_all: the head kept; initfc_all: a new one); `resnet`: it needs a torchvision ResNet's stages. One cell
+    per (train fraction, seed); batch size the grid's first (--batch_sizes, else --bs)."""
     role = "defence"
     axes = (STRATEGY, OPTIMIZER, LR, BATCH_SIZE, SEED, TRAIN_FRACTION, SCHEDULE, DEFENCE)
     fixed = ("strategy", "optimizer")  # the Defence's
@@ -118,7 +120,7 @@ def _flags(prefix):
 
 # One line per defence; the schedule names label keys and rows (each recipe steps its reference's schedule):
 # cosine: CosineAnnealingLR per reference epoch (ft, fine_pruning, fst) or per step (ft_sam); cyclic: super_ft's
-# triangular cycles; step: NAD's 0.1 then 0.01; none: no training
+# triangular cycles; step: NAD's 0.1 then 0.01; constant: anp's masks, sau's and i_bau's Adam; none: no training
 DEFENCES = {d.name: d for d in (
     Defence("ft", ft, "cosine"),
     Defence("ft_sam", ft_sam, "cosine", own=_flags("sam_")),
@@ -129,6 +131,11 @@ DEFENCES = {d.name: d for d in (
     Defence("fst", fst, "cosine", own=_flags("fst_"), budget=(FST_EPOCHS, FST_EPOCH_STEPS), decay=False,
             strategy="initfc_all"),
     Defence("clp", clp, "none", lr_flag=None, own=_flags("clp_"), crop=False),
+    Defence("anp", anp, "constant", lr_flag="anp_lr", own=_flags("anp_"), budget=(1, ANP_NB_ITER), decay=False),
+    Defence("sau", sau, "constant", lr_flag="sau_lr", own=_flags("sau_"), budget=(SAU_ROUNDS, BB_EPOCH_STEPS),
+            optimizer="adam", decay=False, crop=False),
+    Defence("i_bau", i_bau, "constant", lr_flag="ibau_lr", own=_flags("ibau_"), optimizer="adam", decay=False,
+            budget=(IBAU_ROUNDS, IBAU_ROUND_STEPS)),
 )}
 DEFENCE_SCHEDULES = {name: d.schedule for name, d in DEFENCES.items()}
 

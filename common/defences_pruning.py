@@ -1,13 +1,16 @@
-"""The defences that prune: fine-pruning (then fine-tunes) and the data-free CLP. Each is `recipe(model, run,
+"""The defences that prune: fine-pruning (then fine-tunes), the data-free CLP and ANP. Each is `recipe(model, run,
 curve)` on a common.defence_run.DefenceRun; each docstring says which reference it follows and where it does not."""
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from common.cli import UsageError
 from common.defence_run import BB_T_MAX, Taps, epoch_cosine, require_layers
 from common.models import classifier_head
+from common.train import bn_stats_kept, progress
 
 
 # ---- fine_pruning -------------------------------------------------------------------------------------------------
@@ -130,4 +133,107 @@ def clp(model, run, curve):
     cell's evaluations after epoch 0 all show the pruned model. defence_info records the channels pruned."""
     pruned, seen = clp_prune(model, run.cfg.clp_u)
     curve.defence_info = {"pruned_channels": pruned, "channels": seen}
+    return run.hold(model, curve)
+
+
+# ---- anp ----------------------------------------------------------------------------------------------------------
+
+def bn_neurons(model):
+    """ANP's neurons: the channels of every BatchNorm2d (with weight and bias), as (name, module) in module order."""
+    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.affine]
+    if not bns:
+        raise UsageError(f"defence anp perturbs and prunes BatchNorm2d channels; {type(model).__name__} has none")
+    return bns
+
+
+def perturbed_bn(model, bns, mask, noise=None):
+    """`model`'s parameters as ANP's NoisyBatchNorm2d uses them (anp_batchnorm.py forward), for functional_call:
+    each BatchNorm2d's weight times (mask + noise[0]) and its bias times (1 + noise[1]), per neuron (`mask` and each
+    noise row flat over bn_neurons' channels); without `noise` the weight times the mask, the bias as it is. The
+    model's own parameters enter detached: ANP trains none of them."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    ones = torch.ones_like(mask)
+    weight, bias = (mask, ones) if noise is None else (mask + noise[0], ones + noise[1])
+    sizes = [bn.num_features for _, bn in bns]
+    for (name, bn), w, b in zip(bns, weight.split(sizes), bias.split(sizes)):
+        params[f"{name}.weight"] = bn.weight.detach() * w
+        params[f"{name}.bias"] = bn.bias.detach() * b
+    return params
+
+
+def anp_step(model, bns, x, y, mask, optimizer, cfg, gen, precision):
+    """One iteration of optimize_mask_cifar.py mask_train on the batch (x, y), the model in train mode: every
+    neuron's weight and bias noise drawn uniform in +-anp_eps (from `gen`), --anp_steps signed-gradient steps of
+    anp_eps / anp_steps up the loss (sign_grad, then SGD at that lr; not clipped back to +-eps, as there), then one
+    step of `optimizer` on the masks against anp_alpha * L(masks) + (1 - anp_alpha) * L(masks, noise), the masks
+    clipped to [0, 1] (clip_mask). Without noise (anp_eps 0) the loss is anp_alpha * L(masks), as there."""
+    def loss(noise):
+        with precision.autocast():
+            logits = functional_call(model, perturbed_bn(model, bns, mask, noise), (x,))
+        return F.cross_entropy(logits.float(), y)
+
+    eps, robust = cfg.anp_eps, 0.0
+    if eps > 0:
+        noise = torch.empty(2, len(mask)).uniform_(-eps, eps, generator=gen).to(mask.device).requires_grad_()
+        for _ in range(cfg.anp_steps):
+            grad, = torch.autograd.grad(loss(noise), noise)
+            with torch.no_grad():
+                noise += eps / cfg.anp_steps * grad.sign()
+        robust = loss(noise.detach())
+    total = cfg.anp_alpha * loss(None) + (1 - cfg.anp_alpha) * robust
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    with torch.no_grad():
+        mask.clamp_(0, 1)
+    return total.detach()
+
+
+@torch.no_grad()
+def anp_prune(bns, mask, threshold):
+    """Prune the neurons whose mask is <= threshold as prune_neuron_cifar.py `pruning` does: the BatchNorm weight
+    zeroed, the bias kept. Returns {layer name: neurons pruned} for the layers that lost any."""
+    pruned = {}
+    for (name, bn), m in zip(bns, mask.split([bn.num_features for _, bn in bns])):
+        index = torch.nonzero(m <= threshold).flatten()
+        bn.weight[index] = 0
+        if len(index):
+            pruned[name] = len(index)
+    return pruned
+
+
+def anp(model, run, curve):
+    """Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021), as its code (github.com/csdongxian/ANP_backdoor,
+    commit ec7b179 read: optimize_mask_cifar.py, prune_neuron_cifar.py, models/anp_batchnorm.py): a mask in [0, 1]
+    (from 1) on every BatchNorm2d channel, optimised by SGD (--anp_lr 0.2, momentum 0.9, constant) for the budget
+    (2000 steps) against alpha * the clean loss + (1 - alpha) * the loss under adversarial multiplicative noise on
+    each channel's BatchNorm weight and bias (anp_step), on the defender's data with RandomCrop, the model in train
+    mode; then the channels whose mask ends <= --anp_threshold (0.2) pruned, their BatchNorm weight zeroed and the
+    bias kept (anp_prune). The model's own weights and BatchNorm statistics are not trained: the noisy BatchNorm is
+    a functional_call with the scaled parameters, and the running statistics its train-mode passes move are put
+    back, so the delivered model carries no hook, parametrisation or replaced module. The cell's evaluations after
+    epoch 0 all show the pruned model. defence_info records the channels pruned, in all and per layer.
+
+    BackdoorBench f02e353 (defense/anp.py, utils/defense_utils/anp/anp_model/anp_batchnorm.py, config/defense/anp/
+    config.yaml, read) runs the same loop with its config's lr 0.01 at batch size 256 on 5% of CIFAR-10, and picks
+    the threshold from a sweep (0 to 0.9 by 0.05) by the lowest ASR on the triggered test set within 10% of clean
+    accuracy: a choice made with the attacker's trigger, which a defender holding clean data does not have; we
+    prune at the paper's fixed threshold, on the original's lr. Deviations: the batch size is the cell's (the
+    original: 128), its batches are drawn epoch after epoch from the defender's share (the original: with
+    replacement from 1% of CIFAR-10), and RandomHorizontalFlip is not applied."""
+    bns = bn_neurons(model)
+    mask = torch.ones(sum(bn.num_features for _, bn in bns), device=bns[0][1].weight.device, requires_grad=True)
+    optimizer = run.reference_optimizer([mask], run.cell.lr)
+    pixel_fn, was_training = run.pixel_fn(), model.training
+    model.train()
+    try:
+        with bn_stats_kept(model):
+            for idx in progress(run.take(run.steps), desc="defence anp", leave=False):
+                x = run.domain.to_input(run.domain.images[idx], run.device, pixel_fn, run.precision.channels_last)
+                y = run.domain.labels[idx].to(run.device, non_blocking=True)
+                anp_step(model, bns, x, y, mask, optimizer, run.cfg, run.gen, run.precision)
+    finally:
+        model.train(was_training)
+    layers = anp_prune(bns, mask.detach(), run.cfg.anp_threshold)
+    curve.defence_info = {"pruned_channels": sum(layers.values()), "channels": len(mask), "pruned_layers": layers}
     return run.hold(model, curve)

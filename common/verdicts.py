@@ -77,7 +77,7 @@ DEFENCE_LEGEND = (
     "After the last epoch of each defence, mean +- std over seeds: clean accuracy and ASR of the protected "
     "(irreversible) and the reference (plain backdoored) model; ASR auc ratio: area under the protected ASR curve "
     "over the reference's (> 1: the protected backdoor survives the defence better). pruned channels (fine_pruning, "
-    "clp): per seed. re-activated ASR: after the defence, a copy fine-tuned on the defender's data with a few "
+    "clp, anp): per seed. re-activated ASR: after the defence, a copy fine-tuned on the defender's data with a few "
     "triggered samples (--reactivate_samples, --reactivate_epochs; Min et al. NeurIPS'24).")
 
 

@@ -239,14 +239,14 @@ def test_ft_sam_runs_sam_steps(monkeypatch):
 def _lrs(monkeypatch, attack, cfg, n=40):
     lrs = []
 
-    real = DefenceRun.sgd
+    real = DefenceRun.reference_optimizer
 
     def sgd(self, params, lr):
         opt = real(self, params, lr)
         opt.register_step_pre_hook(lambda o, a, k: lrs.append(o.param_groups[0]["lr"]))
         return opt
 
-    monkeypatch.setattr(DefenceRun, "sgd", sgd)
+    monkeypatch.setattr(DefenceRun, "reference_optimizer", sgd)
     torch.manual_seed(0)
     run_defence(TinyNet(), _domain(n), attack, cfg, CPU, Precision(CPU), lambda m: {})
     return lrs
@@ -285,7 +285,7 @@ def test_super_ft_defaults_are_backdoor_toolbox_s_run():
     assert ours == pytest.approx(_toolbox_lrs(steps, 16))
     assert dfn.DEFENCES["super_ft"].budget == (100, 16)
     run = DefenceRun(_domain(), _attack("super_ft", lr=2.5), cfg, CPU, Precision(CPU), None, None, torch.Generator())
-    group = run.sgd(TinyNet().parameters(), 2.5).param_groups[0]
+    group = run.reference_optimizer(TinyNet().parameters(), 2.5).param_groups[0]
     assert (group["momentum"], group["weight_decay"]) == (0.0, 0.0), "plain SGD"
     assert run.steps == 1600 and run.pixel_fn() is None, "no augmentation in backdoor-toolbox's loader"
 
