@@ -10,6 +10,9 @@ A method is a class the runner (common.stage2.Stage2Runner) drives, one outer lo
     state_dict() / load_state_dict(state)               everything the next step() depends on (last.pt)
     snapshot() / restore(snapshot)                      the trained state a rollback returns to
     model, world, precision                             what the runner evaluates, and where
+    settings (optional)                                 a common.settings.Settings dataclass of the method's own
+                                                        flags (named after the method: --<method>_<name>); every
+                                                        stage-2 script has them (common.stage2.stage2_settings)
 """
 from common.sophon import Sophon
 

@@ -1,7 +1,7 @@
 """The stage-2 runner shared by SOPHON and the irreversible backdoor: everything around the algorithm.
 
 The maths is the method's (`--method`, common.methods; SOPHON's is common.sophon.Sophon), one outer loop per
-`step()`. This module owns the run: the settings (`Stage2Settings`), the run folder, metrics.csv, the
+`step()`. This module owns the run: the settings (`stage2_settings`), the run folder, metrics.csv, the
 evaluation schedule, the accuracy floor and its rollback, the periodic fine-tune probes, checkpoints,
 interrupts and summary.json. What differs between the projects (query loss, NTR data, evaluations, extra
 columns and summary keys) comes from their `Stage2Task`.
@@ -154,14 +154,20 @@ class Stage2Flags(Settings):
         return tuple(self.fts_lrs or [self.fast_lr])
 
 
+def method_settings():
+    """The settings groups of the registered methods that have flags of their own (a method's `settings`), once
+    each, in METHODS' order."""
+    return tuple(dict.fromkeys(m.settings for m in METHODS.values() if getattr(m, "settings", None)))
+
+
 def stage2_settings(*groups):
-    """A stage-2 script's settings: the preset, the common flags, the restricted domain, stage 2's, `groups`
-    (e.g. the trigger), the speed flags."""
-    return compose("Settings", PresetSettings, CommonSettings, RestrictedSettings, Stage2Flags, *groups,
-                   SpeedSettings, bs=150, dataset="CIFAR10")
+    """A stage-2 script's settings: the preset, the common flags, the restricted domain, stage 2's, the methods'
+    own (method_settings), `groups` (e.g. the trigger), the speed flags."""
+    return compose("Settings", PresetSettings, CommonSettings, RestrictedSettings, Stage2Flags, *method_settings(),
+                   *groups, SpeedSettings, bs=150, dataset="CIFAR10")
 
 
-Stage2Settings = stage2_settings()
+Stage2Settings = stage2_settings()  # with the methods registered at import: for code that builds a method itself
 
 
 @dataclass

@@ -4,6 +4,7 @@ rollback included."""
 import copy
 import json
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 
 from common import dist
 from common.data import BatchStream
+from common.cli import UsageError
 from common.methods import METHODS
+from common.settings import Settings, setting
 from helpers import SCRIPTS, load_script, read_rows
 
 
@@ -82,7 +85,34 @@ def test_a_registered_method_runs_through_the_stage_script(toy_method, tmp_path,
     assert json.loads((out / "config.json").read_text())["config"]["method"] == "plain_ntr"
 
 
+@dataclass
+class ScaledSettings(Settings):
+    scaled_ntr_factor: float = setting(1.0, "toy: the lr is multiplied by this", type=float)
+
+
+class ScaledNTR(PlainNTR):
+    """Toy method with a flag of its own: every stage-2 script has it once the method is registered."""
+    settings = ScaledSettings
+
+    def __init__(self, model, domain, settings, precision):
+        super().__init__(model, domain, settings, precision)
+        self.optimizer.param_groups[0]["lr"] = settings.lr * settings.scaled_ntr_factor
+
+
+@pytest.mark.parametrize("stage", ["stage2", "bd_stage2"])
+def test_a_method_brings_its_own_flags(stage, monkeypatch):
+    parse_args = load_script(stage).parse_args
+    with pytest.raises(UsageError, match="unrecognized arguments: --scaled_ntr_factor"):  # not before registering
+        parse_args(["--scaled_ntr_factor", "3"])
+    monkeypatch.setitem(METHODS, "scaled_ntr", ScaledNTR)
+    _, args = parse_args(["--method", "scaled_ntr", "--scaled_ntr_factor", "3", "--lr", "0.01"])
+    assert args.scaled_ntr_factor == 3.0
+    model = torch.nn.Linear(2, 2)
+    method = ScaledNTR(model, range(10), args, None)
+    assert method.optimizer.param_groups[0]["lr"] == pytest.approx(0.03)
+    assert load_script(stage).parse_args([])[1].scaled_ntr_factor == 1.0
+
+
 def test_an_unregistered_method_is_a_usage_error():
-    from common.cli import UsageError
     with pytest.raises(UsageError, match="--method"):
         load_script("stage2").parse_args(["--method", "plain_ntr"])

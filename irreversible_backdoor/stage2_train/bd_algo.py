@@ -32,11 +32,11 @@ FTS_HEAD = "keep"  # a new head has no target class: the query loss would carry 
 # persistent: SBL, no FTS: clean restricted-domain steps with poisoned-NTR replay, both sharpness-aware
 # (README, "Irreversible backdoor": the one configuration that keeps its ASR through ft, ft_sam and fine_pruning).
 PRESETS = {"persistent": {"fts_loop": 0, "clean_loop": 1, "sam_rho": 0.05}}
-Settings = stage2_settings(TriggerSettings)
 
 
 def parse_args(argv=None):
-    return parse(Settings, argv, __doc__, globals(), PRESETS, SUPERSEDES)
+    # composed when parsing, so a method registered at run time brings its flags (common.methods)
+    return parse(stage2_settings(TriggerSettings), argv, __doc__, globals(), PRESETS, SUPERSEDES)
 
 
 def main(argv=None):

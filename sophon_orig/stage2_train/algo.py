@@ -11,7 +11,7 @@ from functools import partial
 from common import cli
 from common.losses import FTE_LOSSES, fte_query_loss
 from common.runs import begin
-from common.settings import parse, setting
+from common.settings import Settings, parse, setting
 from common.stage2 import SUPERSEDES, Stage2Task, run_stage2_script, setup_stage2, stage2_settings
 from common.train import AccuracyEval
 
@@ -43,13 +43,14 @@ PRESETS = {"robust": {"loss_type": "entropy", "adaptation_steps": 20, "fts_query
 
 
 @dataclass
-class Settings(stage2_settings()):
+class QueryLoss(Settings):
     loss_type: str = setting("inverse", "the FTS query loss: inverse (paper), inverse_code (official code), kl, "
                                         "entropy (TAR)", choices=FTE_LOSSES)
 
 
 def parse_args(argv=None):
-    return parse(Settings, argv, __doc__, globals(), PRESETS, SUPERSEDES)
+    # composed when parsing, so a method registered at run time brings its flags (common.methods)
+    return parse(stage2_settings(QueryLoss), argv, __doc__, globals(), PRESETS, SUPERSEDES)
 
 
 def main(argv=None):
