@@ -366,14 +366,16 @@ def _interval(ci):
 
 def tuned_table(study, spec):
     """One row per model a tuned suite judged (`grid`: a `--suite tuned` run; a model of several stage-2 seeds has a
-    row per seed, NAME#SEED), from its summary.json's `tuned` (common.tuned.tuned_summary): the families tested
+    row per seed, NAME#SEED), from its summary.json's `tuned` (common.tuned.tuned_summary): its original accuracy
+    (its stage-2 run's summary; - for a start no run of the study made, such as null), the families tested
     against tuned scratch, how many learn faster (Holm), the share of family ratios below 1 and their geometric
     mean, the worst family with its ratio and simultaneous interval, the seeds left out for a divergence, and how
     many families learn faster than tuned null."""
     tuned = _summary(study.run_of(spec["grid"]))["tuned"]
-    header = ["model", "families tested", "faster than tuned scratch (Holm)", "share ratio < 1", "geo-mean ratio",
-              "worst family", "worst: ratio", "worst: simultaneous CI", "seeds excluded",
+    header = ["model", "original acc", "families tested", "faster than tuned scratch (Holm)", "share ratio < 1",
+              "geo-mean ratio", "worst family", "worst: ratio", "worst: simultaneous CI", "seeds excluded",
               "faster than tuned null (Holm)"]
+    keys = {r.key for r in study.runs}
     rows = []
     for name in spec["rows"]:
         labels = [k for k in study.keys_of(name) if k in tuned["models"]] or [name]
@@ -382,7 +384,9 @@ def tuned_table(study, spec):
         for label in labels:
             m = tuned["models"][label]
             v, w, n = m["vs_reference"], m["worst_family"], m["vs_null"]
-            rows.append([label, str(v["families_tested"]), str(len(v["faster_holm"])), _fmt(v["share_below_1"]),
+            acc = _summary(study.run_of(label)).get("orig_test_acc") if label in keys else None
+            rows.append([label, _fmt(acc), str(v["families_tested"]), str(len(v["faster_holm"])),
+                         _fmt(v["share_below_1"]),
                          _fmt(v["ratio_geomean"]), "-" if w is None else describe(family_of(w)),
                          "-" if w is None else _fmt(w["ratio"]), "-" if w is None else _interval(w["ci_simultaneous"]),
                          str(m["seeds_excluded"]), "-" if n is None else str(len(n["faster_holm"]))])

@@ -125,9 +125,12 @@ def check_tuned(table, spec, root, header, rows):
     tuned = summary(root / table["grid"])["tuned"]["models"]
     labels = [label for name in table["rows"] for label in ([l for l, _ in folders(spec, root, name)] or [name])]
     assert [r[0] for r in rows] == labels
+    runs = dict(f for name in table["rows"] for f in folders(spec, root, name))
     for row in rows:
         m = tuned[row[0]]
         v, w, n = m["vs_reference"], m["worst_family"], m["vs_null"]
+        acc = summary(runs[row[0]]).get("orig_test_acc") if row[0] in runs else None
+        assert close(row.pop(1), acc), row
         assert row[1:3] == [str(v["families_tested"]), str(len(v["faster_holm"]))], row
         assert close(row[3], v["share_below_1"]) and close(row[4], v["ratio_geomean"]), row
         assert row[5] == " ".join(value if isinstance(value, str) else f"{title} {value:g}" for title, value in (
