@@ -319,15 +319,22 @@ def require_layers(model, layers, defence):
 
 
 class Taps:
-    """Forward hooks keeping the outputs of named submodules from the model's last forward pass (`out`)."""
+    """Forward hooks keeping the outputs of named submodules from the model's last forward pass (`out`), and the
+    (first) inputs of those named in `inputs` (`out` too, by name)."""
 
-    def __init__(self, model, names):
+    def __init__(self, model, names, inputs=()):
         self.out = {}
-        self.handles = [model.get_submodule(n).register_forward_hook(self._keeper(n)) for n in names]
+        self.handles = [model.get_submodule(n).register_forward_hook(self._keeper(n)) for n in names] + [
+            model.get_submodule(n).register_forward_pre_hook(self._input_keeper(n)) for n in inputs]
 
     def _keeper(self, name):
         def keep(module, inputs, output):
             self.out[name] = output
+        return keep
+
+    def _input_keeper(self, name):
+        def keep(module, inputs):
+            self.out[name] = inputs[0]
         return keep
 
     def __enter__(self):

@@ -14,8 +14,10 @@ A method is a class the runner (common.stage2.Stage2Runner) drives, one outer lo
                                                         flags (named after the method: --<method>_<name>); every
                                                         stage-2 script has them (common.stage2.stage2_settings)
 """
+from common.condnum import CondNum
 from common.repnoise import RepNoise
 from common.sophon import Sophon
 
 METHODS = {"sophon": Sophon,
-           "repnoise": RepNoise}
+           "repnoise": RepNoise,
+           "condnum": CondNum}
