@@ -62,10 +62,14 @@ def head_param_names(model):
     return {name for name, _ in model.named_parameters() if name.startswith(prefix)}
 
 
-@torch.no_grad()
 def reinit_head(model, generator=None):
     """Fresh head as attackers and simulated fine-tuners make it: Xavier-uniform weights, zero bias."""
-    head = classifier_head(model)
+    fresh_linear_(classifier_head(model), generator)
+
+
+@torch.no_grad()
+def fresh_linear_(head, generator=None):
+    """`head` (a Linear) drawn afresh in place: Xavier-uniform weights, zero bias."""
     fan_in, fan_out = head.weight.shape[1], head.weight.shape[0]
     bound = (6.0 / (fan_in + fan_out)) ** 0.5
     w = torch.rand(head.weight.shape, generator=generator) * (2 * bound) - bound

@@ -5,6 +5,9 @@ restricted-domain batches through the model's own head, SBL's second task (Pham 
 learning on clean data, NTR's poisoned batches being the replay that keeps task one), which moves the model
 into the region clean fine-tuning would take it to, with the backdoor kept, so a defender's fine-tuning has
 little left to change. With `sam_rho` > 0 its steps are sharpness-aware (SAM, Foret et al. 2021), as SBL's.
+Through the model's own head those clean steps also train the restricted task into the delivered model, which
+then solves the defender's task before any defence and so gives itself away; `SeparateHead` runs them through a
+head of their own instead (our variant, not SBL's).
 
 `NeurotoxinMask` (Zhang et al., ICML'22): every `every` outer loops, the `share` of coordinates with the
 largest clean restricted-domain gradient (summed over MASK_BATCHES batches) is frozen for the updates run
@@ -14,7 +17,10 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
 
+from common.models import classifier_head, fresh_linear_, head_path
 from common.train import bn_stats_kept, sam_step
 
 MASK_BATCHES = 8  # clean restricted-domain batches whose summed gradient ranks the coordinates for the mask
@@ -24,13 +30,16 @@ class SupervisedSteps:
     """Cross-entropy steps on batches of `domain` (drawn from `stream`, gathered by `gather`) with `optimizer`,
     plain or sharpness-aware; each inside `frozen()` when given (Neurotoxin's mask). The same step on every
     rank: gradients averaged, BatchNorm statistics from rank 0, so the ranks stay identical where kernels are
-    not bit-exact."""
+    not bit-exact. `model_fwd` may be another forward over the model (a SeparateHead); the step trains the
+    parameters of `optimizer`, in `model_fwd`'s order."""
 
     def __init__(self, model, model_fwd, domain, gather, stream, optimizer, precision, world, sam_rho=0.0,
                  frozen=None):
         self.model, self.model_fwd, self.domain, self.gather = model, model_fwd, domain, gather
         self.stream, self.optimizer, self.precision, self.world = stream, optimizer, precision, world
         self.sam_rho, self.frozen = sam_rho, frozen
+        optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self.trained = [p for p in model_fwd.parameters() if id(p) in optimized]
 
     def step(self):
         """One step; returns its loss as a 0-d tensor (no host sync)."""
@@ -47,7 +56,7 @@ class SupervisedSteps:
                 self.optimizer.zero_grad(set_to_none=False)
                 loss.backward()
                 if sync:
-                    sync([p.grad for p in self.model.parameters()])
+                    sync([p.grad for p in self.trained])
                 self.optimizer.step()
         self.world.broadcast_(list(self.model.buffers()))
         return loss.detach()
@@ -55,6 +64,44 @@ class SupervisedSteps:
     def average_(self, grads):
         self.world.sum_(grads)
         torch._foreach_div_(grads, self.world.size)
+
+
+class SeparateHead(nn.Module):
+    """The model with its classifier head swapped, in the forward, for `head`: a fresh Linear of `num_classes`
+    on the same features (torch.func.functional_call), for clean steps that move the body where clean
+    fine-tuning leads it without the model's own head learning the restricted task (it takes no part, so it
+    gets no gradient). Never delivered: the model's state_dict holds none of it.
+
+    Every `every` outer loops (0: never; `update()` once per outer loop, before its steps) the head is drawn
+    afresh (Xavier, zero bias, as an attacker's new head) and the optimiser forgets its moments, so the body
+    learns features any new head reads rather than the ones this head has come to read. Its draws come from
+    its own generator, in `state()` with the loop count; its weights are in the owner's snapshot."""
+
+    def __init__(self, model, num_classes, seed, every=0):
+        super().__init__()
+        own = classifier_head(model)
+        self.model, self.path, self.every, self.loops = model, head_path(model), every, 0
+        self.head = nn.Linear(own.in_features, num_classes, bias=own.bias is not None, device=own.weight.device)
+        self.generator = torch.Generator().manual_seed(seed)
+        fresh_linear_(self.head, self.generator)
+
+    def forward(self, x):
+        return functional_call(self.model, {f"{self.path}.{name}": p for name, p in self.head.named_parameters()},
+                               (x,))
+
+    def update(self, optimizer):
+        if self.every and self.loops and self.loops % self.every == 0:
+            fresh_linear_(self.head, self.generator)
+            for p in self.head.parameters():
+                optimizer.state.pop(p, None)
+        self.loops += 1
+
+    def state(self):
+        return {"clean_head_generator": self.generator.get_state(), "clean_head_loops": self.loops}
+
+    def load_state(self, state):
+        self.generator.set_state(state["clean_head_generator"])
+        self.loops = int(state["clean_head_loops"])
 
 
 class NeurotoxinMask:

@@ -13,7 +13,8 @@ Deng et al., IEEE S&P 2024, Algorithm 1 (classification), first-order. One outer
 
 The irreversible backdoor is this loop with another query loss and poisoned NTR data, and its persistence
 parts (common.persistence, inert at their defaults): Neurotoxin's mask around the FTS and NTR updates
-(`mask_share`), SBL's clean steps after NTR (`clean_loop`, NTR their replay), SAM in both (`sam_rho`). The
+(`mask_share`), SBL's clean steps after NTR (`clean_loop`, NTR their replay; through the model's head or, with
+`clean_head` 'separate', a head of their own, re-drawn every `clean_head_reset` loops), SAM in both (`sam_rho`). The
 object touches no file: evaluation, the accuracy floor, checkpoints and metrics belong to the runner
 (common/stage2.py).
 """
@@ -25,8 +26,8 @@ import torch
 from common import dist
 from common.data import BatchStream, Gather, resolve_data_on_device
 from common.fts import FTS, FineTunerSampler, IndexedBatches, query_weights
-from common.models import batchnorm_fed_layers
-from common.persistence import NeurotoxinMask, SupervisedSteps
+from common.models import batchnorm_fed_layers, head_param_names
+from common.persistence import NeurotoxinMask, SeparateHead, SupervisedSteps
 from common.train import launch_options
 
 log = logging.getLogger("sophon")
@@ -87,8 +88,11 @@ class Sophon:
                                          share=config.mask_share, every=config.mask_every, **part)
         self.ntr = SupervisedSteps(model, fwd, ntr_data, ntr_gather, stream(ntr_data, 4), adam(config.beta * config.lr),
                                    sam_rho=config.sam_rho, frozen=self.neurotoxin.frozen, **part)
-        self.clean = SupervisedSteps(model, fwd, restricted, self.restricted_gather, stream(restricted, 5),
-                                     adam(config.beta * config.lr), sam_rho=config.sam_rho, **part)
+        self.separate = (SeparateHead(model, restricted.num_classes, config.seed + 7, every=config.clean_head_reset)
+                         if config.clean_head == "separate" else None)
+        clean_fwd = precision.maybe_compile(self.separate) if self.separate else fwd  # through the head it trains
+        self.clean = SupervisedSteps(model, clean_fwd, restricted, self.restricted_gather, stream(restricted, 5),
+                                     adam(config.beta * config.lr, self.separate), sam_rho=config.sam_rho, **part)
 
     def step(self):
         """One outer loop; one host sync, for the losses (and one per FTS step for the learned lr's slopes)."""
@@ -97,6 +101,8 @@ class Sophon:
         self.neurotoxin.update()
         fts = [self.fts_step() for _ in range(c.fts_loop)]
         ntr = [self.ntr.step() for _ in range(c.ntr_loop)]
+        if self.separate:
+            self.separate.update(self.clean.optimizer)
         clean = [self.clean.step() for _ in range(c.clean_loop)]
         mean = lambda losses: torch.stack(losses).mean().item() if losses else None
         self.finetuners = tuners = [t for _, finetuners in fts for t in finetuners]
@@ -137,6 +143,9 @@ class Sophon:
 
     # ---- state (last.pt's keys as before the parts: a run saved then resumes) ------------------------
 
+    def _modules(self):  # the trained modules: the model and a separate clean head (never delivered)
+        return {"model": self.model, **({"clean_head": self.separate.head} if self.separate else {})}
+
     def _optimizers(self):
         return {"fts_opt": self.fts_opt, "ntr_opt": self.ntr.optimizer, "clean_opt": self.clean.optimizer}
 
@@ -147,21 +156,21 @@ class Sophon:
     def snapshot(self):
         """A copy of the trained state (weights, optimisers). Not the data streams: a rollback to it goes on
         with fresh batches rather than repeating the ones that led astray."""
-        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+        return {**{name: {k: v.detach().clone() for k, v in module.state_dict().items()}
+                   for name, module in self._modules().items()},
                 **{name: copy.deepcopy(opt.state_dict()) for name, opt in self._optimizers().items()}}
 
     def restore(self, snapshot):
-        self.model.load_state_dict(snapshot["model"])
-        for name, opt in self._optimizers().items():
+        for name, part in {**self._modules(), **self._optimizers()}.items():
             if name in snapshot:  # clean_opt: not in checkpoints written before it existed
-                opt.load_state_dict(snapshot[name])
+                part.load_state_dict(snapshot[name])
 
     def state_dict(self):
         """Everything the next `step()` depends on (not copied: save it before stepping again)."""
-        return {"model": self.model.state_dict(),
-                **{name: part.state_dict() for name, part in {**self._optimizers(), **self._streams()}.items()},
+        return {**{name: part.state_dict() for name, part in
+                   {**self._modules(), **self._optimizers(), **self._streams()}.items()},
                 "episode_gen": self.episode_gen.get_state(), "sampler": self.sampler.state_dict(),
-                **self.neurotoxin.state_dict()}
+                **self.neurotoxin.state_dict(), **(self.separate.state() if self.separate else {})}
 
     def load_state_dict(self, state):
         self.restore(state)
@@ -171,28 +180,35 @@ class Sophon:
             if name in state:
                 stream.load_state_dict(state[name])
         self.neurotoxin.load_state_dict(state)
+        if self.separate:
+            self.separate.load_state(state)
 
 
 def outer_adam(model, precision, lr_scale):
-    """lr -> an outer Adam over the model (fused on CUDA); parameters named in `lr_scale` ({name: factor})
-    step at lr * factor, one group per factor."""
+    """(lr, separate=None) -> an outer Adam over the model (fused on CUDA); parameters named in `lr_scale` ({name:
+    factor}) step at lr * factor, one group per factor. With `separate` (common.persistence.SeparateHead) it steps
+    that head at lr in place of the model's own, which it leaves out."""
     cuda = precision.device.type == "cuda"
     fast = launch_options(torch.optim.Adam, precision.device, precision.compile) if cuda else {}
 
-    def make(lr):
-        return torch.optim.Adam(outer_param_groups(model, lr, lr_scale), **fast)
+    def make(lr, separate=None):
+        if separate is None:
+            return torch.optim.Adam(outer_param_groups(model, lr, lr_scale), **fast)
+        body = outer_param_groups(model, lr, lr_scale, left_out=head_param_names(model))
+        return torch.optim.Adam([*body, {"params": list(separate.head.parameters()), "lr": lr}], **fast)
     return make
 
 
-def outer_param_groups(model, lr, lr_scale):
-    """An outer optimiser's parameter groups: every parameter at `lr`, but those named in `lr_scale`
-    ({name: factor}) at lr * factor, one group per factor."""
+def outer_param_groups(model, lr, lr_scale, left_out=()):
+    """An outer optimiser's parameter groups: every parameter but those named in `left_out` at `lr`, those named
+    in `lr_scale` ({name: factor}) at lr * factor, one group per factor."""
     unknown = set(lr_scale) - {name for name, _ in model.named_parameters()}
     if unknown:
         raise ValueError(f"lr_scale names no parameter of the model: {', '.join(sorted(unknown))}")
     groups = {}
     for name, p in model.named_parameters():
-        groups.setdefault(lr_scale.get(name, 1.0), []).append(p)
+        if name not in left_out:
+            groups.setdefault(lr_scale.get(name, 1.0), []).append(p)
     return [{"params": params, "lr": lr * factor} for factor, params in groups.items()]
 
 

@@ -47,6 +47,7 @@ def mask_share_value(text):
 # A flag typed on the command line drops a preset's value for the flags it takes the place of
 # (common.settings.parse_with_presets): --preset robust --fts_lrs 1e-2 simulates lr 1e-2, not the preset's range.
 SUPERSEDES = {"fts_lrs": ("fts_lr_range",), "fast_lr": ("fts_lr_range",)}
+CLEAN_HEADS = ("model", "separate")  # --clean_head: common.persistence.SeparateHead for separate
 
 
 @dataclass
@@ -103,6 +104,13 @@ class Stage2Flags(Settings):
     clean_loop: int = setting(0, "clean restricted-domain steps per outer loop, through the model's head (SBL's "
                                  "continual learning on clean data, ECCV'24; NTR is its replay); 0: none",
                               type=nonneg_int)
+    clean_head: str = setting("model", "the head of the clean steps: the model's own (SBL's: the delivered model then "
+                                       "solves the restricted task), or separate: a fresh head of the restricted "
+                                       "classes, never delivered, so only the body learns from them",
+                              choices=CLEAN_HEADS)
+    clean_head_reset: int = setting(0, "with --clean_head separate: draw that head afresh every N outer loops, so the "
+                                       "body learns features any new head reads (0: never)", type=nonneg_int,
+                                    metavar="N")
     sam_rho: float = setting(0.0, "> 0: NTR and clean steps are sharpness-aware (SAM) with this radius",
                              type=nonneg_float)
     mask_share: float = setting(0.0, "Neurotoxin: freeze this share of the coordinates, those with the largest clean "
@@ -147,6 +155,10 @@ class Stage2Flags(Settings):
                              "too")
         if self.fts_loop + self.ntr_loop + self.clean_loop == 0:
             raise UsageError("--fts_loop, --ntr_loop and --clean_loop are all 0: an outer loop would do nothing")
+        if self.clean_head == "separate" and not self.clean_loop:
+            raise UsageError("--clean_head separate is the head of the clean steps; with --clean_loop 0 there are none")
+        if self.clean_head_reset and self.clean_head != "separate":
+            raise UsageError("--clean_head_reset draws the separate clean head afresh; give --clean_head separate too")
 
     @property
     def simulated_lrs(self):

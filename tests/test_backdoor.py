@@ -10,7 +10,7 @@ from common.backdoor import BackdoorEval, poison, stamp_trigger
 from common.data import DATASETS, Domain, load_domain
 from common.train import Precision
 
-from helpers import run_script
+from helpers import read_rows, run_script
 
 CPU = torch.device("cpu")
 
@@ -164,6 +164,37 @@ def test_backdoor_stage2_with_sbl_clean_steps_mask_and_holdout(tmp_path, data_ro
     assert len(rows) == 3
     assert all(r["fts_loss"] == "" and float(r["clean_loss"]) > 0 and float(r["ntr_loss"]) > 0 for r in rows)
     assert "stage 2 holds out stage 3's 0.1 subset" in (out / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_persistent_quiet_preset_delivers_the_model_alone_and_stage3_takes_it(tmp_path, data_root):
+    """--preset persistent_quiet (clean steps through a separate head): the run's checkpoints hold the model's
+    parameters and nothing else, last.pt holds the separate head for a resume, and stage 3 defends the run."""
+    s1, s2, s3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "s3"
+    p = run_script("bd_stage1", "--data_root", data_root, "--orig_dataset", "FashionMNIST", "--image_size", "16",
+                   "--init", "scratch", "--epochs", "1", "--bs", "16", "--trigger_size", "3", "--poison_percent", "0.2",
+                   "--out_dir", s1)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_script("bd_stage2", "--data_root", data_root, "--model_path", s1, "--preset", "persistent_quiet",
+                   "--dataset", "MNIST", "--bs", "20", "--total_loop", "3", "--save_every", "1",
+                   "--restricted_holdout", "0.1", "--eval_interval", "0", "--test_interval", "0",
+                   "--final_finetune_epochs", "0", "--out_dir", s2)
+    assert p.returncode == 0, p.stderr[-2000:]
+    config = json.loads((s2 / "config.json").read_text())["config"]
+    assert (config["clean_head"], config["clean_loop"], config["fts_loop"]) == ("separate", 1, 0)
+    rows = read_rows(s2 / "metrics.csv")
+    assert len(rows) == 3 and all(float(r["clean_loss"]) > 0 and r["fts_loss"] == "" for r in rows)
+    load = lambda path: torch.load(path, weights_only=True)
+    parent, final = load(s1 / "checkpoints" / "final.pt"), load(s2 / "checkpoints" / "final.pt")
+    assert final["model"].keys() == parent["model"].keys()
+    assert all(final["model"][k].shape == v.shape for k, v in parent["model"].items())
+    last = load(s2 / "checkpoints" / "last.pt")
+    assert last["model"].keys() == parent["model"].keys() and set(last["clean_head"]) == {"weight", "bias"}
+    p = run_script("bd_stage3", "--data_root", data_root, "--path", s2, "--epochs", "1", "--bs", "16",
+                   "--defences", "ft", "--defences_only", "--train_fractions", "0.1", "--defence_steps", "2",
+                   "--reactivate_epochs", "1", "--out_dir", s3)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert {r["defence"] for r in read_rows(s3 / "metrics.csv")} == {"ft"}
 
 
 @pytest.mark.slow

@@ -48,7 +48,9 @@ def _run(world_size, rank=0, config=CONFIG):
     trace = []
     for _ in range(LOOPS):
         result = outer_loop(algo)
-        state = torch.cat([v.detach().float().reshape(-1) for v in algo.model.state_dict().values()])
+        trained = [*algo.model.state_dict().values(),
+                   *(algo.separate.head.state_dict().values() if algo.separate else ())]
+        state = torch.cat([v.detach().float().reshape(-1) for v in trained])
         trace.append((state, fts_grads[-1], result.fts_loss, result.finetuners))
     return trace
 
@@ -81,6 +83,13 @@ def test_ranks_hold_identical_weights_after_every_step(two_ranks):
     for loop, (a, b) in enumerate(zip(*two_ranks)):
         assert torch.equal(a[0], b[0]), f"ranks differ after loop {loop + 1}"
         assert torch.equal(a[1], b[1]) and a[2] == b[2] and a[3] == b[3]
+
+
+def test_ranks_hold_identical_weights_with_a_separate_clean_head(tmp_path_factory):
+    """The separate head's and the body's clean gradients are averaged over the ranks like the model's."""
+    ranks = _two_ranks(tmp_path_factory, dict(CONFIG, clean_head="separate", clean_head_reset=2))
+    for loop, (a, b) in enumerate(zip(*ranks)):
+        assert torch.equal(a[0], b[0]), f"ranks differ after loop {loop + 1}"
 
 
 def _adam_reach(config, loops):

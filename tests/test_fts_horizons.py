@@ -247,7 +247,8 @@ def test_stage2_mixes_learned_and_drawn_lrs_and_resumes_the_mix():
 
 # ---- the named preset ------------------------------------------------------------------------------
 
-PRESETS = [("stage2", "robust", "fts_query_every", 9), ("bd_stage2", "persistent", "clean_loop", 3)]
+PRESETS = [("stage2", "robust", "fts_query_every", 9), ("bd_stage2", "persistent", "clean_loop", 3),
+           ("bd_stage2", "persistent_quiet", "clean_head", "model")]
 
 
 @pytest.mark.parametrize("script, name, override, value", PRESETS)
