@@ -13,17 +13,20 @@ is after the last inner step: the same learner, head policy, support/query split
 BatchNorm handling and flat memory, its own Adam (alpha * lr) and the FTS clip (`--fts_clip`).
 
 Where we follow the references and where not:
-- Kingma & Ba (ICLR'15), §2.1: Adam's step |Delta_t| is bounded by lr * (1 - beta1) / sqrt(1 - beta2) (3.2 lr at
-  torch's defaults) only when the gradient was zero at every earlier step, and is about lr otherwise; the box takes
-  the common case, K * lr (tests/test_box.py checks it on Adam and AdamW trajectories of a small network).
+- Kingma & Ba (ICLR'15), §2.1: Adam's step |Delta_t| is at most lr * (1 - beta1) / sqrt(1 - beta2) (3.2 lr at
+  torch's defaults), reached in the most severe sparsity (the gradient zero at every earlier step), and about lr
+  in common cases; the box takes the common case, K * lr, which a few coordinates may pass by a little
+  (tests/test_box.py checks it on Adam and AdamW trajectories of a small network).
 - SAM (Foret et al., ICLR'21): the gradient at perturbed weights applied to the unperturbed ones, first-order. We
   change the ball (L-infinity, Adam's reach, not L2), its objective (the attacker's restricted-domain
   cross-entropy, minimised, not the trained loss maximised) and the gradient taken there (the query loss's).
 - PGD (Madry et al., ICLR'18): projected sign steps in an L-infinity ball, here on weights, not inputs. We start
-  from delta = 0 (where the attacker starts), not a random point, and take steps of BOX_STEP_SPAN * r / steps, so
-  that the steps together can cross the box (Madry et al.'s CIFAR-10 attack: 7 steps of 2 for a radius of 8).
+  from delta = 0 (where the attacker starts), not a random point, and take steps of S * r / steps with S =
+  `box_sign_span`, 2 by default so that the steps together can cross the box (Madry et al.'s CIFAR-10 attack: 7
+  steps of 2 for a radius of 8). With S <= 1 the walk never reaches a face: the projection is then inert and a
+  box step is an FTS episode of sign descent at step S * r / steps, queried once at its end.
 - The relative box (`--box_scale relative`) measures lr and radius in units of each tensor's scale, max(RMS(w),
-  RELATIVE_FLOOR), as Adafactor's relative step (Shazeer & Stern, ICML'18, §8, whose epsilon_2 is the floor): the
+  RELATIVE_FLOOR), as Adafactor's relative step size (Shazeer & Stern, ICML'18, whose epsilon_2 is the floor): the
   reach of an optimiser whose step grows with the weights. A per-coordinate |w| would freeze every weight at zero
   (a new head's bias) and forbid a sign change. Absolute is the default: it is Adam's reach, which is the premise.
 """
@@ -36,7 +39,6 @@ from common.fts import HEAD_POLICIES, Attackers, FineTunerSampler, query_weights
 from common.settings import Settings, setting
 
 BOX = "box"  # the inner optimiser's name, in a box episode's FineTuner and the FTS's optimiser table
-BOX_STEP_SPAN = 2.0  # the sign steps together span this many radii: the box's width
 RELATIVE_FLOOR = 1e-3  # the relative box's smallest unit (Adafactor's epsilon_2): a tensor at zero still moves
 SCALES = ("absolute", "relative")
 
@@ -54,6 +56,9 @@ class BoxSettings(Settings):
                                          "K * lr * max(RMS(tensor), %g), the reach of steps that grow with the weights"
                                          % RELATIVE_FLOOR, choices=SCALES)
     box_sign_steps: int = setting(5, "projected sign steps that find the worst case in the box", type=pos_int)
+    box_sign_span: float = setting(2.0, "the sign steps together span S radii (each S * r / steps): S > 1 reaches the "
+                                        "box's faces and corners (PGD's choice); S <= 1 never reaches them, the box "
+                                        "step is then sign descent at that step", type=pos_float, metavar="S")
     box_head: list = setting("reinit", "the box attacker's head, drawn per attacker: reinit (new, its box around its "
                                        "initialisation) or keep (the model's)", type=comma_list(str, HEAD_POLICIES))
 
@@ -95,9 +100,10 @@ def box_radius(settings):
 
 def box_attackers(settings, optimizer):
     """The box step's attackers (common.fts.Attackers), from the stage-2 `settings`: ProjectedSignSGD at step
-    BOX_STEP_SPAN * r / steps over every layer, a head drawn from `box_head` per attacker, the query after the last
-    step alone (averaged over the `fts_envs` attackers), `optimizer` (an Adam at alpha * lr) applying the step."""
+    S * r / steps (S: `box_sign_span`) over every layer, a head drawn from `box_head` per attacker, the query after
+    the last step alone (averaged over the `fts_envs` attackers), `optimizer` (an Adam at alpha * lr) applying the
+    step."""
     steps = settings.box_sign_steps
-    sampler = FineTunerSampler([BOX], [BOX_STEP_SPAN * box_radius(settings) / steps], settings.box_head, ["all"],
-                               seed=settings.seed + 7)
+    sampler = FineTunerSampler([BOX], [settings.box_sign_span * box_radius(settings) / steps], settings.box_head,
+                               ["all"], seed=settings.seed + 7)
     return Attackers(sampler, steps, [w / settings.fts_envs for w in query_weights(steps, every=steps)], optimizer)

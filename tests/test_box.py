@@ -262,8 +262,11 @@ def test_the_box_flags_and_preset():
     parse_args = load_script("stage2").parse_args
     _, args = parse_args(["--preset", "box"])
     assert (args.fts_loop, args.box_loop, args.loss_type) == (0, 1, "entropy")
-    assert (args.box_adam_steps, args.box_adam_lr, args.box_scale, args.box_sign_steps, args.box_head) == \
-        (10, 1e-2, "absolute", 5, ["reinit"])
+    assert (args.box_adam_steps, args.box_adam_lr, args.box_scale, args.box_sign_steps, args.box_sign_span,
+            args.box_head) == (10, 1e-2, "absolute", 5, 2.0, ["reinit"])
+    assert box_attackers(args, None).sampler.sample().lr == pytest.approx(2.0 * 0.1 / 5)
+    _, args = parse_args(["--preset", "box", "--box_sign_span", "0.5", "--box_adam_steps", "20"])
+    assert box_attackers(args, None).sampler.sample().lr == pytest.approx(0.5 * 0.2 / 5), "S * r / steps"
     _, args = parse_args(["--preset", "robust", "--box_loop", "1", "--box_scale", "relative", "--box_head", "keep"])
     assert args.fts_loop == 1 and args.box_loop == 1 and args.box_head == ["keep"] and args.box_scale == "relative"
 
