@@ -59,6 +59,17 @@ class FineTuner:
     lr_learned: bool = False  # lr is the sampler's learned one (FineTunerSampler.adapt steps it after the episode)
 
 
+@dataclass
+class Attackers:
+    """The simulated attackers of one kind of FTS step: `sampler` draws each episode's FineTuner, which trains
+    `steps` inner steps with the query loss weighted by `weights` (one per step), and the outer `optimizer`
+    applies their summed gradient to the model."""
+    sampler: object
+    steps: int
+    weights: list
+    optimizer: object
+
+
 def check_lr_options(lr_range, lr_adapt, learned_share):
     """The rules tying the sampler's lr options together, worded as the stage-2 flags that set them (the
     settings raise these as usage errors)."""
@@ -163,9 +174,11 @@ def _split_pairs(batches, gen):
 
 
 class FTS:
-    """The FTS inner loop over a fixed learner; `query_loss(net, x_uint8, y)` is the FTE loss."""
+    """The FTS inner loop over a fixed learner; `query_loss(net, x_uint8, y)` is the FTE loss. `optimizers`: the
+    inner optimisers a FineTuner may name (common.train.make_optimizer's table)."""
 
-    def __init__(self, model, query_loss, to_input, precision):
+    def __init__(self, model, query_loss, to_input, precision, optimizers=FTS_OPTIMIZERS):
+        self.optimizers = optimizers
         self.learner = copy.deepcopy(model)
         self.learner_fwd = precision.maybe_compile(self.learner)
         self.query_loss = query_loss
@@ -194,7 +207,7 @@ class FTS:
                   for (name, lp), mp in zip(learner.named_parameters(), model.parameters()) if id(lp) in trained]
         device = next(model.parameters()).device
         inner = make_optimizer(finetuner.optimizer, trainable, finetuner.lr, device=device,
-                               compiled=self.precision.compile, table=FTS_OPTIMIZERS)
+                               compiled=self.precision.compile, table=self.optimizers)
         learner.train()
         for m in bn_eval:
             m.eval()

@@ -11,6 +11,10 @@ Deng et al., IEEE S&P 2024, Algorithm 1 (classification), first-order. One outer
       `fts_lr_learned_share` of the episodes, the others' drawn from `fts_lr_range`.
   NTR (`ntr_loop` times): cross-entropy on an original-domain batch, a separate Adam at beta * lr.
 
+  Box (`box_loop` times, beside FTS or in its place; common.box): the worst case of the L-infinity box an Adam
+      attacker reaches, found by projected sign steps on the restricted-domain cross-entropy, then an FTS step
+      with the query loss's gradient there, clipped to `fts_clip`, by its own Adam at alpha * lr.
+
 The irreversible backdoor is this loop with another query loss and poisoned NTR data, and its persistence
 parts (common.persistence, inert at their defaults): Neurotoxin's mask around the FTS and NTR updates
 (`mask_share`), SBL's clean steps after NTR (`clean_loop`, NTR their replay; through the model's head or, with
@@ -24,8 +28,9 @@ import logging
 import torch
 
 from common import dist
+from common.box import BoxSettings, box_attackers, box_optimizers
 from common.data import BatchStream, Gather, resolve_data_on_device
-from common.fts import FTS, FineTunerSampler, IndexedBatches, query_weights
+from common.fts import FTS, FTS_OPTIMIZERS, Attackers, FineTunerSampler, IndexedBatches, query_weights
 from common.models import batchnorm_fed_layers, head_param_names
 from common.persistence import NeurotoxinMask, SeparateHead, SupervisedSteps
 from common.train import launch_options
@@ -50,6 +55,7 @@ class Sophon:
 
     losses = ("fts_loss", "ntr_loss", "clean_loss")  # step()'s floats, in metrics.csv's order
     labels = ("fts_optimizer", "fts_lr", "fts_head", "fts_scope", "fts_schedule")  # its strings: what it drew
+    settings = BoxSettings  # the box attacker's flags; the others are Stage2Flags'
 
     @classmethod
     def build(cls, settings, model, task, precision):
@@ -69,8 +75,11 @@ class Sophon:
                       else Gather(ntr_data, precision.device, self.data_on_device))
         adam = outer_adam(model, precision, lr_scale or {})
         self.fts_opt = adam(config.alpha * config.lr)
+        self.box = box_attackers(config, adam(config.alpha * config.lr)) if config.box_loop else None
+        if self.box:  # its columns in the runs that have it alone
+            self.losses, self.labels = ("fts_loss", "box_loss", "ntr_loss", "clean_loss"), (*self.labels, "box_head")
         to_input = lambda x: restricted.to_input(x, precision.device, None, precision.channels_last)
-        self.fts = FTS(model, query_loss, to_input, precision)
+        self.fts = FTS(model, query_loss, to_input, precision, {**FTS_OPTIMIZERS, **box_optimizers(config)})
         self.episode_gen = torch.Generator().manual_seed(config.seed + 1)  # one seed per episode
         self.sampler = FineTunerSampler(config.fts_optimizers, config.simulated_lrs, config.fts_head,
                                         config.fts_scope, seed=config.seed + 2, schedules=config.fts_schedules,
@@ -79,6 +88,7 @@ class Sophon:
         # the FTS loss is the weighted mean over the queried inner steps and the environments
         self.step_weights = [w / config.fts_envs for w in query_weights(
             config.adaptation_steps, config.fts_query_every, config.fts_step_weights)]
+        self.attackers = Attackers(self.sampler, config.adaptation_steps, self.step_weights, self.fts_opt)
         stream = lambda domain, offset: BatchStream(len(domain), config.bs, seed=config.seed + offset)
         self.restricted_stream = stream(restricted, 3)
         # NTR, and the irreversible backdoor's persistence parts (common.persistence; inert at their defaults):
@@ -99,7 +109,8 @@ class Sophon:
         c = self.config
         self.model.train()
         self.neurotoxin.update()
-        fts = [self.fts_step() for _ in range(c.fts_loop)]
+        fts = [self.fts_step(self.attackers) for _ in range(c.fts_loop)]
+        box = [self.fts_step(self.box) for _ in range(c.box_loop)]
         ntr = [self.ntr.step() for _ in range(c.ntr_loop)]
         if self.separate:
             self.separate.update(self.clean.optimizer)
@@ -109,36 +120,39 @@ class Sophon:
         return {"fts_loss": mean([loss for loss, _ in fts]), "ntr_loss": mean(ntr), "clean_loss": mean(clean),
                 "fts_optimizer": ";".join(t.optimizer for t in tuners), "fts_lr": ";".join(f"{t.lr:g}" for t in tuners),
                 "fts_head": ";".join(t.head for t in tuners), "fts_scope": ";".join(t.scope for t in tuners),
-                "fts_schedule": ";".join(t.schedule for t in tuners)}
+                "fts_schedule": ";".join(t.schedule for t in tuners),
+                **({"box_loss": mean([loss for loss, _ in box]),
+                    "box_head": ";".join(t.head for _, drawn in box for t in drawn)} if self.box else {})}
 
-    def fts_step(self):
-        """Returns (the FTS loss as a 0-d tensor, the fine-tuners sampled)."""
-        c, params = self.config, list(self.model.parameters())
+    def fts_step(self, attackers):
+        """An FTS step of `attackers` (common.fts.Attackers: the simulated fine-tuners, or the box's); returns (its
+        loss as a 0-d tensor, the fine-tuners sampled)."""
+        c, params, sampler = self.config, list(self.model.parameters()), attackers.sampler
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         torch._foreach_zero_([p.grad for p in params])
         loss = torch.zeros((), device=self.precision.device)
         slopes = torch.zeros(c.fts_envs, device=self.precision.device)  # d(attacker's loss)/d(log lr) per env
-        plan = [(self.sampler.sample(), [self.restricted_stream.next() for _ in range(c.adaptation_steps)],
+        plan = [(sampler.sample(), [self.restricted_stream.next() for _ in range(attackers.steps)],
                  int(torch.randint(2**62, (), generator=self.episode_gen)),
-                 self.restricted_stream.next() if c.fts_lr_adapt else None) for _ in range(c.fts_envs)]
+                 self.restricted_stream.next() if sampler.lr_adapt else None) for _ in range(c.fts_envs)]
         for env, (finetuner, indices, seed, probe) in enumerate(plan):
             if env % self.world.size == self.world.rank:
                 batches = IndexedBatches(indices, self.restricted_gather)
                 gen = torch.Generator().manual_seed(seed)
-                episode_loss, origin = self.fts.episode(self.model, batches, finetuner, self.step_weights, gen)
+                episode_loss, origin = self.fts.episode(self.model, batches, finetuner, attackers.weights, gen)
                 loss += episode_loss
                 if finetuner.lr_learned:  # probe: a batch the episode did not train on, the attacker's held-out loss
                     probe_batch = self.restricted_gather(self.restricted_gather.indices(probe))
                     slopes[env] = self.fts.lr_slope(origin, *probe_batch)
-        self.world.sum_([p.grad for p in params] + [loss.view(1)] + ([slopes] if c.fts_lr_adapt else []))
+        self.world.sum_([p.grad for p in params] + [loss.view(1)] + ([slopes] if sampler.lr_adapt else []))
         torch.nn.utils.clip_grad_norm_(params, c.fts_clip)
         with self.neurotoxin.frozen():
-            self.fts_opt.step()
-        if c.fts_lr_adapt:
+            attackers.optimizer.step()
+        if sampler.lr_adapt:
             for (finetuner, *_), slope in zip(plan, slopes.tolist()):
-                self.sampler.adapt(finetuner, slope)
+                sampler.adapt(finetuner, slope)
         return loss, [finetuner for finetuner, *_ in plan]
 
     # ---- state (last.pt's keys as before the parts: a run saved then resumes) ------------------------
@@ -147,11 +161,12 @@ class Sophon:
         return {"model": self.model, **({"clean_head": self.separate.head} if self.separate else {})}
 
     def _optimizers(self):
-        return {"fts_opt": self.fts_opt, "ntr_opt": self.ntr.optimizer, "clean_opt": self.clean.optimizer}
+        return {"fts_opt": self.fts_opt, "ntr_opt": self.ntr.optimizer, "clean_opt": self.clean.optimizer,
+                **({"box_opt": self.box.optimizer} if self.box else {})}
 
     def _streams(self):
         return {"restricted_stream": self.restricted_stream, "ntr_stream": self.ntr.stream,
-                "clean_stream": self.clean.stream}
+                "clean_stream": self.clean.stream, **({"box_sampler": self.box.sampler} if self.box else {})}
 
     def snapshot(self):
         """A copy of the trained state (weights, optimisers). Not the data streams: a rollback to it goes on

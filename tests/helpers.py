@@ -210,3 +210,31 @@ def step_resumed(reference, state, make, steps):
     for k, v in resumed.model.state_dict().items():
         assert torch.allclose(v.float(), reference.model.state_dict()[k].float(), atol=1e-6), k
     return expected, got
+
+
+class SavedBytes:
+    """Peak bytes of tensors saved for backward that are alive at the same time."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+        tracker = self
+
+        class Holder:
+            __slots__ = ("t", "n")
+
+            def __init__(self, t):
+                self.t, self.n = t, t.numel() * t.element_size()
+                tracker.live += self.n
+                tracker.peak = max(tracker.peak, tracker.live)
+
+            def __del__(self):
+                tracker.live -= self.n
+
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(Holder, lambda h: h.t)
+
+    def __enter__(self):
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)

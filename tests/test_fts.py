@@ -11,7 +11,7 @@ from common.fts import FTS, FTS_OPTIMIZERS, FineTuner, FineTunerSampler, query_w
 from common.losses import inverse_ce, kl_uniform
 from common.models import build_model
 from common.train import Precision
-from helpers import TinyNet, linear_model
+from helpers import SavedBytes, TinyNet, linear_model
 
 CPU = Precision(torch.device("cpu"))
 
@@ -225,41 +225,13 @@ def test_head_scope_adapts_only_the_head():
 
 # ---- f. memory does not grow with adaptation_steps ------------------------------------------------
 
-class _SavedBytes:
-    """Peak bytes of tensors saved for backward that are alive at the same time."""
-
-    def __init__(self):
-        self.live = self.peak = 0
-        tracker = self
-
-        class Holder:
-            __slots__ = ("t", "n")
-
-            def __init__(self, t):
-                self.t, self.n = t, t.numel() * t.element_size()
-                tracker.live += self.n
-                tracker.peak = max(tracker.peak, tracker.live)
-
-            def __del__(self):
-                tracker.live -= self.n
-
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(Holder, lambda h: h.t)
-
-    def __enter__(self):
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-
-
 def _episode_peak(steps, optimizer, schedule="constant", every=1, kind="uniform"):
     torch.manual_seed(0)
     model = TinyNet(width=8)
     fts = FTS(model, lambda net, x, y: kl_uniform(net(_to_float(x)), y), _to_float, CPU)
     _zero_grads(model)
     batches = _image_batches(steps, 20, 16, seed=7)
-    with _SavedBytes() as meter:
+    with SavedBytes() as meter:
         fts.episode(model, batches, FineTuner(optimizer, 1e-2, "reinit", "all", schedule),
                     query_weights(steps, every, kind), _gen(0))
     return meter.peak
@@ -270,7 +242,7 @@ def test_memory_meter_sees_graphs_kept_alive():
     def naive(steps):
         torch.manual_seed(0)
         model = TinyNet(width=8)
-        with _SavedBytes() as meter:
+        with SavedBytes() as meter:
             losses = [kl_uniform(model(_to_float(x))) for x, _ in _image_batches(steps, 20, 16, seed=7)]
             torch.stack(losses).sum().backward()
         return meter.peak

@@ -3,6 +3,7 @@
     python sophon_orig/stage2_train/algo.py --alpha 3 --beta 5 --dataset CIFAR10 --arch resnet18
     python sophon_orig/stage2_train/algo.py --loss_type kl --model_path runs/sophon_orig/stage1_pretrain/<run>
     python sophon_orig/stage2_train/algo.py --preset robust --dataset MNIST      # long, scale-free simulated attackers
+    python sophon_orig/stage2_train/algo.py --preset box --dataset MNIST         # the worst case in Adam's reach
     torchrun --nproc_per_node 4 sophon_orig/stage2_train/algo.py --fts_envs 4 ...   # environments over 4 GPUs
 """
 from dataclasses import dataclass
@@ -37,9 +38,12 @@ FINETUNE_LR = 1e-4
 SEED = 0
 # Named configurations (--preset NAME): flag values as typed; flags on the command line still win.
 # robust: long, scale-free simulated attackers (README, "Protection against adaptive attackers").
+# box: the worst case of the L-infinity box an Adam attacker reaches in place of FTS (common/box.py); beside the robust
+# preset's attackers: --preset robust --box_loop 1.
 PRESETS = {"robust": {"loss_type": "entropy", "adaptation_steps": 20, "fts_query_every": 2, "fts_step_weights": "exp",
                       "fts_optimizers": "momentum,adam,adamw,rmsprop,sign", "fts_lr_range": "1e-5,1e-3",
-                      "fts_schedules": "constant,cosine,warmup_cosine", "fts_head": "reinit,keep"}}
+                      "fts_schedules": "constant,cosine,warmup_cosine", "fts_head": "reinit,keep"},
+           "box": {"loss_type": "entropy", "fts_loop": 0, "box_loop": 1}}
 
 
 @dataclass
