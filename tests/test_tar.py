@@ -1,18 +1,23 @@
 """TAR's recipe in SOPHON's FTS (Tamirisa et al. ICLR'25): the retain-then-forget adversary, the representation
-term of the retain loss, the exp weights' rate."""
+term of the retain loss, the exp weights' rate, and --preset tar through the stage script."""
 import copy
+import json
 import math
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from common.cli import UsageError
 from common.data import Gather
 from common.fts import FTS, FineTuner, FineTunerSampler, IndexedBatches, query_weights, support_query_split
 from common.persistence import RepresentationRetain
 from common.train import Precision, sam_step
-from helpers import TinyNet, outer_loop, step_resumed, tiny_domain, tiny_sophon
+from helpers import SCRIPTS, TinyNet, load_script, outer_loop, read_rows, step_resumed, tiny_domain, tiny_sophon
 from test_fts import _SavedBytes
+from test_fts_horizons import test_preset_help_lists_what_it_sets as help_lists_preset
+from test_fts_horizons import test_preset_sets_its_flags_and_given_flags_win as preset_sets_flags
 
 CPU = Precision(torch.device("cpu"))
 
@@ -245,3 +250,56 @@ def test_ntr_with_the_representation_term_steps_on_its_gradient(sam_rho):
         outer_loop(algo)
     for (name, got), want in zip(algo.model.state_dict().items(), reference.state_dict().values()):
         assert torch.allclose(got.float(), want.float(), atol=1e-5), name
+
+
+# ---- the preset ------------------------------------------------------------------------------------
+
+TAR_FLAGS = {"loss_type": "entropy", "adaptation_steps": 64, "fts_optimizers": ["adamw"],
+             "fts_lrs": [1e-3, 1e-2, 2e-2], "fts_head": ["reinit", "keep"], "fts_scope": ["all"],
+             "fts_schedules": ["constant"], "fts_envs": 1, "fts_query_every": 4, "fts_step_weights": "exp",
+             "fts_exp_rate": 4.0, "fts_retain_steps": [29, 37, 43, 48, 54], "fts_retain_share": 0.33,
+             "ntr_rep_weight": 1.0, "alpha": 4.0, "beta": 1.0, "lr": 1e-4, "total_loop": 750, "fts_lr_range": None}
+
+
+def test_preset_tar_parses_to_tars_values():
+    _, args = load_script("stage2").parse_args(["--preset", "tar"])
+    assert {k: getattr(args, k) for k in TAR_FLAGS} == TAR_FLAGS
+
+
+def test_preset_tar_sets_every_flag_it_names_and_typed_flags_win(capsys):
+    preset_sets_flags("stage2", "tar", "fts_retain_share", 0.5)
+    help_lists_preset(capsys, "stage2", "tar", "fts_retain_share", 0.5)
+
+
+def test_preset_tar_retain_steps_must_fit_a_shorter_episode():
+    parse_args = load_script("stage2").parse_args
+    with pytest.raises(UsageError, match="leaves no restricted step"):
+        parse_args(["--preset", "tar", "--adaptation_steps", "16"])
+    _, args = parse_args(["--preset", "tar", "--adaptation_steps", "16", "--fts_retain_steps", "7,9,11"])
+    assert args.fts_retain_steps == [7, 9, 11] and args.fts_retain_share == 0.33
+
+
+@pytest.mark.slow
+def test_preset_tar_runs_through_the_stage_script(tmp_path, data_root, stage1_run, monkeypatch, restore_signals,
+                                                  quiet_log):
+    out = tmp_path / "run"
+    argv = ["--preset", "tar", "--adaptation_steps", "6", "--fts_query_every", "2", "--fts_retain_steps", "2,3",
+            "--fts_retain_share", "0.5", "--total_loop", "4", "--model_path", str(stage1_run), "--dataset", "MNIST",
+            "--bs", "20", "--eval_interval", "2", "--test_interval", "0", "--final_finetune_epochs", "1",
+            "--finetune_epochs", "1", "--min_orig_acc", "0", "--data_root", str(data_root), "--out_dir", str(out)]
+    monkeypatch.setattr(sys, "argv", [str(SCRIPTS["stage2"]), *argv])
+    assert load_script("stage2").main(argv) == 0
+    rows = read_rows(out / "metrics.csv")
+    assert list(rows[0])[-2:] == ["fts_retain_steps", "seconds"]
+    assert [r["loop"] for r in rows] == ["1", "2", "3", "4"]
+    assert {r["fts_optimizer"] for r in rows} == {"adamw"} and {r["fts_retain_steps"] for r in rows} <= {"0", "2", "3"}
+    assert all(math.isfinite(float(r["fts_loss"])) and float(r["ntr_loss"]) > 0 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["loops_completed"] == 4 and (out / "checkpoints" / "final.pt").is_file()
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["preset"] == "tar" and config["fts_retain_steps"] == [2, 3] and config["ntr_rep_weight"] == 1.0
+    stage3 = tmp_path / "stage3"
+    assert load_script("stage3").main(["--path", str(out), "--epochs", "1", "--bs", "16", "--data_root",
+                                       str(data_root), "--out_dir", str(stage3)]) == 0
+    results = json.loads((stage3 / "summary.json").read_text())["results"]
+    assert sorted(r["start"] for r in results) == ["normal", "scratch", "sophon"]
