@@ -104,7 +104,8 @@ def test_retain_then_forget_episode_matches_a_hand_written_one():
     for k, (domain, idx) in enumerate([(original, i) for i in retain_rows] + [(restricted, i) for i in rows]):
         support, held = idx[splits[k][0]], idx[splits[k][1]]
         optimizer.zero_grad()
-        F.cross_entropy(reference(domain.to_input(domain.images[support], CPU.device)), domain.labels[support]).backward()
+        x = domain.to_input(domain.images[support], CPU.device)
+        F.cross_entropy(reference(x), domain.labels[support]).backward()
         optimizer.step()
         if weights[k]:
             grads = torch.autograd.grad(query(reference, restricted.images[held], restricted.labels[held]),
