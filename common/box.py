@@ -106,4 +106,5 @@ def box_attackers(settings, optimizer):
     steps = settings.box_sign_steps
     sampler = FineTunerSampler([BOX], [settings.box_sign_span * box_radius(settings) / steps], settings.box_head,
                                ["all"], seed=settings.seed + 7)
-    return Attackers(sampler, steps, [w / settings.fts_envs for w in query_weights(steps, every=steps)], optimizer)
+    return Attackers(sampler, steps, {0: [w / settings.fts_envs for w in query_weights(steps, every=steps)]},
+                     optimizer)

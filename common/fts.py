@@ -31,19 +31,23 @@ STEP_WEIGHTS = ("uniform", "exp")
 EXP_STEP_RATE = 3.0  # exp step weights: the last queried step weighs e^3 (about 20) times the first
 
 
-def query_weights(adaptation_steps, every=1, kind="uniform"):
+def query_weights(adaptation_steps, every=1, kind="uniform", rate=EXP_STEP_RATE, retain_steps=0):
     """Weight of the query loss after each of an episode's `adaptation_steps` inner steps, summing to 1.
 
     The query is taken after every `every`-th step and after the last (the adapted weights the attacker ends
     with always count); the other steps get weight 0 and skip the query pass. uniform: equal weights.
-    exp: weight proportional to exp(EXP_STEP_RATE * k / adaptation_steps) at step k (1-based), so that the
-    loss late in the simulated fine-tuning, where a real attacker goes on, dominates (TAR, Tamirisa et al.
-    ICLR'25)."""
+    exp: weight proportional to exp(rate * k / adaptation_steps) at step k (1-based), so that the loss late in
+    the simulated fine-tuning, where a real attacker goes on, dominates (TAR, Tamirisa et al. ICLR'25, whose
+    schedule exp(0.0625 (k - 64)) over 64 steps is rate 4). A retain-then-forget episode's first
+    `retain_steps` steps train on the original domain and are not queried; k still counts them, as TAR's
+    schedule does."""
     if kind not in STEP_WEIGHTS:
         raise ValueError(f"unknown step weights {kind!r} (choose from {', '.join(STEP_WEIGHTS)})")
+    if not 0 <= retain_steps < adaptation_steps:
+        raise ValueError(f"{retain_steps} retain steps leave no restricted step of {adaptation_steps}")
     inner = range(1, adaptation_steps + 1)
-    queried = [k for k in inner if k % every == 0 or k == adaptation_steps]
-    raw = {k: (1.0 if kind == "uniform" else math.exp(EXP_STEP_RATE * k / adaptation_steps)) for k in queried}
+    queried = [k for k in inner if k > retain_steps and (k % every == 0 or k == adaptation_steps)]
+    raw = {k: (1.0 if kind == "uniform" else math.exp(rate * k / adaptation_steps)) for k in queried}
     total = sum(raw.values())
     return [raw.get(k, 0.0) / total for k in inner]
 
@@ -57,16 +61,18 @@ class FineTuner:
     scope: str = "all"
     schedule: str = "constant"  # lr schedule over the episode's inner steps (common.finetune.SCHEDULES)
     lr_learned: bool = False  # lr is the sampler's learned one (FineTunerSampler.adapt steps it after the episode)
+    retain_steps: int = 0  # > 0: retain-then-forget, its first inner steps on the original domain (FineTunerSampler)
 
 
 @dataclass
 class Attackers:
     """The simulated attackers of one kind of FTS step: `sampler` draws each episode's FineTuner, which trains
-    `steps` inner steps with the query loss weighted by `weights` (one per step), and the outer `optimizer`
-    applies their summed gradient to the model."""
+    `steps` inner steps with the query loss weighted by `weights[retain steps]` (one weight per step; a
+    retain-then-forget episode's own, else weights[0]), and the outer `optimizer` applies their summed gradient
+    to the model."""
     sampler: object
     steps: int
-    weights: list
+    weights: dict
     optimizer: object
 
 
@@ -92,16 +98,23 @@ class FineTunerSampler:
     middle, and after each episode `adapt` moves its log by `lr_adapt` against the sign of d(attacker's
     loss)/d(log lr), within the range. The sign makes the step scale-free, as the optimisers' lrs differ by
     orders of magnitude. `learned_share` < 1 mixes the two: that share of the episodes uses the learned lr, the
-    others draw theirs from the range, so the attackers who fine-tune at other lrs are still simulated."""
+    others draw theirs from the range, so the attackers who fine-tune at other lrs are still simulated.
+
+    A `retain_share` of the episodes are retain-then-forget (TAR's retain_forget_switch adversary, Tamirisa et
+    al. ICLR'25): their first N inner steps, N drawn from `retain_steps`, train on the original domain, the
+    others on the restricted one, as an attacker who first moves the weights with benign data."""
 
     def __init__(self, optimizers, lrs, heads, scopes, seed, schedules=("constant",), lr_range=None, lr_adapt=0.0,
-                 learned_share=1.0):
+                 learned_share=1.0, retain_steps=(), retain_share=0.0):
         check_lr_options(lr_range, lr_adapt, learned_share)
+        if retain_share and not retain_steps:
+            raise ValueError("a retain share needs the retain steps to draw from")
         lrs = [None] if lr_range else lrs
         self.choices = [FineTuner(o, lr if lr is None else float(lr), h, s, sch) for o, lr, h, s, sch
                         in itertools.product(optimizers, lrs, heads, scopes, schedules)]
         self.lr_range, self.lr_adapt, self.learned_share = lr_range, lr_adapt, learned_share
         self.log_lr = {o: sum(math.log(v) for v in lr_range) / 2 for o in optimizers} if lr_adapt else {}
+        self.retain_steps, self.retain_share = list(retain_steps), retain_share
         self.rng = random.Random(seed)
 
     def sample(self):
@@ -112,6 +125,8 @@ class FineTunerSampler:
         elif self.lr_range:
             lo, hi = (math.log(v) for v in self.lr_range)
             tuner = replace(tuner, lr=math.exp(self.rng.uniform(lo, hi)))
+        if self.retain_share and self.rng.random() < self.retain_share:
+            tuner = replace(tuner, retain_steps=self.rng.choice(self.retain_steps))
         return tuner
 
     def adapt(self, finetuner, slope):
@@ -144,33 +159,41 @@ def support_query_split(n, gen):
 
 class IndexedBatches:
     """An episode's batches as rows of sample indices, for `FTS.episode`; `gather` (common.data.Gather) turns
-    a row into (uint8 images, labels).
+    a row into (uint8 images, labels). `retain`: (rows, gather, to_input) of a retain-then-forget episode's
+    original-domain batches, which come first, made model input by their own `to_input`.
 
     The episode's support/query splits are drawn first, in order, from its generator, and each row is
-    permuted by its split: then one copy brings every row of the episode to the device (when the data lives
-    there), one gather per batch yields support and query together, and each is a slice of it. The samples
-    are those of `(images[idx][support], images[idx][query])`, the (x, y) pairs' path."""
+    permuted by its split: then one copy per domain brings its rows of the episode to the device (when the
+    data lives there), one gather per batch yields support and query together, and each is a slice of it. The
+    samples are those of `(images[idx][support], images[idx][query])`, the (x, y) pairs' path."""
 
-    def __init__(self, indices, gather):
-        self.indices, self.gather = list(indices), gather
+    def __init__(self, indices, gather, retain=None):
+        self.segments = ([retain] if retain else []) + [(list(indices), gather, None)]
+
+    def __len__(self):
+        return sum(len(rows) for rows, _, _ in self.segments)
 
     def split(self, gen):
-        """Yields (x_support, y_support, x_query, y_query) per batch."""
-        rows, cuts = [], []
-        for idx in self.indices:
-            support, query = support_query_split(len(idx), gen)
-            rows.append(idx[torch.cat([support, query])])
-            cuts.append(len(support))
-        moved = self.gather.indices(torch.cat(rows)).split([len(r) for r in rows])
-        for row, cut in zip(moved, cuts):
-            x, y = self.gather(row)
-            yield x[:cut], y[:cut], x[cut:], y[cut:]
+        """Yields (to_input, x_support, y_support, x_query, y_query) per batch; to_input None: the FTS's own."""
+        drawn = []
+        for indices, gather, to_input in self.segments:
+            rows, cuts = [], []
+            for idx in indices:
+                support, query = support_query_split(len(idx), gen)
+                rows.append(idx[torch.cat([support, query])])
+                cuts.append(len(support))
+            drawn.append((rows, cuts, gather, to_input))
+        for rows, cuts, gather, to_input in drawn:
+            moved = gather.indices(torch.cat(rows)).split([len(r) for r in rows])
+            for row, cut in zip(moved, cuts):
+                x, y = gather(row)
+                yield to_input, x[:cut], y[:cut], x[cut:], y[cut:]
 
 
 def _split_pairs(batches, gen):
     for x, y in batches:
         support, query = support_query_split(len(y), gen)
-        yield x[support], y[support], x[query], y[query]
+        yield None, x[support], y[support], x[query], y[query]
 
 
 class FTS:
@@ -189,7 +212,8 @@ class FTS:
     def episode(self, model, batches, finetuner, weights, gen):
         """Run one simulated fine-tuning over `batches` ([(x_uint8, y)], or an IndexedBatches), adding
         w_k * dQuery_k/dW to model grads (which must exist) after inner step k. `weights`: one float for every
-        step, or one per step (query_weights), where 0 skips that step's query pass. `gen` draws the episode's
+        step, or one per step (query_weights), where 0 skips that step's query pass (as on a retain-then-forget
+        episode's original-domain steps, whose query split goes unused). `gen` draws the episode's
         randomness (a new head, then the support/query splits). Returns sum_k w_k Query_k, the loss whose
         gradient was added, as a 0-d tensor (no host sync), and the episode's origin for `lr_slope`: each trained
         learner parameter with the weights it started from."""
@@ -217,13 +241,13 @@ class FTS:
         model_grads = [mp.grad for _, mp in pairs]
         total = torch.zeros((), device=device)
         steps = batches.split(gen) if isinstance(batches, IndexedBatches) else _split_pairs(batches, gen)
-        adaptation_steps = len(batches.indices) if isinstance(batches, IndexedBatches) else len(batches)
+        adaptation_steps = len(batches)
         per_step = [float(weights)] * adaptation_steps if isinstance(weights, (int, float)) else list(weights)
         if len(per_step) != adaptation_steps:
             raise ValueError(f"{len(per_step)} step weights for {adaptation_steps} inner steps")
         lr_factor = schedule_factor(finetuner.schedule, adaptation_steps)
-        for k, (x_support, y_support, x_query, y_query) in enumerate(steps):
-            xs = self.to_input(x_support)
+        for k, (to_input, x_support, y_support, x_query, y_query) in enumerate(steps):
+            xs = (to_input or self.to_input)(x_support)
             ys = y_support.to(device, non_blocking=True)
             with self.precision.autocast():
                 support_loss = F.cross_entropy(self.learner_fwd(xs).float(), ys)

@@ -9,11 +9,15 @@ Through the model's own head those clean steps also train the restricted task in
 then solves the defender's task before any defence and so gives itself away; `SeparateHead` runs them through a
 head of their own instead (our variant, not SBL's).
 
+`RepresentationRetain` is TAR's retain loss (Tamirisa et al., ICLR'25) for NTR: cross-entropy plus the distance
+of the model's features to the frozen stage-1 model's.
+
 `NeurotoxinMask` (Zhang et al., ICML'22): every `every` outer loops, the `share` of coordinates with the
 largest clean restricted-domain gradient (summed over MASK_BATCHES batches) is frozen for the updates run
 inside `frozen()`, so the backdoor is written where clean fine-tuning moves the weights least.
 """
 import contextlib
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -26,18 +30,23 @@ from common.train import bn_stats_kept, sam_step
 MASK_BATCHES = 8  # clean restricted-domain batches whose summed gradient ranks the coordinates for the mask
 
 
+def _cross_entropy(logits, y):
+    return F.cross_entropy(logits.float(), y)
+
+
 class SupervisedSteps:
     """Cross-entropy steps on batches of `domain` (drawn from `stream`, gathered by `gather`) with `optimizer`,
     plain or sharpness-aware; each inside `frozen()` when given (Neurotoxin's mask). The same step on every
     rank: gradients averaged, BatchNorm statistics from rank 0, so the ranks stay identical where kernels are
     not bit-exact. `model_fwd` may be another forward over the model (a SeparateHead); the step trains the
-    parameters of `optimizer`, in `model_fwd`'s order."""
+    parameters of `optimizer`, in `model_fwd`'s order. `loss`: another loss than cross-entropy, a
+    RepresentationRetain."""
 
     def __init__(self, model, model_fwd, domain, gather, stream, optimizer, precision, world, sam_rho=0.0,
-                 frozen=None):
+                 frozen=None, loss=None):
         self.model, self.model_fwd, self.domain, self.gather = model, model_fwd, domain, gather
         self.stream, self.optimizer, self.precision, self.world = stream, optimizer, precision, world
-        self.sam_rho, self.frozen = sam_rho, frozen
+        self.sam_rho, self.frozen, self.loss = sam_rho, frozen, loss
         optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self.trained = [p for p in model_fwd.parameters() if id(p) in optimized]
 
@@ -47,12 +56,14 @@ class SupervisedSteps:
         x = self.domain.to_input(x, self.precision.device, None, self.precision.channels_last)
         y = y.to(self.precision.device, non_blocking=True)
         sync = self.average_ if self.world.distributed else None
-        with self.frozen() if self.frozen else contextlib.nullcontext():
+        loss_of = self.loss.on(x) if self.loss else contextlib.nullcontext(_cross_entropy)
+        with self.frozen() if self.frozen else contextlib.nullcontext(), loss_of as loss_fn:
             if self.sam_rho:
-                loss, _ = sam_step(self.model_fwd, x, y, self.optimizer, self.precision, self.sam_rho, sync=sync)
+                loss, _ = sam_step(self.model_fwd, x, y, self.optimizer, self.precision, self.sam_rho, sync=sync,
+                                   loss_fn=loss_fn)
             else:
                 with self.precision.autocast():
-                    loss = F.cross_entropy(self.model_fwd(x).float(), y)
+                    loss = loss_fn(self.model_fwd(x), y)
                 self.optimizer.zero_grad(set_to_none=False)
                 loss.backward()
                 if sync:
@@ -102,6 +113,51 @@ class SeparateHead(nn.Module):
     def load_state(self, state):
         self.generator.set_state(state["clean_head_generator"])
         self.loops = int(state["clean_head_loops"])
+
+
+class RepresentationRetain:
+    """TAR's retain loss (Tamirisa et al. ICLR'25; rishub-tamirisa/tamper-resistance, modules/objectives.py
+    obj_model_mse_representations): cross-entropy + `weight` x the L2 distance between the model's features and
+    those of `model` as it is now, frozen (the stage-1 model, when built with the method), on the same batch,
+    mean over the batch. TAR averages that distance over every hidden state of its LLM, with weight 1; we take
+    it at the head's input, the features an attacker's new head reads. The frozen copy runs in the model's
+    mode, BatchNorm on the batch's statistics in training (its running statistics kept), so the term is 0
+    until the model moves."""
+
+    def __init__(self, model, weight, precision):
+        self.model, self.weight, self.precision = model, weight, precision
+        self.anchor = copy.deepcopy(model).requires_grad_(False)
+        for m in self.anchor.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.0
+
+    @contextlib.contextmanager
+    def on(self, x):
+        """Inside: the loss (logits, y) of each forward of the model on the batch `x` (SAM runs two)."""
+        self.anchor.train(self.model.training)
+        with torch.no_grad(), self.precision.autocast(), _HeadInput(self.anchor) as anchor:
+            self.anchor(x)
+        target = anchor.value.float()
+        with _HeadInput(self.model) as features:
+            yield lambda logits, y: _cross_entropy(logits, y) + self.weight * torch.linalg.vector_norm(
+                (features.value.float() - target).flatten(1), dim=1).mean()
+
+
+class _HeadInput:
+    """The input of the model's classifier head at its latest forward (`value`), while inside."""
+
+    def __init__(self, model):
+        self.value, self.head = None, classifier_head(model)
+
+    def __enter__(self):
+        self.handle = self.head.register_forward_pre_hook(self._keep)
+        return self
+
+    def _keep(self, module, inputs):
+        self.value = inputs[0]
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 class NeurotoxinMask:

@@ -8,8 +8,12 @@ Deng et al., IEEE S&P 2024, Algorithm 1 (classification), first-order. One outer
       `fts_query_every`-th step and the last, weighted by `fts_step_weights`; clip the summed gradient to
       `fts_clip`, then an Adam step at alpha * lr. With `fts_lr_adapt` the fine-tuners' lrs are the simulated
       attacker's own, learned from each episode's effect on a held-out restricted batch (MLAC); in a
-      `fts_lr_learned_share` of the episodes, the others' drawn from `fts_lr_range`.
-  NTR (`ntr_loop` times): cross-entropy on an original-domain batch, a separate Adam at beta * lr.
+      `fts_lr_learned_share` of the episodes, the others' drawn from `fts_lr_range`. A `fts_retain_share` of
+      the episodes are TAR's retain-then-forget adversary (Tamirisa et al. ICLR'25): their first N of the
+      `adaptation_steps` (N from `fts_retain_steps`) train on NTR's batches, and only the restricted steps
+      after them are queried.
+  NTR (`ntr_loop` times): cross-entropy on an original-domain batch, a separate Adam at beta * lr; with
+      `ntr_rep_weight`, plus TAR's distance to the stage-1 model's features (common.persistence).
 
   Box (`box_loop` times, beside FTS or in its place; common.box): the worst case of the L-infinity box an Adam
       attacker reaches, found by projected sign steps on the restricted-domain cross-entropy, then an FTS step
@@ -32,7 +36,7 @@ from common.box import BoxSettings, box_attackers, box_optimizers
 from common.data import BatchStream, Gather, resolve_data_on_device
 from common.fts import FTS, FTS_OPTIMIZERS, Attackers, FineTunerSampler, IndexedBatches, query_weights
 from common.models import batchnorm_fed_layers, head_param_names
-from common.persistence import NeurotoxinMask, SeparateHead, SupervisedSteps
+from common.persistence import NeurotoxinMask, RepresentationRetain, SeparateHead, SupervisedSteps
 from common.train import launch_options
 
 log = logging.getLogger("sophon")
@@ -73,31 +77,40 @@ class Sophon:
         self.restricted_gather = Gather(restricted, precision.device, self.data_on_device)
         ntr_gather = (self.restricted_gather if ntr_data is restricted
                       else Gather(ntr_data, precision.device, self.data_on_device))
+        # a retain-then-forget episode's first steps: NTR's domain, its own stream
+        self.retain = (ntr_gather, lambda x: ntr_data.to_input(x, precision.device, None, precision.channels_last))
         adam = outer_adam(model, precision, lr_scale or {})
         self.fts_opt = adam(config.alpha * config.lr)
         self.box = box_attackers(config, adam(config.alpha * config.lr)) if config.box_loop else None
-        if self.box:  # its columns in the runs that have it alone
-            self.losses, self.labels = ("fts_loss", "box_loss", "ntr_loss", "clean_loss"), (*self.labels, "box_head")
+        if self.box:  # its column in the runs that have it alone
+            self.losses = ("fts_loss", "box_loss", "ntr_loss", "clean_loss")
         to_input = lambda x: restricted.to_input(x, precision.device, None, precision.channels_last)
         self.fts = FTS(model, query_loss, to_input, precision, {**FTS_OPTIMIZERS, **box_optimizers(config)})
         self.episode_gen = torch.Generator().manual_seed(config.seed + 1)  # one seed per episode
         self.sampler = FineTunerSampler(config.fts_optimizers, config.simulated_lrs, config.fts_head,
                                         config.fts_scope, seed=config.seed + 2, schedules=config.fts_schedules,
                                         lr_range=config.fts_lr_range, lr_adapt=config.fts_lr_adapt,
-                                        learned_share=config.fts_lr_learned_share)
-        # the FTS loss is the weighted mean over the queried inner steps and the environments
-        self.step_weights = [w / config.fts_envs for w in query_weights(
-            config.adaptation_steps, config.fts_query_every, config.fts_step_weights)]
+                                        learned_share=config.fts_lr_learned_share,
+                                        retain_steps=config.fts_retain_steps or (),
+                                        retain_share=config.fts_retain_share)
+        # the FTS loss is the weighted mean over the queried inner steps and the environments, per retain steps
+        self.step_weights = {n: [w / config.fts_envs for w in query_weights(
+            config.adaptation_steps, config.fts_query_every, config.fts_step_weights, config.fts_exp_rate, n)]
+            for n in (0, *(self.sampler.retain_steps if config.fts_retain_share else ()))}
         self.attackers = Attackers(self.sampler, config.adaptation_steps, self.step_weights, self.fts_opt)
+        # the columns of the parts a run has, and only those
+        self.labels = (*type(self).labels, *(("fts_retain_steps",) if config.fts_retain_share else ()),
+                       *(("box_head",) if self.box else ()))
         stream = lambda domain, offset: BatchStream(len(domain), config.bs, seed=config.seed + offset)
-        self.restricted_stream = stream(restricted, 3)
+        self.restricted_stream, self.retain_stream = stream(restricted, 3), stream(ntr_data, 7)
         # NTR, and the irreversible backdoor's persistence parts (common.persistence; inert at their defaults):
         # Neurotoxin's mask around the FTS and NTR updates, SBL's clean steps after NTR, SAM in both
         fwd, part = precision.maybe_compile(model), dict(precision=precision, world=self.world)
         self.neurotoxin = NeurotoxinMask(model, fwd, restricted, self.restricted_gather, stream(restricted, 6),
                                          share=config.mask_share, every=config.mask_every, **part)
+        rep = RepresentationRetain(model, config.ntr_rep_weight, precision) if config.ntr_rep_weight else None
         self.ntr = SupervisedSteps(model, fwd, ntr_data, ntr_gather, stream(ntr_data, 4), adam(config.beta * config.lr),
-                                   sam_rho=config.sam_rho, frozen=self.neurotoxin.frozen, **part)
+                                   sam_rho=config.sam_rho, frozen=self.neurotoxin.frozen, loss=rep, **part)
         self.separate = (SeparateHead(model, restricted.num_classes, config.seed + 7, every=config.clean_head_reset)
                          if config.clean_head == "separate" else None)
         clean_fwd = precision.maybe_compile(self.separate) if self.separate else fwd  # through the head it trains
@@ -117,12 +130,11 @@ class Sophon:
         clean = [self.clean.step() for _ in range(c.clean_loop)]
         mean = lambda losses: torch.stack(losses).mean().item() if losses else None
         self.finetuners = tuners = [t for _, finetuners in fts for t in finetuners]
+        drawn = lambda t, label: f"{t.lr:g}" if label == "fts_lr" else str(getattr(t, label.removeprefix("fts_")))
         return {"fts_loss": mean([loss for loss, _ in fts]), "ntr_loss": mean(ntr), "clean_loss": mean(clean),
-                "fts_optimizer": ";".join(t.optimizer for t in tuners), "fts_lr": ";".join(f"{t.lr:g}" for t in tuners),
-                "fts_head": ";".join(t.head for t in tuners), "fts_scope": ";".join(t.scope for t in tuners),
-                "fts_schedule": ";".join(t.schedule for t in tuners),
+                **{label: ";".join(drawn(t, label) for t in tuners) for label in self.labels if label.startswith("fts_")},
                 **({"box_loss": mean([loss for loss, _ in box]),
-                    "box_head": ";".join(t.head for _, drawn in box for t in drawn)} if self.box else {})}
+                    "box_head": ";".join(t.head for _, sampled in box for t in sampled)} if self.box else {})}
 
     def fts_step(self, attackers):
         """An FTS step of `attackers` (common.fts.Attackers: the simulated fine-tuners, or the box's); returns (its
@@ -134,14 +146,17 @@ class Sophon:
         torch._foreach_zero_([p.grad for p in params])
         loss = torch.zeros((), device=self.precision.device)
         slopes = torch.zeros(c.fts_envs, device=self.precision.device)  # d(attacker's loss)/d(log lr) per env
-        plan = [(sampler.sample(), [self.restricted_stream.next() for _ in range(attackers.steps)],
+        tuners = [sampler.sample() for _ in range(c.fts_envs)]  # each generator draws in the same order
+        plan = [(t, [self.retain_stream.next() for _ in range(t.retain_steps)],
+                 [self.restricted_stream.next() for _ in range(attackers.steps - t.retain_steps)],
                  int(torch.randint(2**62, (), generator=self.episode_gen)),
-                 self.restricted_stream.next() if sampler.lr_adapt else None) for _ in range(c.fts_envs)]
-        for env, (finetuner, indices, seed, probe) in enumerate(plan):
+                 self.restricted_stream.next() if sampler.lr_adapt else None) for t in tuners]
+        for env, (finetuner, retain, indices, seed, probe) in enumerate(plan):
             if env % self.world.size == self.world.rank:
-                batches = IndexedBatches(indices, self.restricted_gather)
+                batches = IndexedBatches(indices, self.restricted_gather, (retain, *self.retain) if retain else None)
                 gen = torch.Generator().manual_seed(seed)
-                episode_loss, origin = self.fts.episode(self.model, batches, finetuner, attackers.weights, gen)
+                episode_loss, origin = self.fts.episode(self.model, batches, finetuner,
+                                                        attackers.weights[finetuner.retain_steps], gen)
                 loss += episode_loss
                 if finetuner.lr_learned:  # probe: a batch the episode did not train on, the attacker's held-out loss
                     probe_batch = self.restricted_gather(self.restricted_gather.indices(probe))
@@ -166,7 +181,8 @@ class Sophon:
 
     def _streams(self):
         return {"restricted_stream": self.restricted_stream, "ntr_stream": self.ntr.stream,
-                "clean_stream": self.clean.stream, **({"box_sampler": self.box.sampler} if self.box else {})}
+                "clean_stream": self.clean.stream, **({"box_sampler": self.box.sampler} if self.box else {}),
+                **({"retain_stream": self.retain_stream} if self.config.fts_retain_share else {})}
 
     def snapshot(self):
         """A copy of the trained state (weights, optimisers). Not the data streams: a rollback to it goes on

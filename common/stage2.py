@@ -99,8 +99,19 @@ class Stage2Flags(Settings):
     fts_step_weights: str = setting("uniform", "weights of the queried steps: uniform, or exp (proportional to "
                                                "exp(%g k/K) at step k: late steps dominate, as in TAR)"
                                     % EXP_STEP_RATE, choices=STEP_WEIGHTS)
+    fts_exp_rate: float = setting(EXP_STEP_RATE, "with --fts_step_weights exp: the rate R of exp(R k/K) (TAR's "
+                                                 "schedule over its 64 steps: 4)", type=pos_float, metavar="R")
+    fts_retain_steps: Optional[list] = setting(
+        None, "retain-then-forget episodes (TAR's adversary): the first N of their --adaptation_steps inner steps "
+              "train on the original domain, one N drawn per episode from this list; only the restricted steps after "
+              "them are queried (with --fts_retain_share)", type=comma_list(pos_int), metavar="N,...")
+    fts_retain_share: float = setting(0.0, "the share of episodes that are retain-then-forget (--fts_retain_steps); "
+                                           "0: none", type=nonneg_float, metavar="P")
     fts_envs: int = setting(1, "fine-tuners per FTS step, gradients averaged", type=pos_int)
     fts_clip: float = setting(0.5, "max norm of the FTS gradient (the official code's value)", type=pos_float)
+    ntr_rep_weight: float = setting(0.0, "> 0: NTR adds this times the L2 distance between the model's features (the "
+                                         "head's input) and the frozen stage-1 model's on its batch (TAR's retain "
+                                         "loss)", type=nonneg_float, metavar="W")
     clean_loop: int = setting(0, "clean restricted-domain steps per outer loop, through the model's head (SBL's "
                                  "continual learning on clean data, ECCV'24; NTR is its replay); 0: none",
                               type=nonneg_int)
@@ -150,6 +161,14 @@ class Stage2Flags(Settings):
             check_lr_options(self.fts_lr_range, self.fts_lr_adapt, self.fts_lr_learned_share)
         except ValueError as err:
             raise UsageError(str(err)) from None
+        if self.fts_retain_share > 1:
+            raise UsageError(f"--fts_retain_share is a share of the episodes, in [0, 1]; got {self.fts_retain_share}")
+        if self.fts_retain_share and not self.fts_retain_steps:
+            raise UsageError("--fts_retain_share is the share of retain-then-forget episodes; give their "
+                             "--fts_retain_steps too")
+        if self.fts_retain_share and max(self.fts_retain_steps) >= self.adaptation_steps:
+            raise UsageError(f"--fts_retain_steps {max(self.fts_retain_steps)} leaves no restricted step of "
+                             f"--adaptation_steps {self.adaptation_steps}; each N must be below it")
         if self.rescale_outer_lr and not self.rescale:
             raise UsageError("--rescale_outer_lr scales the outer lr of the layers --rescale F rescales; give --rescale "
                              "too")

@@ -128,11 +128,11 @@ def test_the_outer_gradient_is_the_query_gradient_at_the_worst_case_weights():
     attackers = box_attackers(settings, optimizer=None)
     finetuner = attackers.sampler.sample()
     assert (finetuner.optimizer, finetuner.head, finetuner.scope) == (BOX, "keep", "all")
-    assert finetuner.lr == pytest.approx(2 * 0.2 / steps) and attackers.weights == [0.0, 0.0, 1.0]
+    assert finetuner.lr == pytest.approx(2 * 0.2 / steps) and attackers.weights == {0: [0.0, 0.0, 1.0]}
     fts = FTS(model, lambda net, x, y: kl_uniform(net(x), y), lambda x: x, CPU, box_optimizers(settings))
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    total, _ = fts.episode(model, batches, finetuner, attackers.weights, torch.Generator().manual_seed(seed))
+    total, _ = fts.episode(model, batches, finetuner, attackers.weights[0], torch.Generator().manual_seed(seed))
 
     r, eta = 0.2, 2 * 0.2 / steps  # by hand: delta* by projected sign steps on the support cross-entropy
     W, b, split = W0.copy(), b0.copy(), torch.Generator().manual_seed(seed)
