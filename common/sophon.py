@@ -42,7 +42,55 @@ from common.train import launch_options
 log = logging.getLogger("sophon")
 
 
-class Sophon:
+class SophonState:
+    """Sophon's checkpoint and rollback state: the trained modules, the optimisers, the data streams and the
+    generators, under last.pt's keys as they were before the optional parts (a run saved then resumes)."""
+
+    def _modules(self):  # the trained modules: the model and a separate clean head (never delivered)
+        return {"model": self.model, **({"clean_head": self.separate.head} if self.separate else {})}
+
+    def _optimizers(self):
+        return {"fts_opt": self.fts_opt, "ntr_opt": self.ntr.optimizer, "clean_opt": self.clean.optimizer,
+                **({"box_opt": self.box.optimizer} if self.box else {})}
+
+    def _streams(self):
+        return {"restricted_stream": self.restricted_stream, "ntr_stream": self.ntr.stream,
+                "clean_stream": self.clean.stream, **({"box_sampler": self.box.sampler} if self.box else {}),
+                **({"retain_stream": self.retain_stream} if self.config.fts_retain_share else {})}
+
+    def snapshot(self):
+        """A copy of the trained state (weights, optimisers). Not the data streams: a rollback to it goes on
+        with fresh batches rather than repeating the ones that led astray."""
+        return {**{name: {k: v.detach().clone() for k, v in module.state_dict().items()}
+                   for name, module in self._modules().items()},
+                **{name: copy.deepcopy(opt.state_dict()) for name, opt in self._optimizers().items()}}
+
+    def restore(self, snapshot):
+        for name, part in {**self._modules(), **self._optimizers()}.items():
+            if name in snapshot:  # clean_opt: not in checkpoints written before it existed
+                part.load_state_dict(snapshot[name])
+
+    def state_dict(self):
+        """Everything the next `step()` depends on (not copied: save it before stepping again)."""
+        return {**{name: part.state_dict() for name, part in
+                   {**self._modules(), **self._optimizers(), **self._streams()}.items()},
+                "episode_gen": self.episode_gen.get_state(), "sampler": self.sampler.state_dict(),
+                **self.neurotoxin.state_dict(), **(self.separate.state() if self.separate else {})}
+
+    def load_state_dict(self, state):
+        self.restore(state)
+        self.episode_gen.set_state(state["episode_gen"])
+        self.sampler.load_state_dict(state["sampler"])
+        for name, stream in self._streams().items():
+            if name in state:
+                stream.load_state_dict(state[name])
+        self.neurotoxin.load_state_dict(state)
+        if self.separate:
+            self.separate.load_state(state)
+
+
+
+class Sophon(SophonState):
     """The model, its optimisers, the FTS inner loop, the fine-tuner sampler and the batch streams.
 
     Under torchrun (`world`) the `fts_envs` environments of an FTS step are dealt to the ranks. Every rank
@@ -169,50 +217,6 @@ class Sophon:
             for (finetuner, *_), slope in zip(plan, slopes.tolist()):
                 sampler.adapt(finetuner, slope)
         return loss, [finetuner for finetuner, *_ in plan]
-
-    # ---- state (last.pt's keys as before the parts: a run saved then resumes) ------------------------
-
-    def _modules(self):  # the trained modules: the model and a separate clean head (never delivered)
-        return {"model": self.model, **({"clean_head": self.separate.head} if self.separate else {})}
-
-    def _optimizers(self):
-        return {"fts_opt": self.fts_opt, "ntr_opt": self.ntr.optimizer, "clean_opt": self.clean.optimizer,
-                **({"box_opt": self.box.optimizer} if self.box else {})}
-
-    def _streams(self):
-        return {"restricted_stream": self.restricted_stream, "ntr_stream": self.ntr.stream,
-                "clean_stream": self.clean.stream, **({"box_sampler": self.box.sampler} if self.box else {}),
-                **({"retain_stream": self.retain_stream} if self.config.fts_retain_share else {})}
-
-    def snapshot(self):
-        """A copy of the trained state (weights, optimisers). Not the data streams: a rollback to it goes on
-        with fresh batches rather than repeating the ones that led astray."""
-        return {**{name: {k: v.detach().clone() for k, v in module.state_dict().items()}
-                   for name, module in self._modules().items()},
-                **{name: copy.deepcopy(opt.state_dict()) for name, opt in self._optimizers().items()}}
-
-    def restore(self, snapshot):
-        for name, part in {**self._modules(), **self._optimizers()}.items():
-            if name in snapshot:  # clean_opt: not in checkpoints written before it existed
-                part.load_state_dict(snapshot[name])
-
-    def state_dict(self):
-        """Everything the next `step()` depends on (not copied: save it before stepping again)."""
-        return {**{name: part.state_dict() for name, part in
-                   {**self._modules(), **self._optimizers(), **self._streams()}.items()},
-                "episode_gen": self.episode_gen.get_state(), "sampler": self.sampler.state_dict(),
-                **self.neurotoxin.state_dict(), **(self.separate.state() if self.separate else {})}
-
-    def load_state_dict(self, state):
-        self.restore(state)
-        self.episode_gen.set_state(state["episode_gen"])
-        self.sampler.load_state_dict(state["sampler"])
-        for name, stream in self._streams().items():
-            if name in state:
-                stream.load_state_dict(state[name])
-        self.neurotoxin.load_state_dict(state)
-        if self.separate:
-            self.separate.load_state(state)
 
 
 def outer_adam(model, precision, lr_scale):
