@@ -461,12 +461,13 @@ def setup_stage2(args, project, stage, inherited=("arch", "orig_dataset", "image
 
 
 def run_stage2_script(args, interrupts, project, stage, s, task):
-    """Open the run folder, train, close; returns the exit code."""
+    """Build the method, open the run folder, train, close; returns the exit code. The method is built first, so
+    that settings only it can check (a layer the model lacks) stop the script before a run folder exists."""
+    algo = METHODS[args.method].build(args, s.model, task, s.precision)
     run = open_run(args, project, "stage2_train", args.dataset, s.config)
     for note in {d.note for d in (s.orig_train, s.restr_train) if d.note}:
         run.log_note(note)
     log.info("stage 2 on %s: %s, method %s", s.device, s.precision.describe(), args.method)
-    algo = METHODS[args.method].build(args, s.model, task, s.precision)
     meta = dict(arch=args.arch, dataset=args.dataset, stage=stage, parent=s.parent, config=s.config)
     runner = Stage2Runner(algo, task, args, run, meta)
 

@@ -256,3 +256,4 @@ def test_an_unknown_layer_through_the_script_is_a_usage_error(tmp_path, data_roo
                                                              restore_signals):
     with pytest.raises(UsageError, match="--repnoise_layers: ResNet has no module layer9"):
         _stage2(tmp_path / "run", stage1_run, data_root, monkeypatch, "--repnoise_layers", "layer1,layer9")
+    assert not (tmp_path / "run").exists(), "the method is built before the run folder is opened"
