@@ -82,11 +82,16 @@ def restore_signals():
         signal.signal(sig, handler)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def quiet_log():
-    """In-process runs attach the run's log handlers to the 'sophon' logger; drop them afterwards."""
-    yield
+    """In-process runs attach the run's log handlers to the 'sophon' logger and stop it propagating (so a run's
+    lines are not printed twice); put it back after every test, so a later test's caplog sees its records
+    whatever ran before it."""
     log = logging.getLogger("sophon")
+    level, propagate = log.level, log.propagate
+    yield
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
+    log.setLevel(level)
+    log.propagate = propagate
