@@ -12,6 +12,7 @@ a grid), so only the rest run. setup_starts and restricted_data are the stage-3 
 import functools
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,12 +133,13 @@ class Grid:
     def _row(self, cell, epoch, figures):
         return {"cell": cell.key, "start": cell.start, **cell.values(self.axes), "epoch": epoch, **figures}
 
-    def _complete(self, cell, curve):
+    def _complete(self, cell, curve, seconds):
         entry = {"key": cell.key, "start": cell.start, **cell.values(self.axes), "epochs": cell.settings.epochs,
                  **{f"{k}_curve": [c.get(k) for c in curve] for k in self.metric_keys},
                  "train_samples": getattr(curve, "train_samples", None),
                  "skipped_steps": getattr(curve, "skipped_steps", 0),
-                 "diverged_epoch": getattr(curve, "diverged_epoch", None), "numerics": self.numerics}
+                 "diverged_epoch": getattr(curve, "diverged_epoch", None), "numerics": self.numerics,
+                 "seconds": round(seconds, 3)}
         if getattr(curve, "defence_info", None) is not None:
             entry["defence_info"] = curve.defence_info
         with open(self.done_path, "a") as f:
@@ -190,16 +192,27 @@ class Grid:
                 log.info("cell %s%s", cell.key, f" on rank {rank}" if world.distributed else "")
             mine = cells[world.rank] if world.rank < len(cells) else None
             stream = (lambda e, f, cell=mine: self.metrics.append(self._row(cell, e, f))) if world.main else None
+            started = time.perf_counter()
             curve = self.context.run_cell(mine, self.device, stream) if mine is not None else None
-            curves = world.gather(curve)
+            timed = world.gather((curve, time.perf_counter() - started))
             if world.main:
-                for rank, (cell, curve) in enumerate(zip(cells, curves)):
+                for rank, (cell, (curve, seconds)) in enumerate(zip(cells, timed)):
                     if rank > 0:  # rank 0's own rows were streamed as its epochs ended
                         for epoch, figures in enumerate(curve):
                             self.metrics.append(self._row(cell, epoch, figures))
-                    self._complete(cell, curve)
+                    self._complete(cell, curve, seconds)
             bar.update(len(cells))
         bar.close()
+
+    def cost(self):
+        """What the grid's cells cost: their count, how many carry a time (a cell finished before cells were
+        timed has none), the seconds they took in all and per cell (each on its own rank: under torchrun the wall
+        time is about the total over the world size), and the numerics they ran with."""
+        done = self.completed().values()
+        seconds = [e["seconds"] for e in done if e.get("seconds") is not None]
+        return {"cells": len(done), "cells_timed": len(seconds), "cell_seconds": round(sum(seconds), 3),
+                "seconds_per_cell": round(sum(seconds) / len(seconds), 3) if seconds else None,
+                "numerics": sorted({e["numerics"] for e in done if e.get("numerics")})}
 
     def results(self):
         done = self.completed()
@@ -351,7 +364,8 @@ def run_stage3_script(args, interrupts, project, stage, *, starts, num_classes, 
             return 0
         results = grid.results()
         verdicts = verdict_fn(results)
-        summary = {"dataset": args.dataset, "results": results, "verdicts": verdicts, **(extra_summary or {})}
+        summary = {"dataset": args.dataset, "results": results, "verdicts": verdicts, "cost": grid.cost(),
+                   **(extra_summary or {})}
         if suite:
             summary["tuned"] = suite.summary(results)
         robustness = robustness_fn(results) if robustness_fn else None

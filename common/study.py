@@ -454,8 +454,27 @@ def defences_table(study, spec):
     return header, rows
 
 
+def cost_table(study, spec):
+    """One row per stage-3 run (`runs`; a seeded run has a row per seed): the numerics its cells ran with, its
+    cells, the mean seconds per cell (the cells that carry a time: common.stage3.Grid.cost) and the cell-hours in
+    all, the time the grid takes in one process."""
+    header = ["run", "numerics", "cells", "cells timed", "s / cell", "cell-hours"]
+    rows = []
+    for name in spec["runs"]:
+        if not study.keys_of(name):
+            raise UsageError(f"{study.file}: cost table entry {name} is no run of the study")
+        for key in study.keys_of(name):
+            cost = _summary(study.run_of(key)).get("cost")
+            if cost is None:
+                raise UsageError(f"{study.file}: run {key}'s summary.json records no cost (a stage-3 run written "
+                                 f"before cells were timed)")
+            rows.append([key, ", ".join(cost["numerics"]) or "-", str(cost["cells"]), str(cost["cells_timed"]),
+                         _fmt(cost["cell_seconds"] / cost["cells_timed"] if cost["cells_timed"] else None, digits=1), _fmt(cost["cell_seconds"] / 3600, digits=1)])
+    return header, rows
+
+
 TABLES = {"robustness": robustness_table, "families": families_table, "tuned": tuned_table,
-          "defences": defences_table}
+          "defences": defences_table, "cost": cost_table}
 
 
 def markdown(header, rows):

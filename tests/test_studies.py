@@ -183,8 +183,20 @@ def check_defences(table, spec, root, header, rows):
             assert row[2] == "-"
 
 
+def check_cost(table, spec, root, header, rows):
+    runs = [f for name in table["runs"] for f in folders(spec, root, name)]
+    assert [r[0] for r in rows] == [label for label, _ in runs]
+    for row, (label, folder) in zip(rows, runs):
+        entries = [json.loads(line) for line in (folder / "cells.jsonl").read_text().splitlines()]
+        seconds = [e["seconds"] for e in entries]
+        assert entries and all(s > 0 for s in seconds), label
+        assert row[1] == ", ".join(sorted({e["numerics"] for e in entries})), row
+        assert row[2:4] == [str(len(entries))] * 2, row
+        assert close(row[4], sum(seconds) / len(seconds), digits=1) and close(row[5], sum(seconds) / 3600, digits=1)
+
+
 CHECKS = {"robustness": check_robustness, "families": check_families, "tuned": check_tuned,
-          "defences": check_defences}
+          "defences": check_defences, "cost": check_cost}
 
 
 @pytest.mark.slow
