@@ -35,7 +35,7 @@ from common.files import REPO_ROOT
 from common.cli import Parser, UsageError, run as run_cli
 from common.runs import git_commit, is_finished
 from common.tuned import describe, family_of
-from common.verdicts import attack_family, mean_std
+from common.verdicts import attack_family, describe_family, mean_std
 
 STUDIES_ROOT = REPO_ROOT / "runs" / "studies"  # ROOT of a study: STUDIES_ROOT/<study>, smoke: .../smoke/<study>
 PAGES = REPO_ROOT / "docs" / "results"  # where `table` writes <study>.md
@@ -335,6 +335,35 @@ def robustness_table(study, spec):
     return header, rows
 
 
+def paired_table(study, spec):
+    """One row per model of one grid (a model of several stage-2 seeds has a row per seed, NAME#SEED), from the
+    robustness summary's paired fields (common.verdicts.robustness_summary): the families tested against scratch
+    (two seeds or more), how many learn faster (Holm) and how many slower (simultaneous interval below 1), the share
+    of family ratios below 1 and their geometric mean, the worst family with its ratio and simultaneous interval,
+    the seeds left out for a divergence, how many families learn faster than null (Holm), and the families
+    eligible / not / undetermined on seeds the verdict does not use."""
+    robustness = _summary(study.run_of(spec["grid"]))["robustness"]
+    header = ["model", "families tested", "faster than scratch (Holm)", "slower (simultaneous)", "share ratio < 1",
+              "geo-mean ratio", "worst family", "worst: ratio", "worst: simultaneous CI", "seeds excluded",
+              "faster than null (Holm)", "eligible / not / undetermined"]
+    rows = []
+    for name in spec["rows"]:
+        labels = [k for k in study.keys_of(name) if k in robustness] or [name]
+        if labels[0] not in robustness:
+            raise UsageError(f"{study.file}: table entry {name} is no model grid {spec['grid']} judged")
+        for label in labels:
+            m = robustness[label]
+            v, n, e = m["vs_reference"], m["vs_null"], m["eligibility"]
+            w = v["worst_family"]
+            rows.append([label, str(v["families_tested"]), str(len(v["faster_holm"])),
+                         str(len(v["slower_simultaneous"])), _fmt(v["share_below_1"]), _fmt(v["ratio_geomean"]),
+                         "-" if w is None else describe_family(tuple(w[k] for k in attack_family())),
+                         "-" if w is None else _fmt(w["ratio"]), "-" if w is None else _interval(w["ci_simultaneous"]),
+                         str(m["diverged"]["seeds_excluded"]), "-" if n is None else str(len(n["faster_holm"])),
+                         f"{e['families_eligible']} / {e['families_ineligible']} / {e['families_undetermined']}"])
+    return header, rows
+
+
 def families_table(study, spec):
     """One row per attack family of one grid: scratch's final accuracy, normal's head start, and each model's AUC
     ratio vs scratch (mean over attack seeds; a seeded run's mean +- std over its stage-2 seeds)."""
@@ -473,7 +502,7 @@ def cost_table(study, spec):
     return header, rows
 
 
-TABLES = {"robustness": robustness_table, "families": families_table, "tuned": tuned_table,
+TABLES = {"robustness": robustness_table, "paired": paired_table, "families": families_table, "tuned": tuned_table,
           "defences": defences_table, "cost": cost_table}
 
 

@@ -103,6 +103,28 @@ def check_robustness(table, spec, root, header, rows):
         assert next(cells, None) is None, f"{name}: more cells than the summaries give"
 
 
+def check_paired(table, spec, root, header, rows):
+    robustness = summary(root / table["grid"])["robustness"]
+    labels = [label for name in table["rows"] for label in ([l for l, _ in folders(spec, root, name)] or [name])]
+    assert [r[0] for r in rows] == labels
+    for row in rows:
+        m = robustness[row[0]]
+        v, n, e, w = m["vs_reference"], m["vs_null"], m["eligibility"], m["vs_reference"]["worst_family"]
+        assert row[1:4] == [str(v["families_tested"]), str(len(v["faster_holm"])),
+                            str(len(v["slower_simultaneous"]))], row
+        assert close(row[4], v["share_below_1"]) and close(row[5], v["ratio_geomean"]), row
+        assert row[6].startswith(f"{w['strategy']} {w['optimizer']} lr {w['lr']:g}"), row
+        assert close(row[7], w["ratio"]), row
+        if w["ci_simultaneous"] is None:
+            assert row[8] == "-", row
+        else:
+            low, high = row[8].strip("[]").split(", ")
+            assert close(low, w["ci_simultaneous"][0]) and close(high, w["ci_simultaneous"][1]), row
+        assert row[9] == str(m["diverged"]["seeds_excluded"]), row
+        assert row[10] == ("-" if n is None else str(len(n["faster_holm"]))), row
+        assert row[11] == f"{e['families_eligible']} / {e['families_ineligible']} / {e['families_undetermined']}"
+
+
 def check_families(table, spec, root, header, rows):
     grid = summary(root / table["grid"])
     first = model(grid, spec, root, table["columns"][0])
@@ -195,7 +217,7 @@ def check_cost(table, spec, root, header, rows):
         assert close(row[4], sum(seconds) / len(seconds), digits=1) and close(row[5], sum(seconds) / 3600, digits=1)
 
 
-CHECKS = {"robustness": check_robustness, "families": check_families, "tuned": check_tuned,
+CHECKS = {"robustness": check_robustness, "paired": check_paired, "families": check_families, "tuned": check_tuned,
           "defences": check_defences, "cost": check_cost}
 
 
