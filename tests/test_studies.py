@@ -52,6 +52,14 @@ def close(cell, mean, std=None, digits=2):
     return len(parts) == len(want) and all(abs(p - w) <= tol for p, w in zip(parts, want))
 
 
+def interval_shown(cell, ci):
+    """A printed `[low, high]` agrees with the interval `ci` (`-` where it is None)."""
+    if ci is None:
+        return cell == "-"
+    low, high = cell.strip("[]").split(", ")
+    return close(low, ci[0]) and close(high, ci[1])
+
+
 def summary(folder):
     return json.loads((Path(folder) / "summary.json").read_text())
 
@@ -115,11 +123,7 @@ def check_paired(table, spec, root, header, rows):
         assert close(row[4], v["share_below_1"]) and close(row[5], v["ratio_geomean"]), row
         assert row[6].startswith(f"{w['strategy']} {w['optimizer']} lr {w['lr']:g}"), row
         assert close(row[7], w["ratio"]), row
-        if w["ci_simultaneous"] is None:
-            assert row[8] == "-", row
-        else:
-            low, high = row[8].strip("[]").split(", ")
-            assert close(low, w["ci_simultaneous"][0]) and close(high, w["ci_simultaneous"][1]), row
+        assert interval_shown(row[8], w["ci_simultaneous"]), row
         assert row[9] == str(m["diverged"]["seeds_excluded"]), row
         assert row[10] == ("-" if n is None else str(len(n["faster_holm"]))), row
         assert row[11] == f"{e['families_eligible']} / {e['families_ineligible']} / {e['families_undetermined']}"
@@ -159,11 +163,7 @@ def check_tuned(table, spec, root, header, rows):
             ("strategy", w["strategy"]), ("optimizer", w["optimizer"]), ("bs", w["batch_size"]),
             ("train fraction", w["train_fraction"]), ("schedule", w["schedule"]))), row
         assert close(row[6], w["ratio"]), row
-        if w["ci_simultaneous"] is None:
-            assert row[7] == "-", row
-        else:
-            low, high = row[7].strip("[]").split(", ")
-            assert close(low, w["ci_simultaneous"][0]) and close(high, w["ci_simultaneous"][1]), row
+        assert interval_shown(row[7], w["ci_simultaneous"]), row
         assert row[8] == str(m["seeds_excluded"]), row
         assert row[9] == ("-" if n is None else str(len(n["faster_holm"]))), row
 
