@@ -497,8 +497,9 @@ def cost_table(study, spec):
             if cost is None:
                 raise UsageError(f"{study.file}: run {key}'s summary.json records no cost (a stage-3 run written "
                                  f"before cells were timed)")
+            per_cell = cost["cell_seconds"] / cost["cells_timed"] if cost["cells_timed"] else None
             rows.append([key, ", ".join(cost["numerics"]) or "-", str(cost["cells"]), str(cost["cells_timed"]),
-                         _fmt(cost["cell_seconds"] / cost["cells_timed"] if cost["cells_timed"] else None, digits=1), _fmt(cost["cell_seconds"] / 3600, digits=1)])
+                         _fmt(per_cell, digits=1), _fmt(cost["cell_seconds"] / 3600, digits=1)])
     return header, rows
 
 

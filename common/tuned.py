@@ -27,7 +27,7 @@ from common.settings import Settings, setting
 from common.finetune import FINE_TUNING, SCHEDULES
 from common.stats import LEVEL, compare_families, headline
 from common.sweep import HELDOUT_KEY, HOLDOUT_SHARE, SWEEP
-from common.verdicts import auc, diverged, diverged_seeds, named_families, seed_log_ratios
+from common.verdicts import auc, describe_family, diverged, diverged_seeds, named_families, seed_log_ratios
 
 SWEEP_LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]  # the sweep's log grid
 TIE = 1e-9  # held-out AUCs (in %) closer than this are a tie, which goes to the smaller lr
@@ -87,10 +87,8 @@ def family_of(entry):
 
 
 def describe(family):
-    """A family in words, as the headline names it."""
-    titles = {a.name: a.title for a in FINE_TUNING.axes}
-    return " ".join(value if isinstance(value, str) else f"{titles[name]} {value:g}"
-                    for name, value in zip(FAMILY, family))
+    """A family of the suite in words, as the headline names it."""
+    return describe_family(family, FAMILY)
 
 
 def select_lr(points):

@@ -368,11 +368,11 @@ def seed_log_ratios(runs, model, reference, metric, seeds):
     return out
 
 
-def describe_family(family):
-    """An attack family (attack_family()'s values) in words, as a headline names it."""
+def describe_family(family, names=None):
+    """An attack family (its values of the axes `names`, default attack_family()) in words, as a headline names it."""
     titles = {a.name: a.title for a in procedures.axes("attack")}
     return " ".join(str(value) if isinstance(value, str) else f"{titles[name]} {value:g}"
-                    for name, value in zip(attack_family(), family))
+                    for name, value in zip(names or attack_family(), family))
 
 
 def named_families(verdicts, summary, names=None):
