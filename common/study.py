@@ -15,7 +15,8 @@ script, flags that replace the run's value or are added, so the smoke study is t
 
 Each run has a fixed folder, ROOT/NAME or ROOT/NAME/seedS, given to its script as `--out_dir`. A run whose folder
 holds a finished summary.json is skipped, one with a config.json is continued with the script's own `--resume`,
-so rerunning `run` after an interrupt, a crash or a new run added to the file does only what is missing.
+so rerunning `run` after an interrupt, a crash or a new run added to the file does only what is missing. `--jobs N`
+runs N runs at a time; `--nproc P` runs each stage-3 run under torchrun in P processes (GPUs, or shares of the cores).
 """
 import argparse
 import datetime
@@ -161,8 +162,15 @@ def override(args, flags):
     return args
 
 
-def command(study, run, data_root=None):
-    """The command line of `run`: placeholders filled, models as --path, smoke flags and --data_root applied."""
+def scales(run):
+    """Whether `run` is a stage-3 grid, whose cells torchrun's ranks share out without changing any cell."""
+    return "stage3_eval" in Path(run.script).parts
+
+
+def command(study, run, data_root=None, nproc=1):
+    """The command line of `run`: placeholders filled, models as --path, smoke flags and --data_root applied; a
+    stage-3 run under torchrun with `nproc` processes where that is more than one (its --start spelt --starts,
+    which torchrun's own parser leaves alone)."""
     args = [PLACEHOLDER.sub(lambda m: str(study.run_of(m.group(1)).folder), token) for token in run.args]
     if run.models:
         items = [f"{key}={study.run_of(key).folder}" for model in run.models for key in study.keys_of(model)]
@@ -171,7 +179,11 @@ def command(study, run, data_root=None):
         args = override(args, study.smoke.get("flags", {}).get(run.script, []))
     if data_root is not None:
         args = override(args, ["--data_root", str(data_root)])
-    return [sys.executable, str(REPO_ROOT / run.script), *args, "--out_dir", str(run.folder)]
+    script = [str(REPO_ROOT / run.script), *args, "--out_dir", str(run.folder)]
+    if nproc > 1 and scales(run):
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+        return [sys.executable, *launcher, *["--starts" if a == "--start" else a for a in script]]
+    return [sys.executable, *script]
 
 
 def state(run):
@@ -212,8 +224,9 @@ def _log_path(study, run):
     return study.root / "logs" / f"{run.key.replace('#', '_seed')}.log"
 
 
-def run_study(study, jobs=1, data_root=None):
-    """Run what is missing, `jobs` runs at a time once their inputs are finished; 0 when all are finished."""
+def run_study(study, jobs=1, data_root=None, nproc=1):
+    """Run what is missing, `jobs` runs at a time once their inputs are finished, each stage-3 run in `nproc`
+    processes; 0 when all are finished."""
     if study.is_smoke and data_root is None:
         data_root = write_smoke_data(study.root / "data", study.smoke.get("data", []))
     todo, running, failed = [], {}, []
@@ -229,7 +242,7 @@ def run_study(study, jobs=1, data_root=None):
             while ready and len(running) < jobs and not failed:
                 run = ready.pop(0)
                 todo.remove(run)
-                running[run.key] = (run, _start(study, run, data_root))
+                running[run.key] = (run, _start(study, run, data_root, nproc))
             if not running:
                 break
             for key, (run, proc) in list(running.items()):
@@ -255,8 +268,8 @@ def run_study(study, jobs=1, data_root=None):
     return 0
 
 
-def _start(study, run, data_root):
-    argv = command(study, run, data_root)
+def _start(study, run, data_root, nproc):
+    argv = command(study, run, data_root, nproc)
     resume = state(run) == "interrupted"
     if resume:
         argv += ["--resume", str(run.folder)]
@@ -558,6 +571,10 @@ def parse_args(argv=None):
                        help="the study's run folders (default runs/studies/<study>, or runs/studies/smoke/<study>)")
         if name == "run":
             p.add_argument("--jobs", type=int, default=1, help="runs at a time, once their inputs are finished")
+            p.add_argument("--nproc", type=int, default=1,
+                           help="processes per stage-3 run, under torchrun (one per GPU, or a share of the CPU "
+                                "cores): its cells are dealt to them and each cell is the same computation; stage 1 "
+                                "and 2 runs stay in one process, since there the world size changes the numbers")
             p.add_argument("--data_root", type=Path, default=None,
                            help="dataset root for every run (default: each script's; with --smoke, synthetic data "
                                 "written under the study's root)")
@@ -572,9 +589,10 @@ def main(argv=None):
     args = parse_args(argv)
     study = load_study(args.study, args.smoke, args.root)
     if args.command == "run":
-        if args.jobs < 1:
-            raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
-        return run_study(study, args.jobs, args.data_root)
+        for flag in ("jobs", "nproc"):
+            if getattr(args, flag) < 1:
+                raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+        return run_study(study, args.jobs, args.data_root, args.nproc)
     typed = f"python -m common.study table {_shown(args.study.resolve())}" + (" --smoke" if args.smoke else "")
     out = args.page or (study.root / f"{study.name}.md" if args.smoke else PAGES / f"{study.name}.md")
     out.parent.mkdir(parents=True, exist_ok=True)

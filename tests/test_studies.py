@@ -221,12 +221,16 @@ CHECKS = {"robustness": check_robustness, "paired": check_paired, "families": ch
           "defences": check_defences, "cost": check_cost}
 
 
+UNDER_TORCHRUN = "tuned_suite"  # the study whose stage-3 run the smoke test gives to torchrun (--nproc 2)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("study", STUDIES, ids=[s.stem for s in STUDIES])
 def test_study_smoke_run_and_table(study, tmp_path):
     spec = tomllib.loads(study.read_text())
     root = tmp_path / "runs"
-    proc = study_cli("run", study, "--smoke", "--root", root, "--jobs", "2")
+    nproc = ["--nproc", "2"] if study.stem == UNDER_TORCHRUN else []
+    proc = study_cli("run", study, "--smoke", "--root", root, "--jobs", "2", *nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for entry in spec["run"]:
         for _, folder in folders(spec, root, entry["name"]):
@@ -235,9 +239,12 @@ def test_study_smoke_run_and_table(study, tmp_path):
     # an unfinished run (its summary gone) is resumed with the script's --resume; finished ones are skipped
     last, folder = folders(spec, root, spec["run"][-1]["name"])[-1]
     (folder / "summary.json").unlink()
-    proc = study_cli("run", study, "--smoke", "--root", root)
+    proc = study_cli("run", study, "--smoke", "--root", root, *nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"{last}: resuming" in proc.stdout
+    if nproc:  # the stage-3 run went to torchrun's two ranks, both times
+        log = (root / "logs" / f"{last.replace('#', '_seed')}.log").read_text()
+        assert log.count("torch.distributed.run --standalone --nproc_per_node 2") == 2 and " on rank 1" in log
     assert proc.stdout.count("finished, skipped") == sum(len(r.get("seeds", [0])) for r in spec["run"]) - 1
     assert "--resume" in (root / "logs" / f"{last.replace('#', '_seed')}.log").read_text()
 
@@ -279,6 +286,19 @@ def test_a_seeded_run_reads_the_same_seed_of_an_earlier_one(tmp_path):
         assert argv[argv.index("--model_path") + 1] == str(tmp_path / "runs" / "a" / f"seed{seed}")
         assert argv[argv.index("--seed") + 1] == str(seed)
         assert dependencies(loaded, loaded.run_of(f"b#{seed}")) == [f"a#{seed}"]
+
+
+def test_nproc_puts_stage_3_runs_under_torchrun_and_leaves_the_others(tmp_path):
+    study = tmp_path / "s.toml"
+    study.write_text('[[run]]\nname = "a"\nscript = "sophon_orig/stage2_train/algo.py"\n'
+                     '[[run]]\nname = "b"\nscript = "sophon_orig/stage3_eval/finetune_test.py"\n'
+                     'args = ["--start", "sophon,scratch", "--path", "{a}"]\n')
+    loaded = load_study(study, root=tmp_path / "runs")
+    assert "torch.distributed.run" not in command(loaded, loaded.run_of("a"), nproc=4)
+    argv = command(loaded, loaded.run_of("b"), nproc=4)
+    assert argv[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+    assert argv[argv.index("--starts") + 1] == "sophon,scratch" and "--start" not in argv
+    assert command(loaded, loaded.run_of("b"))[1].endswith("finetune_test.py")
 
 
 def test_seed_in_a_run_without_seeds_is_refused(tmp_path):
