@@ -206,12 +206,11 @@ class Grid:
 
     def cost(self):
         """What the grid's cells cost: their count, how many carry a time (a cell finished before cells were
-        timed has none), the seconds they took in all and per cell (each on its own rank: under torchrun the wall
+        timed has none), the seconds they took in all (each cell on its own rank: under torchrun the wall
         time is about the total over the world size), and the numerics they ran with."""
         done = self.completed().values()
         seconds = [e["seconds"] for e in done if e.get("seconds") is not None]
         return {"cells": len(done), "cells_timed": len(seconds), "cell_seconds": round(sum(seconds), 3),
-                "seconds_per_cell": round(sum(seconds) / len(seconds), 3) if seconds else None,
                 "numerics": sorted({e["numerics"] for e in done if e.get("numerics")})}
 
     def results(self):

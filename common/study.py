@@ -348,6 +348,15 @@ def robustness_table(study, spec):
     return header, rows
 
 
+def _judged(study, name, models, judge):
+    """The labels model NAME has among `models` (what a stage-3 summary judged): NAME#SEED for a seeded run, else
+    NAME (a start no run made, such as null); a name it did not judge is an error."""
+    labels = [k for k in study.keys_of(name) if k in models] or [name]
+    if labels[0] not in models:
+        raise UsageError(f"{study.file}: table entry {name} is no model {judge} judged")
+    return labels
+
+
 def paired_table(study, spec):
     """One row per model of one grid (a model of several stage-2 seeds has a row per seed, NAME#SEED), from the
     robustness summary's paired fields (common.verdicts.robustness_summary): the families tested against scratch
@@ -361,10 +370,7 @@ def paired_table(study, spec):
               "faster than null (Holm)", "eligible / not / undetermined"]
     rows = []
     for name in spec["rows"]:
-        labels = [k for k in study.keys_of(name) if k in robustness] or [name]
-        if labels[0] not in robustness:
-            raise UsageError(f"{study.file}: table entry {name} is no model grid {spec['grid']} judged")
-        for label in labels:
+        for label in _judged(study, name, robustness, f"grid {spec['grid']}"):
             m = robustness[label]
             v, n, e = m["vs_reference"], m["vs_null"], m["eligibility"]
             w = v["worst_family"]
@@ -420,10 +426,7 @@ def tuned_table(study, spec):
     keys = {r.key for r in study.runs}
     rows = []
     for name in spec["rows"]:
-        labels = [k for k in study.keys_of(name) if k in tuned["models"]] or [name]
-        if labels[0] not in tuned["models"]:
-            raise UsageError(f"{study.file}: table entry {name} is no model the tuned suite judged")
-        for label in labels:
+        for label in _judged(study, name, tuned["models"], "the tuned suite"):
             m = tuned["models"][label]
             v, w, n = m["vs_reference"], m["worst_family"], m["vs_null"]
             acc = _summary(study.run_of(label)).get("orig_test_acc") if label in keys else None
