@@ -1,7 +1,9 @@
 #!/bin/bash
 # Stage 2 on one GPU in one go: benchmark rows (eager and --compile, data on the device and on the host, a
 # profile) and a real stage-1 + 20-loop stage-2 run with --compile, in priority order within DEADLINE seconds
-# (a row whose estimate no longer fits is skipped and named). Each row is one line of $OUT/rows.jsonl.
+# (a row whose estimate no longer fits is skipped and named). Each row is one line of $OUT/rows.jsonl. The `tuned`
+# row times stage 3's cells as experiments/tuned_suite.toml runs them (32 px, bs 64, 5 epochs, 10% of MNIST): its
+# summary's `cost` times the study's cell count is what that study costs on this GPU.
 #
 #   DATA=datasets bash bench/gpu_check.sh                       # DATA: a --data_root with FashionMNIST and MNIST
 #   ROWS="r18 r50 caf" DEADLINE=300 OUT=/tmp/gpu bash bench/gpu_check.sh
@@ -10,7 +12,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-bench/results/gpu_check}; DATA=${DATA:-datasets}; PY=${PY:-python3}
 DEADLINE=${DEADLINE:-530}; SIZE=${SIZE:-224}; STEPS=${STEPS:-50}; LOOPS=${LOOPS:-3}; DEV=${DEV:-cuda}
-ROWS=${ROWS:-r18 r50 r18c real caf r18host r50c prof}
+ROWS=${ROWS:-r18 r50 r18c real tuned caf r18host r50c prof}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 START=$(date +%s)
@@ -44,6 +46,24 @@ real() {  # stage 1 (2 epochs) and a 20-loop stage 2 with --compile on Fashion-M
   rm -rf "$run"
 }
 
+tuned() {  # one family of the tuned suite (8 sweep lrs + 10 seeds, two starts) on a 1-epoch 32 px stage 1
+  local l; l=$(left)
+  if (( l < 90 )); then echo "SKIP tuned (${l}s left, needs ~90s)"; return; fi
+  echo "=== tuned (${l}s left)"
+  local t0 run; t0=$(date +%s); run=$(mktemp -d)
+  local data=(--data_root "$DATA" --device "$DEV" --image_size 32)
+  timeout "$l" $PY sophon_orig/stage1_pretrain/train.py "${data[@]}" --subset 5000 --test_subset 1000 \
+    --orig_dataset FashionMNIST --init scratch --epochs 1 --out_dir "$run/stage1" ||
+    { echo "=== tuned: stage 1 failed"; return; }
+  timeout "$(left)" $PY sophon_orig/stage3_eval/finetune_test.py "${data[@]}" --suite tuned --path "$run/stage1" \
+    --dataset MNIST --start sophon,scratch --optimizers adam --strategies initfc_all --schedules constant \
+    --epochs 5 --bs 64 --test_subset 500 --out_dir "$run/tuned"
+  echo "=== tuned rc=$? $(( $(date +%s) - t0 ))s"
+  [[ -f $run/tuned/summary.json ]] && $PY -c "import json, sys; c = json.load(open(sys.argv[1]))['cost']; print(json.dumps({'key': 'tuned', **c, \
+'s_per_cell': c['cell_seconds'] / max(c['cells_timed'], 1)}))" "$run/tuned/summary.json" | tee -a "$OUT/rows.jsonl"
+  rm -rf "$run"
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 for r in $ROWS; do
@@ -52,11 +72,12 @@ for r in $ROWS; do
     r50) row 45 r50 --arch resnet50 --channels_last ;;
     r18c) row 120 r18c --arch resnet18 --compile ;;
     real) real ;;
+    tuned) tuned ;;
     caf) row 130 caf --arch caformer --channels_last --loops 1 ;;
     r18host) row 35 r18host --arch resnet18 --channels_last --data_on_device off ;;
     r50c) row 170 r50c --arch resnet50 --compile ;;
     prof) row 40 prof --arch resnet18 --channels_last --profile --loops 1 ;;
-    *) echo "unknown row $r (r18 r50 r18c real caf r18host r50c prof)"; exit 2 ;;
+    *) echo "unknown row $r (r18 r50 r18c real tuned caf r18host r50c prof)"; exit 2 ;;
   esac
 done
 echo "=== done in $(( $(date +%s) - START ))s; rows in $OUT/rows.jsonl"
