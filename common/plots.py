@@ -236,42 +236,52 @@ def _tuned(run_dir):
     return json.loads(path.read_text()).get("tuned") if path.exists() else None
 
 
-def plot_tuned(run_dir):
-    """tuned.png: a forest plot of the tuned suite's verdict, a panel per judged model: per family its ratio
-    against tuned scratch (geometric mean over seeds), the 95% interval (thick) and the simultaneous one (thin),
-    on a log axis with a line at 1; red where the family learns faster (Holm), blue where it is slower
-    family-wise (simultaneous upper end <= 1), grey otherwise; families without a ratio are left blank."""
-    tuned = _tuned(run_dir)
-    if not tuned or not tuned["models"]:
-        return []
-    names, models = tuned["families"], tuned["models"]
-    families = [tuple(r[k] for k in names) for r in next(iter(models.values()))["per_family"]]
+def plot_forest(panels, names, path, reference="scratch", what="attack"):
+    """A forest plot of paired verdicts, a panel per model: `panels` {label: {family: verdict}}, a family a tuple
+    of the values of `names`, a verdict common.stats' paired fields (ratio, ci, ci_simultaneous, faster) or None.
+    Per family its ratio (geometric mean over seeds), the 95% interval (thick) and the simultaneous one (thin), on a
+    log axis with a line at 1; red where the family learns faster (Holm), blue where it is slower family-wise
+    (simultaneous upper end <= 1), grey otherwise; families without a ratio are left blank. Returns `path`."""
+    families = list(dict.fromkeys(f for verdicts in panels.values() for f in verdicts))
     varying = [i for i in range(len(names)) if len({f[i] for f in families}) > 1] or [0]
     ticks = [" ".join(f"{f[i]:g}" if isinstance(f[i], float) else str(f[i]) for i in varying) for f in families]
-    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 1.5 + 0.3 * len(families)), squeeze=False,
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 1.5 + 0.3 * len(families)), squeeze=False,
                              sharey=True)
-    for ax, (label, m) in zip(axes[0], models.items()):
-        rows = {tuple(r[k] for k in names): r["vs_reference"] for r in m["per_family"]}
+    for ax, (label, verdicts) in zip(axes[0], panels.items()):
+        tested = faster = 0
         for y, family in enumerate(families):
-            v = rows.get(family)
+            v = verdicts.get(family)
             if not v:
                 continue
             slower = v["ci_simultaneous"] is not None and v["ci_simultaneous"][1] <= 1
             color = "tab:red" if v["faster"] else "tab:blue" if slower else "0.4"
+            tested += v["ci"] is not None
+            faster += bool(v["faster"])
             for ci, width in ((v["ci_simultaneous"], 1), (v["ci"], 3.5)):
                 if ci:
                     ax.plot(ci, [y, y], color=color, lw=width, solid_capstyle="butt")
             ax.plot([v["ratio"]], [y], "o", color=color, ms=4)
         ax.axvline(1, color="black", lw=0.8)
         ax.set_xscale("log")
-        ax.set(title=f"{label}: {len(m['vs_reference']['faster_holm'])} of "
-                     f"{m['vs_reference']['families_tested']} faster (Holm)",
-               xlabel=f"auc ratio vs tuned {tuned['reference']}")
+        ax.set(title=f"{label}: {faster} of {tested} faster (Holm)", xlabel=f"auc ratio vs {reference}")
         ax.title.set_fontsize(9)
     axes[0][0].set_yticks(range(len(families)), ticks, fontsize=7)
     axes[0][0].set_ylim(len(families) - 0.5, -0.5)  # the first family on top
-    fig.suptitle(f"tuned attacker: {' '.join(names[i] for i in varying)}; thick 95% CI, thin simultaneous", fontsize=9)
-    return [_save(fig, Path(run_dir) / "plots" / "tuned.png")]
+    fig.suptitle(f"{what}: {' '.join(names[i] for i in varying)}; thick 95% CI, thin simultaneous", fontsize=9)
+    return _save(fig, Path(path))
+
+
+def plot_tuned(run_dir):
+    """tuned.png: plot_forest of the tuned suite's verdict (summary.json's `tuned`), a panel per judged model,
+    each family against tuned scratch."""
+    tuned = _tuned(run_dir)
+    if not tuned or not tuned["models"]:
+        return []
+    names = tuned["families"]
+    panels = {label: {tuple(r[k] for k in names): r["vs_reference"] for r in m["per_family"]}
+              for label, m in tuned["models"].items()}
+    return [plot_forest(panels, names, Path(run_dir) / "plots" / "tuned.png", f"tuned {tuned['reference']}",
+                        "tuned attacker")]
 
 
 def plot_run(run_dir):

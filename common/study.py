@@ -27,15 +27,16 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from common.files import REPO_ROOT
 from common.cli import Parser, UsageError, run as run_cli
+from common.plots import plot_forest
 from common.runs import git_commit, is_finished
-from common.tuned import describe, family_of
+from common.tuned import describe, describe_early_stop, family_of
 from common.verdicts import attack_family, describe_family, mean_std
 
 STUDIES_ROOT = REPO_ROOT / "runs" / "studies"  # ROOT of a study: STUDIES_ROOT/<study>, smoke: .../smoke/<study>
@@ -285,6 +286,16 @@ def _start(study, run, data_root, nproc):
 
 # ---- table -------------------------------------------------------------------------------------------------
 
+@dataclass
+class Section:
+    """What a table kind puts on the page: a table, the lines under it and its figures (file name -> a function
+    drawing it to a path), saved next to the page and shown under the lines."""
+    header: list
+    rows: list
+    after: list = field(default_factory=list)
+    figures: dict = field(default_factory=dict)
+
+
 def _summary(run):
     if not is_finished(run.folder):
         raise UsageError(f"run {run.key} is not finished ({run.folder}); run the study first")
@@ -345,7 +356,7 @@ def robustness_table(study, spec):
                           for label in _labels(summary, study, name)]
                 row.append(", ".join(map(str, counts)))
         rows.append(row)
-    return header, rows
+    return Section(header, rows)
 
 
 def _judged(study, name, models, judge):
@@ -355,6 +366,11 @@ def _judged(study, name, models, judge):
     if labels[0] not in models:
         raise UsageError(f"{study.file}: table entry {name} is no model {judge} judged")
     return labels
+
+
+def _headlines(headlines):
+    return ["Each model's verdict in one line (its summary's `headline`):", "",
+            *(f"- **{label}**: {line}" for label, line in headlines.items())]
 
 
 def paired_table(study, spec):
@@ -380,7 +396,12 @@ def paired_table(study, spec):
                          "-" if w is None else _fmt(w["ratio"]), "-" if w is None else _interval(w["ci_simultaneous"]),
                          str(m["diverged"]["seeds_excluded"]), "-" if n is None else str(len(n["faster_holm"])),
                          f"{e['families_eligible']} / {e['families_ineligible']} / {e['families_undetermined']}"])
-    return header, rows
+    labels = [label for name in spec["rows"] for label in _judged(study, name, robustness, f"grid {spec['grid']}")]
+    panels = {label: {tuple(c[k] for k in attack_family()): c["vs_reference"]
+                      for c in robustness[label]["per_cell"]} for label in labels}
+    return Section(header, rows, _headlines({label: robustness[label]["headline"] for label in labels}),
+                   {f"paired_{spec['grid']}.png": lambda path: plot_forest(panels, attack_family(), path,
+                                                                           what=f"grid {spec['grid']}")})
 
 
 def families_table(study, spec):
@@ -405,7 +426,7 @@ def families_table(study, spec):
             c = cells.get(family)
             row.append("-" if c is None else _fmt(c["auc_ratio_mean"], c["auc_ratio_std"] if pooled else None))
         rows.append(row)
-    return header, rows
+    return Section(header, rows)
 
 
 def _interval(ci):
@@ -435,7 +456,15 @@ def tuned_table(study, spec):
                          _fmt(v["ratio_geomean"]), "-" if w is None else describe(family_of(w)),
                          "-" if w is None else _fmt(w["ratio"]), "-" if w is None else _interval(w["ci_simultaneous"]),
                          str(m["seeds_excluded"]), "-" if n is None else str(len(n["faster_holm"]))])
-    return header, rows
+    labels = [label for name in spec["rows"] for label in _judged(study, name, tuned["models"], "the tuned suite")]
+    names = tuned["families"]
+    panels = {label: {tuple(r[k] for k in names): r["vs_reference"] for r in tuned["models"][label]["per_family"]}
+              for label in labels}
+    after = _headlines({label: tuned["models"][label]["headline"] for label in labels})
+    after += ["", describe_early_stop(tuned["early_stop"])] if tuned.get("early_stop") else []
+    return Section(header, rows, after,
+                   {"tuned.png": lambda path: plot_forest(panels, names, path, f"tuned {tuned['reference']}",
+                                                          "tuned attacker")})
 
 
 def _defence_rows(study, run, start):
@@ -496,7 +525,7 @@ def defences_table(study, spec):
             row.append(_pooled(cells, f"reactivated_asr_{start}") if reactivated else
                        f"{_pooled(cells, f'final_test_acc_{start}')} / {_pooled(cells, f'final_asr_{start}')}")
         rows.append(row + [f"{survived} of {len(defences)}"])
-    return header, rows
+    return Section(header, rows)
 
 
 def cost_table(study, spec):
@@ -516,7 +545,7 @@ def cost_table(study, spec):
             per_cell = cost["cell_seconds"] / cost["cells_timed"] if cost["cells_timed"] else None
             rows.append([key, ", ".join(cost["numerics"]) or "-", str(cost["cells"]), str(cost["cells_timed"]),
                          _fmt(per_cell, digits=1), _fmt(cost["cell_seconds"] / 3600, digits=1)])
-    return header, rows
+    return Section(header, rows)
 
 
 TABLES = {"robustness": robustness_table, "paired": paired_table, "families": families_table, "tuned": tuned_table,
@@ -528,29 +557,37 @@ def markdown(header, rows):
             *(f"| {' | '.join(row)} |" for row in rows)]
 
 
-def page(study, typed):
-    """The study's results page: every table from the run folders' summary.json files, then the runs."""
+def page(study, typed, figures_dir):
+    """(text, figures) of the study's results page: every table from the run folders' summary.json files, each
+    with its lines and figures, then the runs. figures: {path under the page's folder: function drawing it};
+    `figures_dir` is the folder they go in, relative to the page."""
     commit = git_commit() or "unknown"
     lines = [f"# {study.title}", "",
              f"Written by `{typed}` at commit {commit[:12]} ({datetime.date.today().isoformat()}) from the run "
              f"folders under `{_shown(study.root)}`, which `{typed.replace(' table ', ' run ', 1)}` makes. "
              f"Do not edit: rerun the command.", ""]
+    figures = {}
     if study.about:
         lines += [study.about.strip(), ""]
     for spec in study.tables:
         if spec.get("kind") not in TABLES:
             raise UsageError(f"{study.file}: table kind {spec.get('kind')!r}; known: {', '.join(TABLES)}")
-        header, rows = TABLES[spec["kind"]](study, spec)
-        lines += [f"## {spec.get('title', spec['kind'])}", ""]
+        section = TABLES[spec["kind"]](study, spec)
+        title = spec.get("title", spec["kind"])
+        lines += [f"## {title}", ""]
         lines += [spec["note"].strip(), ""] if spec.get("note") else []
-        lines += markdown(header, rows) + [""]
+        lines += markdown(section.header, section.rows) + [""]
+        lines += section.after + [""] if section.after else []
+        for name, draw in section.figures.items():
+            figures[f"{figures_dir}/{name}"] = draw
+            lines += [f"![{title}]({figures_dir}/{name})", ""]
     lines += ["## Runs", "", "| run | folder | commit | command |", "| --- | --- | --- | --- |"]
     for run in study.runs:
         record = json.loads((run.folder / "config.json").read_text())  # argv and commit as the run recorded them
         argv = " ".join(["python", *record["argv"]]).replace(f"{REPO_ROOT}/", "")
         lines.append(f"| {run.key} | `{_shown(run.folder)}` | {(record.get('git_commit') or 'unknown')[:12]} | "
                      f"`{argv}` |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", figures
 
 
 def _shown(path):
@@ -598,8 +635,11 @@ def main(argv=None):
         return run_study(study, args.jobs, args.data_root, args.nproc)
     typed = f"python -m common.study table {_shown(args.study.resolve())}" + (" --smoke" if args.smoke else "")
     out = args.page or (study.root / f"{study.name}.md" if args.smoke else PAGES / f"{study.name}.md")
+    text, figures = page(study, typed, study.name)
+    for name, draw in figures.items():
+        draw(out.parent / name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page(study, typed))
+    out.write_text(text)
     print(f"wrote {out}")
     return 0
 

@@ -10,7 +10,8 @@ which each start model has its own of, and the seed. Two phases:
    attacker subset, evaluated on the test split: plain grid cells with ordinary keys, reusable and resumable.
 The grid runs phase 1, plans phase 2 from its cells.jsonl entries (so a resumed suite plans the same cells), and
 runs phase 2; under torchrun each phase's cells are dealt to the ranks. No sweep point is stopped early: every lr
-runs its epochs, so no early-stopping rule can change a chosen lr.
+runs its epochs, so no early-stopping rule can change a chosen lr; early_stop_check replays one (successive halving)
+on the finished sweep and records what it would have saved and which chosen lrs it would have changed.
 
 The verdict (tuned_summary): per protected model (and the null start) and family, the model at its tuned lr
 against scratch at scratch's tuned lr, seed by seed, on log AUC ratios (common.stats, through common.verdicts'
@@ -30,6 +31,7 @@ from common.sweep import HELDOUT_KEY, HOLDOUT_SHARE, SWEEP
 from common.verdicts import auc, describe_family, diverged, diverged_seeds, named_families, seed_log_ratios
 
 SWEEP_LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]  # the sweep's log grid
+HALVING_RUNGS = (1, 2)  # early_stop_check's rungs (epochs): 8 points -> 4 after epoch 1 -> 2 after epoch 2
 TIE = 1e-9  # held-out AUCs (in %) closer than this are a tie, which goes to the smaller lr
 METRIC = "test_acc_curve"  # what the verdict compares: phase 2's test accuracy per epoch
 # name -> the grid flags' values the suite sets (each one given on the command line replaces its list)
@@ -114,6 +116,63 @@ def choose_lrs(entries):
              "points": sorted(points, key=lambda p: p["lr"])} for (start, family), points in grouped.items()]
 
 
+def _heldout_aucs(curves):
+    """{lr: held-out AUC, None where diverged} of {lr: (held-out curve, diverged epoch or None)}: select_lr's input."""
+    return {lr: None if went is not None else auc(curve) for lr, (curve, went) in curves.items()}
+
+
+def halving_choice(curves, rungs=HALVING_RUNGS):
+    """(lr, epochs trained) successive halving picks from one sweep, {lr: (held-out curve, diverged epoch or None)}:
+    at each rung epoch r the live points, ranked by held-out AUC over epochs 0..r, keep their better half (rounded
+    up; a point diverged by r is out), and the last ones run to the end, where select_lr picks among them as the
+    full sweep does. A stopped run's curve is the full run's prefix (the lr schedule spans the planned epochs), so
+    replaying it on full curves is exact. A point trains until it is stopped, diverges or ends."""
+    epochs = len(next(iter(curves.values()))[0]) - 1
+    live, stopped_at = list(curves), {}
+    for rung in (r for r in rungs if r < epochs):
+        live = [lr for lr in live if curves[lr][1] is None or curves[lr][1] > rung]
+        ranked = sorted(live, key=lambda lr: (-auc(curves[lr][0][:rung + 1]), lr))
+        stopped_at.update(dict.fromkeys(ranked[(len(ranked) + 1) // 2:], rung))
+        live = ranked[:(len(ranked) + 1) // 2]
+    lr = select_lr({lr: a for lr, a in _heldout_aucs(curves).items() if lr in live})
+    trained = sum(min(stopped_at.get(lr, epochs), curves[lr][1] or epochs) for lr in curves)
+    return lr, trained
+
+
+def early_stop_check(entries, rungs=HALVING_RUNGS):
+    """What successive halving (halving_choice at `rungs`) would have done to the sweep of phase-1 entries: rule,
+    pairs ((start, family) sweeps), epochs (trained by the full sweep) and epochs_halving, and changed: the pairs
+    whose chosen lr it changes, each {start, FAMILY..., lr (the sweep's), lr_halving}."""
+    grouped = {}
+    for e in entries:
+        curve = (e[f"{HELDOUT_KEY}_curve"], e.get("diverged_epoch"))
+        grouped.setdefault((e["start"], family_of(e)), {})[e["lr"]] = curve
+    full = halved = 0
+    changed = []
+    for (start, family), curves in grouped.items():
+        epochs = len(next(iter(curves.values()))[0]) - 1
+        full += sum(min(d or epochs, epochs) for _, d in curves.values())
+        lr, trained = halving_choice(curves, rungs)
+        halved += trained
+        chosen = select_lr(_heldout_aucs(curves))
+        if lr != chosen:
+            changed.append({"start": start, **dict(zip(FAMILY, family)), "lr": chosen, "lr_halving": lr})
+    return {"rule": f"successive halving, not applied: at epochs {', '.join(map(str, rungs))} the better half of "
+                    f"the live sweep points by held-out AUC so far goes on", "pairs": len(grouped), "epochs": full,
+            "epochs_halving": halved, "changed": changed}
+
+
+def describe_early_stop(check):
+    """early_stop_check's record in one sentence, for the report and the study page."""
+    changed = "; ".join(f"{c['start']} {describe(family_of(c))}: lr {c['lr']:g} -> "
+                        + ("none" if c["lr_halving"] is None else f"{c['lr_halving']:g}") for c in check["changed"])
+    share = check["epochs_halving"] / check["epochs"] if check["epochs"] else 0
+    return (f"Early stop, replayed on the finished sweep ({check['rule']}): it would have trained "
+            f"{check['epochs_halving']} of the sweep's {check['epochs']} epochs ({share:.0%}) and changed the chosen "
+            f"lr in {len(check['changed'])} of {check['pairs']} (start, family) sweeps" + (f": {changed}." if changed
+                                                                                            else "."))
+
+
 class TunedSuite:
     """The suite's phases, as common.stage3.run_stage3_script runs them, and its summary.json entry."""
 
@@ -191,14 +250,17 @@ def tuned_summary(results, judged, reference="scratch", null="null", level=LEVEL
       per_family: per family, its FAMILY values, lr (the model's), lr_reference, lr_null, vs_reference and vs_null
         (common.stats.paired_log_ratio's fields, Holm- and BH-adjusted p and `faster`, and the seeds used; None
         where no seed is left), diverged_seeds ({start: seeds}) and seeds_excluded.
+    early_stop: early_stop_check of the sweep (what successive halving would have saved and changed; None
+    without a sweep).
     The phase-2 results are those at each start's chosen lr; results of other lrs (none, in a suite run) are
     ignored."""
-    sweep = choose_lrs([r for r in results if r.get("sweep") is not None])
+    swept = [r for r in results if r.get("sweep") is not None]
+    sweep = choose_lrs(swept)
     lrs = {(r["start"], family_of(r)): r["lr"] for r in sweep}
     runs = {}
     for r in results:
         if r.get("sweep") is None and not r.get("defence") and lrs.get((r["start"], family_of(r))) == r["lr"]:
             runs.setdefault(family_of(r), {}).setdefault(r["seed"], {})[r["start"]] = r
     return {"families": list(FAMILY), "holdout_share": HOLDOUT_SHARE, "selection": SELECTION, "reference": reference,
-            "null": null, "level": level, "sweep": sweep,
+            "null": null, "level": level, "sweep": sweep, "early_stop": early_stop_check(swept) if swept else None,
             "models": {label: _judge(label, runs, lrs, reference, null, level) for label in judged}}

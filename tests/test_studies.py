@@ -16,6 +16,7 @@ import pytest
 
 from common.cli import UsageError
 from common.study import command, dependencies, load_study, override
+from common.tuned import describe_early_stop
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = sorted((REPO / "experiments").glob("*.toml"))
@@ -217,6 +218,21 @@ def check_cost(table, spec, root, header, rows):
         assert close(row[4], sum(seconds) / len(seconds), digits=1) and close(row[5], sum(seconds) / 3600, digits=1)
 
 
+def check_verdict_lines(page, table, spec, root, stem):
+    """Under a paired or tuned table: each model's headline, word for word, and the forest plot drawn next to the
+    page."""
+    grid = summary(root / table["grid"])
+    models = grid["tuned"]["models"] if table["kind"] == "tuned" else grid["robustness"]
+    labels = [label for name in table["rows"] for label in ([l for l, _ in folders(spec, root, name)] or [name])]
+    for label in labels:
+        assert f"- **{label}**: {models[label]['headline']}\n" in page, label
+    if table["kind"] == "tuned":
+        assert describe_early_stop(grid["tuned"]["early_stop"]) in page
+    figure = "tuned.png" if table["kind"] == "tuned" else f"paired_{table['grid']}.png"
+    assert f"![{table['title']}]({stem}/{figure})" in page
+    assert (root / stem / figure).read_bytes().startswith(b"\x89PNG")
+
+
 CHECKS = {"robustness": check_robustness, "paired": check_paired, "families": check_families, "tuned": check_tuned,
           "defences": check_defences, "cost": check_cost}
 
@@ -258,6 +274,8 @@ def test_study_smoke_run_and_table(study, tmp_path):
     for table in spec["table"]:
         header, rows = tables[table["title"]]
         CHECKS[table["kind"]](table, spec, root, header, rows)
+        if table["kind"] in ("paired", "tuned"):
+            check_verdict_lines(page, table, spec, root, study.stem)
     assert re.search(r"^## Runs$", page, re.M)
 
 

@@ -13,7 +13,7 @@ from common.data import Domain
 from common.finetune import FINE_TUNING, attack_subset
 from common.models import build_model
 from common.sweep import HOLDOUT_SHARE, SWEEP, holdout_split
-from common.tuned import FAMILY, choose_lrs, select_lr, tuned_summary
+from common.tuned import FAMILY, choose_lrs, early_stop_check, halving_choice, select_lr, tuned_summary
 from common.verdicts import auc
 from helpers import load_script, read_rows
 
@@ -58,6 +58,46 @@ def test_choose_lrs_per_start_and_family_on_hand_made_sweeps():
     assert [p["lr"] for p in points] == [1e-4, 1e-3, 1e-2]  # sorted by lr
     assert points[1]["heldout_auc"] == pytest.approx(auc([10, 50, 60])) and points[2] == {
         "lr": 1e-2, "heldout_auc": None, "diverged": True}
+
+
+# ---- what an early stop would have done ------------------------------------------------------------------------
+
+def _curves(**by_lr):
+    """{lr: (held-out curve, None)} from lr_<name>=curve keywords, e.g. a=[...] for the lr 1e-a."""
+    return {10.0 ** -int(k[1:]): (v, None) for k, v in by_lr.items()}
+
+
+def test_halving_keeps_a_leader_and_counts_the_epochs_it_trains():
+    # 8 lrs over 5 epochs, lr 1e-3 ahead from epoch 1 on: 8 -> 4 after epoch 1 -> 2 after epoch 2 -> its end
+    curves = {10.0 ** -k: ([10, 10 + k, 12 + k, 13 + k, 14 + k, 15 + k] if k != 3 else [10, 40, 60, 70, 80, 90], None)
+              for k in range(1, 9)}
+    lr, trained = halving_choice(curves, (1, 2))
+    assert lr == 1e-3 == select_lr({lr: auc(c) for lr, (c, _) in curves.items()})
+    assert trained == 4 * 1 + 2 * 2 + 2 * 5  # stopped after epoch 1, after epoch 2, run to the end
+
+
+def test_halving_loses_a_late_bloomer_and_the_check_says_so():
+    # lr 1e-1 is last until epoch 3, then best: halving stops it after epoch 1, the full sweep picks it
+    curves = _curves(e1=[10, 10, 10, 90, 95, 99], e2=[10, 30, 40, 45, 50, 52], e3=[10, 25, 35, 40, 42, 44],
+                     e4=[10, 20, 22, 24, 26, 28])
+    assert halving_choice(curves, (1, 2))[0] == 1e-2
+    entries = [_entry("sophon", "adam", lr, curve) for lr, (curve, _) in curves.items()]
+    entries += [_entry("scratch", "adam", lr, [10, 20 + 10 * i, 30 + 10 * i]) for i, lr in enumerate((1e-4, 1e-3))]
+    check = early_stop_check(entries, (1, 2))
+    assert check["pairs"] == 2 and check["changed"] == [
+        {"start": "sophon", **{k: entries[0][k] for k in FAMILY}, "lr": 1e-1, "lr_halving": 1e-2}]
+    # sophon: 4 points x 5 epochs in full; halving: 2 stopped after epoch 1, 1 after epoch 2, 1 to the end.
+    # scratch (2 epochs): rung 2 is not before the end, so rung 1 alone halves it: 1 + 2
+    assert check["epochs"] == 4 * 5 + 2 * 2 and check["epochs_halving"] == 2 + 2 + 5 + 1 + 2
+
+
+def test_halving_drops_a_diverged_point_and_counts_its_epochs_to_the_divergence():
+    curves = _curves(e1=[10, 90, 95, 99], e2=[10, 30, 40, 50], e3=[10, 20, 30, 40])
+    curves[1e-1] = (curves[1e-1][0], 2)  # best throughout, but diverged after epoch 2
+    lr, trained = halving_choice(curves, (1,))
+    # rung 1: e1 (not yet diverged) and e2 go on, e3 stops; e1 trains to its divergence; e2 to the end
+    assert lr == 1e-2 and trained == 1 + 2 + 3
+    assert select_lr({lr: None if d else auc(c) for lr, (c, d) in curves.items()}) == 1e-2
 
 
 # ---- the held-out split ------------------------------------------------------------------------------------------
@@ -182,6 +222,7 @@ def test_the_suite_end_to_end_then_resumed(suite_run, restore_signals, quiet_log
             assert row["lr_reference"] == chosen["scratch", row["optimizer"]]
         assert (m["vs_null"] is None) == (label == "null")
     assert summary["verdicts"] == [] and "robustness" not in summary  # those compare starts at one lr
+    assert tuned["early_stop"] == early_stop_check(sweep)
     report = (out / "report.md").read_text().splitlines()
     assert report[2].startswith("- **sophon**: ") and "tuned scratch (Holm-corrected over" in report[2]
     assert report[3].startswith("- **normal**: ") and report[4].startswith("- **null**: ")
