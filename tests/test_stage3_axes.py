@@ -334,7 +334,7 @@ def test_two_labelled_models_in_one_grid_then_resumed(tmp_path, data_root, stage
     assert len(full) == len(half) == 1 and half == {round(full.pop() / 2)}
     assert {(v["protected"], v["train_fraction"]) for v in s["verdicts"]} == {
         ("kl", 1.0), ("kl", 0.5), ("inv", 1.0), ("inv", 0.5)}
-    assert set(s["robustness"]) == {"kl", "inv"}
+    assert set(s["robustness"]) == {"kl", "inv", "normal"}  # normal: the positive control
     for label, rob in s["robustness"].items():
         assert rob["protected"] == label and rob["cells"] == 2 and rob["seeds"] == 2
         assert all(isinstance(c["shows_protection"], bool) for c in rob["per_cell"])
@@ -398,7 +398,7 @@ def test_reused_baseline_cells_stand_in_for_running_them(tmp_path, data_root, st
     for start in ("normal", "scratch"):
         assert [r for r in after["results"] if r["start"] == start] == [r for r in before if r["start"] == start]
     assert {r["start"] for r in after["results"]} == {"inv", "normal", "scratch"}
-    assert set(after["robustness"]) == {"inv"} and after["robustness"]["inv"]["cells"] == 1
+    assert set(after["robustness"]) == {"inv", "normal"} and after["robustness"]["inv"]["cells"] == 1
     copied = [r for r in read_rows(second / "metrics.csv") if r["start"] == "scratch"]
     assert copied == [r for r in read_rows(first / "metrics.csv") if r["start"] == "scratch"] and len(copied) == 4
 

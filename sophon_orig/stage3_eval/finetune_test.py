@@ -88,9 +88,10 @@ def start_sources(config):
             **({NULL_START: f"fresh init, seed + {NULL_SEED_OFFSET}"} if NULL_START in started else {})}
 
 
-def tuned_judged(args, judged):
-    """The models the tuned suite judges: the protected ones, normal (its head start shows what the suite can
-    detect), null (what a model without protection scores)."""
+def judged_models(args, judged):
+    """The models the robustness summary and the tuned suite judge against scratch: the protected ones, normal (the
+    positive control: its head start is what a verdict must detect), null (what a model without protection
+    scores)."""
     return [label for label in judged if label != NULL_START] + ["normal"] * ("normal" in args.start) + \
         [NULL_START] * (NULL_START in judged)
 
@@ -120,11 +121,12 @@ def main(argv=None):
         args, interrupts, PROJECT, STAGE, num_classes=first.ckpt["num_classes"], train=train,
         starts={k: models[k] for start in args.start for k in (labels if start == "sophon" else [start])},
         evaluator=AccuracyEval(test), config=config, metric_keys=["test_acc"] + [HELDOUT_KEY] * bool(args.suite),
-        sources_of=start_sources, suite=TunedSuite(args, tuned_judged(args, judged), "scratch", NULL_START)
+        sources_of=start_sources, suite=TunedSuite(args, judged_models(args, judged), "scratch", NULL_START)
         if args.suite else None,
         verdict_fn=lambda results: [v for label in judged if compare
                                     for v in scratch_verdicts(results, protected=label)],
-        robustness_fn=(lambda results: {label: robustness_summary(results, protected=label) for label in judged})
+        robustness_fn=(lambda results: {label: robustness_summary(results, protected=label)
+                                        for label in judged_models(args, judged)})
         if compare else None,
         title=f"Fine-tuning {args.arch} on {args.dataset}: {' vs '.join(labels)} vs normal vs scratch",
         notes=[f"{label}: {s.path}" for label, s in protected.items()] + [f"normal: {normal_path}",
