@@ -246,7 +246,7 @@ def plot_forest(panels, names, path, reference="scratch", what="attack"):
     varying = [i for i in range(len(names)) if len({f[i] for f in families}) > 1] or [0]
     ticks = [" ".join(f"{f[i]:g}" if isinstance(f[i], float) else str(f[i]) for i in varying) for f in families]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 1.5 + 0.3 * len(families)), squeeze=False,
-                             sharey=True)
+                             sharex=True, sharey=True)  # one scale, so the panels compare at a glance
     for ax, (label, verdicts) in zip(axes[0], panels.items()):
         tested = faster = 0
         for y, family in enumerate(families):
