@@ -359,12 +359,15 @@ def robustness_table(study, spec):
     return Section(header, rows)
 
 
-def _judged(study, name, models, judge):
-    """The labels model NAME has among `models` (what a stage-3 summary judged): NAME#SEED for a seeded run, else
-    NAME (a start no run made, such as null); a name it did not judge is an error."""
-    labels = [k for k in study.keys_of(name) if k in models] or [name]
-    if labels[0] not in models:
-        raise UsageError(f"{study.file}: table entry {name} is no model {judge} judged")
+def _judged(study, names, models, judge):
+    """The labels models NAMES have among `models` (what a stage-3 summary judged), in order: NAME#SEED for a
+    seeded run, else NAME (a start no run made, such as null); a name it did not judge is an error."""
+    labels = []
+    for name in names:
+        found = [k for k in study.keys_of(name) if k in models] or [name]
+        if found[0] not in models:
+            raise UsageError(f"{study.file}: table entry {name} is no model {judge} judged")
+        labels += found
     return labels
 
 
@@ -384,19 +387,18 @@ def paired_table(study, spec):
     header = ["model", "families tested", "faster than scratch (Holm)", "slower (simultaneous)", "share ratio < 1",
               "geo-mean ratio", "worst family", "worst: ratio", "worst: simultaneous CI", "seeds excluded",
               "faster than null (Holm)", "eligible / not / undetermined"]
+    labels = _judged(study, spec["rows"], robustness, f"grid {spec['grid']}")
     rows = []
-    for name in spec["rows"]:
-        for label in _judged(study, name, robustness, f"grid {spec['grid']}"):
-            m = robustness[label]
-            v, n, e = m["vs_reference"], m["vs_null"], m["eligibility"]
-            w = v["worst_family"]
-            rows.append([label, str(v["families_tested"]), str(len(v["faster_holm"])),
-                         str(len(v["slower_simultaneous"])), _fmt(v["share_below_1"]), _fmt(v["ratio_geomean"]),
-                         "-" if w is None else describe_family(tuple(w[k] for k in attack_family())),
-                         "-" if w is None else _fmt(w["ratio"]), "-" if w is None else _interval(w["ci_simultaneous"]),
-                         str(m["diverged"]["seeds_excluded"]), "-" if n is None else str(len(n["faster_holm"])),
-                         f"{e['families_eligible']} / {e['families_ineligible']} / {e['families_undetermined']}"])
-    labels = [label for name in spec["rows"] for label in _judged(study, name, robustness, f"grid {spec['grid']}")]
+    for label in labels:
+        m = robustness[label]
+        v, n, e = m["vs_reference"], m["vs_null"], m["eligibility"]
+        w = v["worst_family"]
+        rows.append([label, str(v["families_tested"]), str(len(v["faster_holm"])),
+                     str(len(v["slower_simultaneous"])), _fmt(v["share_below_1"]), _fmt(v["ratio_geomean"]),
+                     "-" if w is None else describe_family(tuple(w[k] for k in attack_family())),
+                     "-" if w is None else _fmt(w["ratio"]), "-" if w is None else _interval(w["ci_simultaneous"]),
+                     str(m["diverged"]["seeds_excluded"]), "-" if n is None else str(len(n["faster_holm"])),
+                     f"{e['families_eligible']} / {e['families_ineligible']} / {e['families_undetermined']}"])
     panels = {label: {tuple(c[k] for k in attack_family()): c["vs_reference"]
                       for c in robustness[label]["per_cell"]} for label in labels}
     return Section(header, rows, _headlines({label: robustness[label]["headline"] for label in labels}),
@@ -445,18 +447,16 @@ def tuned_table(study, spec):
               "geo-mean ratio", "worst family", "worst: ratio", "worst: simultaneous CI", "seeds excluded",
               "faster than tuned null (Holm)"]
     keys = {r.key for r in study.runs}
+    labels = _judged(study, spec["rows"], tuned["models"], "the tuned suite")
     rows = []
-    for name in spec["rows"]:
-        for label in _judged(study, name, tuned["models"], "the tuned suite"):
-            m = tuned["models"][label]
-            v, w, n = m["vs_reference"], m["worst_family"], m["vs_null"]
-            acc = _summary(study.run_of(label)).get("orig_test_acc") if label in keys else None
-            rows.append([label, _fmt(acc), str(v["families_tested"]), str(len(v["faster_holm"])),
-                         _fmt(v["share_below_1"]),
-                         _fmt(v["ratio_geomean"]), "-" if w is None else describe(family_of(w)),
-                         "-" if w is None else _fmt(w["ratio"]), "-" if w is None else _interval(w["ci_simultaneous"]),
-                         str(m["seeds_excluded"]), "-" if n is None else str(len(n["faster_holm"]))])
-    labels = [label for name in spec["rows"] for label in _judged(study, name, tuned["models"], "the tuned suite")]
+    for label in labels:
+        m = tuned["models"][label]
+        v, w, n = m["vs_reference"], m["worst_family"], m["vs_null"]
+        acc = _summary(study.run_of(label)).get("orig_test_acc") if label in keys else None
+        rows.append([label, _fmt(acc), str(v["families_tested"]), str(len(v["faster_holm"])),
+                     _fmt(v["share_below_1"]), _fmt(v["ratio_geomean"]), "-" if w is None else describe(family_of(w)),
+                     "-" if w is None else _fmt(w["ratio"]), "-" if w is None else _interval(w["ci_simultaneous"]),
+                     str(m["seeds_excluded"]), "-" if n is None else str(len(n["faster_holm"]))])
     names = tuned["families"]
     panels = {label: {tuple(r[k] for k in names): r["vs_reference"] for r in tuned["models"][label]["per_family"]}
               for label in labels}
