@@ -136,7 +136,7 @@ def _tuned_lines(tuned):
     titles = {a.name: a.title for a in axes("attack")}
     names, reference = tuned["families"], tuned["reference"]
     lines = ["## Tuned attacker", "", TUNED_LEGEND, "", f"lr selection: {tuned['selection']}.", ""]
-    lines += [describe_early_stop(tuned["early_stop"]), ""] if tuned.get("early_stop") else []
+    lines += describe_early_stop(tuned["early_stop"]) + [""] if tuned.get("early_stop") else []
     for label, m in tuned["models"].items():
         lines += [f"### {label}", "", m["headline"], ""]
         if m["headline_vs_null"]:

@@ -461,7 +461,7 @@ def tuned_table(study, spec):
     panels = {label: {tuple(r[k] for k in names): r["vs_reference"] for r in tuned["models"][label]["per_family"]}
               for label in labels}
     after = _headlines({label: tuned["models"][label]["headline"] for label in labels})
-    after += ["", describe_early_stop(tuned["early_stop"])] if tuned.get("early_stop") else []
+    after += ["", *describe_early_stop(tuned["early_stop"])] if tuned.get("early_stop") else []
     return Section(header, rows, after,
                    {"tuned.png": lambda path: plot_forest(panels, names, path, f"tuned {tuned['reference']}",
                                                           "tuned attacker")})

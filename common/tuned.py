@@ -10,8 +10,9 @@ which each start model has its own of, and the seed. Two phases:
    attacker subset, evaluated on the test split: plain grid cells with ordinary keys, reusable and resumable.
 The grid runs phase 1, plans phase 2 from its cells.jsonl entries (so a resumed suite plans the same cells), and
 runs phase 2; under torchrun each phase's cells are dealt to the ranks. No sweep point is stopped early: every lr
-runs its epochs, so no early-stopping rule can change a chosen lr; early_stop_check replays one (successive halving)
-on the finished sweep and records what it would have saved and which chosen lrs it would have changed.
+runs its epochs, so no early-stopping rule can change a chosen lr; early_stop_check replays successive halving
+(HALVING_RULES) on the finished sweep and records what each rule would have saved and which chosen lrs it would
+have changed.
 
 The verdict (tuned_summary): per protected model (and the null start) and family, the model at its tuned lr
 against scratch at scratch's tuned lr, seed by seed, on log AUC ratios (common.stats, through common.verdicts'
@@ -31,7 +32,8 @@ from common.sweep import HELDOUT_KEY, HOLDOUT_SHARE, SWEEP
 from common.verdicts import auc, describe_family, diverged, diverged_seeds, named_families, seed_log_ratios
 
 SWEEP_LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]  # the sweep's log grid
-HALVING_RUNGS = (1, 2)  # early_stop_check's rungs (epochs): 8 points -> 4 after epoch 1 -> 2 after epoch 2
+# early_stop_check's rules, each a tuple of rung epochs: (1, 2) takes 8 points to 4 after epoch 1, to 2 after epoch 2
+HALVING_RULES = ((1, 2), (2,), (3,))
 TIE = 1e-9  # held-out AUCs (in %) closer than this are a tie, which goes to the smaller lr
 METRIC = "test_acc_curve"  # what the verdict compares: phase 2's test accuracy per epoch
 # name -> the grid flags' values the suite sets (each one given on the command line replaces its list)
@@ -121,7 +123,7 @@ def _heldout_aucs(curves):
     return {lr: None if went is not None else auc(curve) for lr, (curve, went) in curves.items()}
 
 
-def halving_choice(curves, rungs=HALVING_RUNGS):
+def halving_choice(curves, rungs):
     """(lr, epochs trained) successive halving picks from one sweep, {lr: (held-out curve, diverged epoch or None)}:
     at each rung epoch r the live points, ranked by held-out AUC over epochs 0..r, keep their better half (rounded
     up; a point diverged by r is out), and the last ones run to the end, where select_lr picks among them as the
@@ -139,38 +141,43 @@ def halving_choice(curves, rungs=HALVING_RUNGS):
     return lr, trained
 
 
-def early_stop_check(entries, rungs=HALVING_RUNGS):
-    """What successive halving (halving_choice at `rungs`) would have done to the sweep of phase-1 entries: rule,
-    pairs ((start, family) sweeps), epochs (trained by the full sweep) and epochs_halving, and changed: the pairs
-    whose chosen lr it changes, each {start, FAMILY..., lr (the sweep's), lr_halving}."""
+def early_stop_check(entries, rules=HALVING_RULES):
+    """What successive halving (halving_choice, once per rule of rung epochs) would have done to the sweep of
+    phase-1 entries: rule (in words), pairs ((start, family) sweeps), epochs (trained by the full sweep), and per
+    rule {rungs, epochs_halving, changed: the pairs whose chosen lr it changes, each {start, FAMILY..., lr (the
+    sweep's), lr_halving}}."""
     grouped = {}
     for e in entries:
         curve = (e[f"{HELDOUT_KEY}_curve"], e.get("diverged_epoch"))
         grouped.setdefault((e["start"], family_of(e)), {})[e["lr"]] = curve
-    full = halved = 0
-    changed = []
+    epochs = 0
+    replays = [{"rungs": list(rungs), "epochs_halving": 0, "changed": []} for rungs in rules]
     for (start, family), curves in grouped.items():
-        epochs = len(next(iter(curves.values()))[0]) - 1
-        full += sum(min(d or epochs, epochs) for _, d in curves.values())
-        lr, trained = halving_choice(curves, rungs)
-        halved += trained
+        last = len(next(iter(curves.values()))[0]) - 1
+        epochs += sum(min(d or last, last) for _, d in curves.values())
         chosen = select_lr(_heldout_aucs(curves))
-        if lr != chosen:
-            changed.append({"start": start, **dict(zip(FAMILY, family)), "lr": chosen, "lr_halving": lr})
-    return {"rule": f"successive halving, not applied: at epochs {', '.join(map(str, rungs))} the better half of "
-                    f"the live sweep points by held-out AUC so far goes on", "pairs": len(grouped), "epochs": full,
-            "epochs_halving": halved, "changed": changed}
+        for replay in replays:
+            lr, trained = halving_choice(curves, replay["rungs"])
+            replay["epochs_halving"] += trained
+            if lr != chosen:
+                replay["changed"].append({"start": start, **dict(zip(FAMILY, family)), "lr": chosen,
+                                          "lr_halving": lr})
+    return {"rule": "successive halving, not applied: at each rung epoch the better half of the live sweep points "
+                    "by held-out AUC so far goes on", "pairs": len(grouped), "epochs": epochs, "rules": replays}
 
 
 def describe_early_stop(check):
-    """early_stop_check's record in one sentence, for the report and the study page."""
-    changed = "; ".join(f"{c['start']} {describe(family_of(c))}: lr {c['lr']:g} -> "
-                        + ("none" if c["lr_halving"] is None else f"{c['lr_halving']:g}") for c in check["changed"])
-    share = check["epochs_halving"] / check["epochs"] if check["epochs"] else 0
-    return (f"Early stop, replayed on the finished sweep ({check['rule']}): it would have trained "
-            f"{check['epochs_halving']} of the sweep's {check['epochs']} epochs ({share:.0%}) and changed the chosen "
-            f"lr in {len(check['changed'])} of {check['pairs']} (start, family) sweeps" + (f": {changed}." if changed
-                                                                                            else "."))
+    """early_stop_check's record in words, a sentence per rule, for the report and the study page."""
+    lines = [f"Early stop, replayed on the finished sweep of {check['pairs']} (start, family) pairs and "
+             f"{check['epochs']} epochs ({check['rule']}):"]
+    for replay in check["rules"]:
+        changed = "; ".join(f"{c['start']} {describe(family_of(c))}: lr {c['lr']:g} -> "
+                            + ("none" if c["lr_halving"] is None else f"{c['lr_halving']:g}")
+                            for c in replay["changed"])
+        share = replay["epochs_halving"] / check["epochs"] if check["epochs"] else 0
+        lines.append(f"- rungs at epochs {', '.join(map(str, replay['rungs']))}: {share:.0%} of the epochs, "
+                     f"{len(replay['changed'])} chosen lrs changed" + (f" ({changed})" if changed else ""))
+    return lines
 
 
 class TunedSuite:

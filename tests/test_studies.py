@@ -227,7 +227,7 @@ def check_verdict_lines(page, table, spec, root, stem):
     for label in labels:
         assert f"- **{label}**: {models[label]['headline']}\n" in page, label
     if table["kind"] == "tuned":
-        assert describe_early_stop(grid["tuned"]["early_stop"]) in page
+        assert "\n".join(describe_early_stop(grid["tuned"]["early_stop"])) in page
     figure = "tuned.png" if table["kind"] == "tuned" else f"paired_{table['grid']}.png"
     assert f"![{table['title']}]({stem}/{figure})" in page
     assert (root / stem / figure).read_bytes().startswith(b"\x89PNG")

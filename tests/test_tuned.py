@@ -77,18 +77,23 @@ def test_halving_keeps_a_leader_and_counts_the_epochs_it_trains():
 
 
 def test_halving_loses_a_late_bloomer_and_the_check_says_so():
-    # lr 1e-1 is last until epoch 3, then best: halving stops it after epoch 1, the full sweep picks it
-    curves = _curves(e1=[10, 10, 10, 90, 95, 99], e2=[10, 30, 40, 45, 50, 52], e3=[10, 25, 35, 40, 42, 44],
+    # lr 1e-1 is last after epoch 1 and first by epoch 3 (AUC over epochs 0..3: 33.3 against 32.5), then best: rungs
+    # at epochs 1, 2 stop it after epoch 1; the full sweep, and a rung at epoch 3 alone, pick it
+    curves = _curves(e1=[10, 10, 40, 90, 95, 99], e2=[10, 30, 40, 45, 50, 52], e3=[10, 25, 35, 40, 42, 44],
                      e4=[10, 20, 22, 24, 26, 28])
     assert halving_choice(curves, (1, 2))[0] == 1e-2
     entries = [_entry("sophon", "adam", lr, curve) for lr, (curve, _) in curves.items()]
     entries += [_entry("scratch", "adam", lr, [10, 20 + 10 * i, 30 + 10 * i]) for i, lr in enumerate((1e-4, 1e-3))]
-    check = early_stop_check(entries, (1, 2))
-    assert check["pairs"] == 2 and check["changed"] == [
+    check = early_stop_check(entries, [(1, 2), (3,)])
+    (halved, late) = check["rules"]
+    assert check["pairs"] == 2 and halved["rungs"] == [1, 2] and halved["changed"] == [
         {"start": "sophon", **{k: entries[0][k] for k in FAMILY}, "lr": 1e-1, "lr_halving": 1e-2}]
+    # a rung at epoch 3 keeps lr 1e-1 and 1e-2 to the end and stops the other two; scratch's 2 epochs have no rung
+    # before their end
+    assert late["changed"] == [] and late["epochs_halving"] == 2 * 3 + 2 * 5 + 2 * 2
     # sophon: 4 points x 5 epochs in full; halving: 2 stopped after epoch 1, 1 after epoch 2, 1 to the end.
     # scratch (2 epochs): rung 2 is not before the end, so rung 1 alone halves it: 1 + 2
-    assert check["epochs"] == 4 * 5 + 2 * 2 and check["epochs_halving"] == 2 + 2 + 5 + 1 + 2
+    assert check["epochs"] == 4 * 5 + 2 * 2 and halved["epochs_halving"] == 2 + 2 + 5 + 1 + 2
 
 
 def test_halving_drops_a_diverged_point_and_counts_its_epochs_to_the_divergence():
