@@ -128,7 +128,8 @@ def halving_choice(curves, rungs):
     at each rung epoch r the live points, ranked by held-out AUC over epochs 0..r, keep their better half (rounded
     up; a point diverged by r is out), and the last ones run to the end, where select_lr picks among them as the
     full sweep does. A stopped run's curve is the full run's prefix (the lr schedule spans the planned epochs), so
-    replaying it on full curves is exact. A point trains until it is stopped, diverges or ends."""
+    replaying it on full curves is exact. A point trains until it is stopped, diverges or ends. With no rung it is
+    the full sweep: select_lr over every point."""
     epochs = len(next(iter(curves.values()))[0]) - 1
     live, stopped_at = list(curves), {}
     for rung in (r for r in rungs if r < epochs):
@@ -153,9 +154,8 @@ def early_stop_check(entries, rules=HALVING_RULES):
     epochs = 0
     replays = [{"rungs": list(rungs), "epochs_halving": 0, "changed": []} for rungs in rules]
     for (start, family), curves in grouped.items():
-        last = len(next(iter(curves.values()))[0]) - 1
-        epochs += sum(min(d or last, last) for _, d in curves.values())
-        chosen = select_lr(_heldout_aucs(curves))
+        chosen, trained = halving_choice(curves, ())  # no rung: the full sweep
+        epochs += trained
         for replay in replays:
             lr, trained = halving_choice(curves, replay["rungs"])
             replay["epochs_halving"] += trained
