@@ -3,7 +3,7 @@
 Its columns come from the axes the procedures declare (common.procedures): a family is described by the
 verdicts' attack_family(), a defence row by their defence_family(), a per-metric row by every axis."""
 from common.procedures import ROLES, axes
-from common.tuned import describe_early_stop
+from common.tuned import describe_early_stop, describe_grid_edges
 from common.verdicts import DEFENCE_LEGEND, LEGEND, ROBUSTNESS_LEGEND, attack_family, defence_family
 
 
@@ -137,6 +137,7 @@ def _tuned_lines(tuned):
     names, reference = tuned["families"], tuned["reference"]
     lines = ["## Tuned attacker", "", TUNED_LEGEND, "", f"lr selection: {tuned['selection']}.", ""]
     lines += describe_early_stop(tuned["early_stop"]) + [""] if tuned.get("early_stop") else []
+    lines += describe_grid_edges(tuned["sweep"]) + [""] if tuned["sweep"] else []
     for label, m in tuned["models"].items():
         lines += [f"### {label}", "", m["headline"], ""]
         if m["headline_vs_null"]:

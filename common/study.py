@@ -36,7 +36,7 @@ from common.files import REPO_ROOT
 from common.cli import Parser, UsageError, run as run_cli
 from common.plots import plot_forest
 from common.runs import git_commit, is_finished
-from common.tuned import describe, describe_early_stop, family_of
+from common.tuned import describe, describe_early_stop, describe_grid_edges, family_of
 from common.verdicts import attack_family, describe_family, mean_std
 
 STUDIES_ROOT = REPO_ROOT / "runs" / "studies"  # ROOT of a study: STUDIES_ROOT/<study>, smoke: .../smoke/<study>
@@ -462,6 +462,7 @@ def tuned_table(study, spec):
               for label in labels}
     after = _headlines({label: tuned["models"][label]["headline"] for label in labels})
     after += ["", *describe_early_stop(tuned["early_stop"])] if tuned.get("early_stop") else []
+    after += ["", *describe_grid_edges(tuned["sweep"])] if tuned["sweep"] else []
     return Section(header, rows, after,
                    {"tuned.png": lambda path: plot_forest(panels, names, path, f"tuned {tuned['reference']}",
                                                           "tuned attacker")})

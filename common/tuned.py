@@ -180,6 +180,42 @@ def describe_early_stop(check):
     return lines
 
 
+def grid_edges(sweep):
+    """Where the chosen lrs of choose_lrs' records `sweep` sit on their grid: pairs (records with a chosen lr), and
+    top / bottom, {start: how many chosen the grid's largest / smallest lr}. A choice at an edge means the best lr
+    may lie outside the grid, where this attacker did not look."""
+    edges = {"pairs": 0, "top": {}, "bottom": {}}
+    for r in sweep:
+        if r["lr"] is None:
+            continue
+        edges["pairs"] += 1
+        grid = [p["lr"] for p in r["points"]]
+        for edge, lr in (("top", max(grid)), ("bottom", min(grid))):
+            if r["lr"] == lr:
+                edges[edge][r["start"]] = edges[edge].get(r["start"], 0) + 1
+    return edges
+
+
+def describe_grid_edges(sweep):
+    """grid_edges of `sweep` in words, for the report and the study page."""
+    edges, grid = grid_edges(sweep), sorted({p["lr"] for r in sweep for p in r["points"]})
+    if not grid:
+        return []
+
+    def where(edge, lr):
+        counts = edges[edge]
+        by_start = ", ".join(f"{start} {n}" for start, n in counts.items())
+        return f"its {'largest' if edge == 'top' else 'smallest'} lr ({lr:g}) in {sum(counts.values())}" + (
+            f" ({by_start})" if counts else "")
+
+    lines = [f"Chosen lrs at the sweep grid's edges, of {edges['pairs']} (start, family) pairs: "
+             f"{where('top', grid[-1])}; {where('bottom', grid[0])}."]
+    if edges["top"] or edges["bottom"]:
+        lines.append("Where a start's chosen lr is at an edge, its best lr may lie beyond the grid: the attack on it "
+                     "is as strong as this grid allows, no stronger.")
+    return lines
+
+
 class TunedSuite:
     """The suite's phases, as common.stage3.run_stage3_script runs them, and its summary.json entry."""
 

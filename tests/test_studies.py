@@ -16,7 +16,7 @@ import pytest
 
 from common.cli import UsageError
 from common.study import command, dependencies, load_study, override
-from common.tuned import describe_early_stop
+from common.tuned import describe_early_stop, describe_grid_edges
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = sorted((REPO / "experiments").glob("*.toml"))
@@ -228,6 +228,7 @@ def check_verdict_lines(page, table, spec, root, stem):
         assert f"- **{label}**: {models[label]['headline']}\n" in page, label
     if table["kind"] == "tuned":
         assert "\n".join(describe_early_stop(grid["tuned"]["early_stop"])) in page
+        assert "\n".join(describe_grid_edges(grid["tuned"]["sweep"])) in page
     figure = "tuned.png" if table["kind"] == "tuned" else f"paired_{table['grid']}.png"
     assert f"![{table['title']}]({stem}/{figure})" in page
     assert (root / stem / figure).read_bytes().startswith(b"\x89PNG")

@@ -13,7 +13,8 @@ from common.data import Domain
 from common.finetune import FINE_TUNING, attack_subset
 from common.models import build_model
 from common.sweep import HOLDOUT_SHARE, SWEEP, holdout_split
-from common.tuned import FAMILY, choose_lrs, early_stop_check, halving_choice, select_lr, tuned_summary
+from common.tuned import (FAMILY, choose_lrs, describe_grid_edges, early_stop_check, grid_edges, halving_choice,
+                          select_lr, tuned_summary)
 from common.verdicts import auc
 from helpers import load_script, read_rows
 
@@ -58,6 +59,22 @@ def test_choose_lrs_per_start_and_family_on_hand_made_sweeps():
     assert [p["lr"] for p in points] == [1e-4, 1e-3, 1e-2]  # sorted by lr
     assert points[1]["heldout_auc"] == pytest.approx(auc([10, 50, 60])) and points[2] == {
         "lr": 1e-2, "heldout_auc": None, "diverged": True}
+
+
+def test_choices_at_the_grid_edges_are_counted_per_start():
+    entries = [_entry("sophon", "adam", 1e-2, [10, 80, 90]), _entry("sophon", "adam", 1e-3, [10, 50, 60]),
+               _entry("sophon", "momentum", 1e-2, [10, 80, 90]), _entry("sophon", "momentum", 1e-3, [10, 50, 60]),
+               _entry("scratch", "adam", 1e-2, [10, 20, 30]), _entry("scratch", "adam", 1e-3, [10, 50, 60]),
+               _entry("scratch", "adam", 1e-4, [10, 40, 50]),  # chosen: 1e-3, inside the grid
+               _entry("scratch", "momentum", 1e-3, [10, 20, 30]), _entry("scratch", "momentum", 1e-4, [10, 40, 50]),
+               _entry("null", "adam", 1e-3, [10, 20, 30], diverged_epoch=1)]  # nothing chosen: not a pair
+    sweep = choose_lrs(entries)
+    assert grid_edges(sweep) == {"pairs": 4, "top": {"sophon": 2}, "bottom": {"scratch": 1}}
+    assert describe_grid_edges(sweep)[0] == ("Chosen lrs at the sweep grid's edges, of 4 (start, family) pairs: its "
+                                             "largest lr (0.01) in 2 (sophon 2); its smallest lr (0.0001) in 1 "
+                                             "(scratch 1).")
+    inside = choose_lrs(entries[4:7])
+    assert grid_edges(inside)["top"] == grid_edges(inside)["bottom"] == {} and len(describe_grid_edges(inside)) == 1
 
 
 # ---- what an early stop would have done ------------------------------------------------------------------------
