@@ -439,11 +439,12 @@ def tuned_table(study, spec):
     """One row per model a tuned suite judged (`grid`: a `--suite tuned` run; a model of several stage-2 seeds has a
     row per seed, NAME#SEED), from its summary.json's `tuned` (common.tuned.tuned_summary): its original accuracy
     (its stage-2 run's summary; - for a start no run of the study made, such as null), the families tested
-    against tuned scratch, how many learn faster (Holm), the share of family ratios below 1 and their geometric
-    mean, the worst family with its ratio and simultaneous interval, the seeds left out for a divergence, and how
-    many families learn faster than tuned null."""
+    against tuned scratch, how many learn faster (Holm) and how many slower (simultaneous interval below 1), the
+    share of family ratios below 1 and their geometric mean, the worst family with its ratio and simultaneous
+    interval, the seeds left out for a divergence, and how many families learn faster than tuned null."""
     tuned = _summary(study.run_of(spec["grid"]))["tuned"]
-    header = ["model", "original acc", "families tested", "faster than tuned scratch (Holm)", "share ratio < 1",
+    header = ["model", "original acc", "families tested", "faster than tuned scratch (Holm)",
+              "slower than tuned scratch (simultaneous CI < 1)", "share ratio < 1",
               "geo-mean ratio", "worst family", "worst: ratio", "worst: simultaneous CI", "seeds excluded",
               "faster than tuned null (Holm)"]
     keys = {r.key for r in study.runs}
@@ -454,7 +455,7 @@ def tuned_table(study, spec):
         v, w, n = m["vs_reference"], m["worst_family"], m["vs_null"]
         acc = _summary(study.run_of(label)).get("orig_test_acc") if label in keys else None
         rows.append([label, _fmt(acc), str(v["families_tested"]), str(len(v["faster_holm"])),
-                     _fmt(v["share_below_1"]), _fmt(v["ratio_geomean"]), "-" if w is None else describe(family_of(w)),
+                     str(len(v["slower_simultaneous"])), _fmt(v["share_below_1"]), _fmt(v["ratio_geomean"]), "-" if w is None else describe(family_of(w)),
                      "-" if w is None else _fmt(w["ratio"]), "-" if w is None else _interval(w["ci_simultaneous"]),
                      str(m["seeds_excluded"]), "-" if n is None else str(len(n["faster_holm"]))])
     names = tuned["families"]

@@ -158,7 +158,9 @@ def check_tuned(table, spec, root, header, rows):
         v, w, n = m["vs_reference"], m["worst_family"], m["vs_null"]
         acc = summary(runs[row[0]]).get("orig_test_acc") if row[0] in runs else None
         assert close(row.pop(1), acc), row
-        assert row[1:3] == [str(v["families_tested"]), str(len(v["faster_holm"]))], row
+        assert row[1:4] == [str(v["families_tested"]), str(len(v["faster_holm"])),
+                            str(len(v["slower_simultaneous"]))], row
+        del row[3]
         assert close(row[3], v["share_below_1"]) and close(row[4], v["ratio_geomean"]), row
         assert row[5] == " ".join(value if isinstance(value, str) else f"{title} {value:g}" for title, value in (
             ("strategy", w["strategy"]), ("optimizer", w["optimizer"]), ("bs", w["batch_size"]),
