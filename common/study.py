@@ -455,7 +455,8 @@ def tuned_table(study, spec):
         v, w, n = m["vs_reference"], m["worst_family"], m["vs_null"]
         acc = _summary(study.run_of(label)).get("orig_test_acc") if label in keys else None
         rows.append([label, _fmt(acc), str(v["families_tested"]), str(len(v["faster_holm"])),
-                     str(len(v["slower_simultaneous"])), _fmt(v["share_below_1"]), _fmt(v["ratio_geomean"]), "-" if w is None else describe(family_of(w)),
+                     str(len(v["slower_simultaneous"])), _fmt(v["share_below_1"]), _fmt(v["ratio_geomean"]),
+                     "-" if w is None else describe(family_of(w)),
                      "-" if w is None else _fmt(w["ratio"]), "-" if w is None else _interval(w["ci_simultaneous"]),
                      str(m["seeds_excluded"]), "-" if n is None else str(len(n["faster_holm"]))])
     names = tuned["families"]
